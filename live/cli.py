@@ -1,0 +1,83 @@
+"""`live-v2v`: the command line. It only parses settings and runs the app `create_app` builds."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+
+from aiohttp import web
+
+from .app import create_app
+from .settings import Settings, add_arguments, load_settings
+
+logger = logging.getLogger("live")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="live-v2v", description="Real-time AI video restyling service."
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    serve = commands.add_parser(
+        "serve", help="run the service", description="Run the service until SIGINT or SIGTERM."
+    )
+    add_arguments(serve)
+    return parser
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    for noisy in ("aiohttp.access", "aioice", "aiortc", "libav"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+
+
+async def serve(settings: Settings) -> None:
+    """Run until SIGINT/SIGTERM, then shut down: listeners closed, channels closed (which
+    releases every parked request), every task cancelled and awaited."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    runner = web.AppRunner(create_app(settings), access_log=None, shutdown_timeout=5.0)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, settings.host, settings.port)
+        await site.start()
+        for sock in site._server.sockets if site._server else ():  # type: ignore[union-attr]
+            host, port = sock.getsockname()[:2]
+            logger.info("listening url=http://%s:%d", host, port)
+        await stop.wait()
+        logger.info("shutting down")
+    finally:
+        await runner.cleanup()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+    logger.info("stopped")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0].startswith("--") and argv[0] != "--help":
+        # `live-v2v` (or `python -m live --port 9000`) serves, like `live-v2v serve`.
+        argv.insert(0, "serve")
+    args = parser.parse_args(argv)
+    try:
+        settings = load_settings(args)
+    except ValueError as exc:
+        parser.error(str(exc))
+    configure_logging(settings.log_level)
+    asyncio.run(serve(settings))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

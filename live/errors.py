@@ -1,0 +1,71 @@
+"""Service errors and their HTTP mapping.
+
+    ServiceError (status, msg)
+    ├── InvalidRequest      400
+    ├── Unauthorized        401
+    ├── NotFound            404
+    └── Unavailable         503 (model absent, capacity reached)
+
+One middleware answers them as Livepeer does, `{"detail": {"msg": ...}}`; pydantic validation
+errors become 422 `{"detail": [{"loc", "msg", "type"}]}`; anything else is logged with its
+traceback and answered 500 without one. Trickle routes answer in their own plain-text dialect.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+from pydantic import ValidationError
+
+logger = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class ServiceError(Exception):
+    status = 500
+
+    def __init__(self, msg: str, *, headers: dict[str, str] | None = None) -> None:
+        super().__init__(msg)
+        self.msg = msg
+        self.headers = headers or {}
+
+
+class InvalidRequest(ServiceError, ValueError):
+    status = 400
+
+
+class Unauthorized(ServiceError):
+    status = 401
+
+
+class NotFound(ServiceError, LookupError):
+    status = 404
+
+
+class Unavailable(ServiceError):
+    status = 503
+
+
+def error_body(msg: str) -> dict[str, object]:
+    return {"detail": {"msg": msg}}
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except ValidationError as exc:
+        detail = exc.errors(include_url=False, include_context=False, include_input=False)
+        return web.json_response({"detail": detail}, status=422)
+    except ServiceError as exc:
+        return web.json_response(error_body(exc.msg), status=exc.status, headers=exc.headers)
+    except web.HTTPException as exc:
+        if exc.status < 400 or exc.content_type == "application/json":
+            raise
+        return web.json_response(error_body(exc.reason), status=exc.status, headers=exc.headers)
+    except Exception:
+        logger.exception("unhandled error path=%s", request.path)
+        return web.json_response(error_body("Internal server error"), status=500)

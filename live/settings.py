@@ -1,0 +1,105 @@
+"""Service settings: one pydantic model, filled from CLI flags and environment variables.
+
+Every field is a flag (`--max-sessions`) and a variable (`LIVE_V2V_MAX_SESSIONS`); the auth token is
+also read from `AUTH_TOKEN`, the name ai-runner uses. Flags win over variables, variables over
+defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from protocol.trickle import TrickleConfig
+
+ENV_PREFIX = "LIVE_V2V_"
+ENV_ALIASES = {"auth_token": "AUTH_TOKEN"}
+
+
+class Settings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    host: str = Field("127.0.0.1", description="address to listen on")
+    port: int = Field(8000, ge=0, le=65535, description="port to listen on (0: any free port)")
+    public_url: str | None = Field(
+        None, description="base URL clients reach the service at (default: from each request)"
+    )
+    auth_token: str | None = Field(
+        None, description="bearer token required on API routes (env AUTH_TOKEN)"
+    )
+    models_dir: Path = Field(Path("models"), description="directory holding local models")
+    log_level: str = Field("INFO", description="DEBUG, INFO, WARNING or ERROR")
+    trickle_base_path: str = Field(
+        "/trickle/", description="where the trickle server is mounted (/ai/trickle/ for Livepeer)"
+    )
+    trickle_autocreate: bool = Field(False, description="let POST {channel} create channels")
+    trickle_max_channels: int = Field(1024, ge=1, description="trickle channels open at once")
+    trickle_max_segment_bytes: int = Field(
+        64 * 1024 * 1024, ge=1, description="largest trickle segment accepted"
+    )
+    trickle_idle_timeout_s: float = Field(
+        300.0, gt=0, description="idle trickle channels are removed after this"
+    )
+    trickle_sweep_interval_s: float = Field(60.0, gt=0, description="idle sweep period")
+
+    def trickle(self) -> TrickleConfig:
+        base = self.trickle_base_path
+        if not base.startswith("/"):
+            base = "/" + base
+        if not base.endswith("/"):
+            base += "/"
+        return TrickleConfig(
+            base_path=base,
+            autocreate=self.trickle_autocreate,
+            max_channels=self.trickle_max_channels,
+            max_segment_bytes=self.trickle_max_segment_bytes,
+            idle_timeout_s=self.trickle_idle_timeout_s,
+            sweep_interval_s=self.trickle_sweep_interval_s,
+        )
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _env_name(name: str) -> str:
+    return ENV_ALIASES.get(name, ENV_PREFIX + name.upper())
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per Settings field, documented with its description, variable and default."""
+    for name, field in Settings.model_fields.items():
+        help_text = f"{field.description} [env {_env_name(name)}; default {field.default}]"
+        if field.annotation is bool:
+            parser.add_argument(
+                _flag(name), dest=name, default=None, action=argparse.BooleanOptionalAction,
+                help=help_text,
+            )
+        else:
+            parser.add_argument(_flag(name), dest=name, default=None, help=help_text)
+
+
+def load_settings(
+    args: argparse.Namespace | None = None, environ: Mapping[str, str] | None = None
+) -> Settings:
+    """Settings from flags (parsed by `add_arguments`), then the environment, then defaults."""
+    environ = os.environ if environ is None else environ
+    values: dict[str, object] = {}
+    for name in Settings.model_fields:
+        env_value = environ.get(_env_name(name))
+        if env_value is not None:
+            values[name] = env_value
+        flag_value = getattr(args, name, None) if args is not None else None
+        if flag_value is not None:
+            values[name] = flag_value
+    return Settings.model_validate(values)
+
+
+def parse_settings(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> Settings:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return load_settings(parser.parse_args(argv), environ)

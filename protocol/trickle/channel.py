@@ -1,0 +1,167 @@
+"""Channel and segment state of the trickle server (go-livepeer trickle/trickle_server.go `Stream`,
+trickle/segment_buffer.go).
+
+A channel keeps a ring of five segments; segment `seq` lives in slot `seq % 5`. A segment is an
+append-only list of byte chunks plus a closed flag; every reader keeps its own offset, so each one
+gets the segment from byte 0 however late it attaches. Everything here runs on the event loop and
+is shared by the HTTP handlers (server.py) and the in-process clients (local.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+from .headers import LATEST_SEQ, NEXT_SEQ
+
+RING_SIZE = 5
+
+
+class Segment:
+    """One published unit: chunks appended by one publisher, read from byte 0 by any reader."""
+
+    __slots__ = ("seq", "chunks", "size", "closed", "_changed")
+
+    def __init__(self, seq: int) -> None:
+        self.seq = seq
+        self.chunks: list[bytes] = []
+        self.size = 0
+        self.closed = False
+        # One event per generation: set on every change, then replaced, so a waiter that is
+        # cancelled never disturbs the others (awaiting a shared future would cancel it).
+        self._changed: asyncio.Event | None = None
+
+    @property
+    def has_data(self) -> bool:
+        return self.size > 0
+
+    def append(self, data: bytes) -> None:
+        if data:
+            self.chunks.append(data)
+            self.size += len(data)
+            self._notify()
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self._notify()
+
+    def _notify(self) -> None:
+        event, self._changed = self._changed, None
+        if event is not None:
+            event.set()
+
+    async def wait_beyond(self, chunk_count: int) -> None:
+        """Wait until the segment holds more than `chunk_count` chunks or is closed."""
+        while len(self.chunks) <= chunk_count and not self.closed:
+            if self._changed is None:
+                self._changed = asyncio.Event()
+            await self._changed.wait()
+
+    async def wait_started(self) -> None:
+        """Wait until the first byte arrived or the segment was closed."""
+        await self.wait_beyond(0)
+
+    async def iter_chunks(self) -> AsyncIterator[bytes]:
+        """Every chunk from byte 0, then each new one as it is appended, until closed.
+
+        When the reader is behind, the chunks it has not sent yet are yielded as one joined
+        buffer: fewer, larger socket writes are what makes fan-out fast.
+        """
+        sent = 0
+        while True:
+            available = len(self.chunks)
+            if sent < available:
+                if available - sent == 1:
+                    yield self.chunks[sent]
+                else:
+                    yield b"".join(self.chunks[sent:available])
+                sent = available
+                continue
+            if self.closed:
+                return
+            await self.wait_beyond(sent)
+
+
+class Channel:
+    """A named pub/sub topic: the ring, `next_write` and the idle clock."""
+
+    def __init__(self, name: str, mime: str) -> None:
+        self.name = name
+        self.mime = mime
+        self.ring: list[Segment | None] = [None] * RING_SIZE
+        self.next_write = 0
+        self.write_time = time.monotonic()
+        self.closed = False
+
+    # -- seq resolution -------------------------------------------------------------------------
+
+    def resolve_write_seq(self, seq: int) -> int:
+        return self.next_write if seq == NEXT_SEQ else seq
+
+    def resolve_read_seq(self, seq: int) -> int:
+        if seq == NEXT_SEQ:
+            return self.next_write
+        if seq == LATEST_SEQ:
+            return max(self.next_write - 1, 0)
+        return seq
+
+    # -- segments -------------------------------------------------------------------------------
+
+    def segment(self, seq: int) -> Segment | None:
+        """The segment for `seq` if its slot still holds it."""
+        found = self.ring[seq % RING_SIZE]
+        return found if found is not None and found.seq == seq else None
+
+    def get_for_write(self, seq: int) -> Segment:
+        """The segment a publisher writes `seq` into: the existing one (pre-created by a reader,
+        or a repeated POST) or a fresh one that evicts and closes the slot's previous occupant."""
+        found = self.segment(seq)
+        if found is not None:
+            return found
+        slot = seq % RING_SIZE
+        previous = self.ring[slot]
+        if previous is not None:
+            previous.close()
+        fresh = self.ring[slot] = Segment(seq)
+        return fresh
+
+    def get_for_read(self, seq: int) -> Segment | None:
+        """The segment a subscriber reads, pre-created when it is the next one to be written
+        (or seq 1 on a fresh channel, go-livepeer's grace case); None means 470."""
+        found = self.segment(seq)
+        if found is not None:
+            return found
+        if self.closed:
+            return None
+        if seq == self.next_write or (self.next_write == 0 and seq == 1):
+            # livepeer-compat: pre-creation replaces the slot occupant without closing it
+            # (protocol/trickle.md §1.3.3 step 3); a reader attached to it keeps its object.
+            fresh = self.ring[seq % RING_SIZE] = Segment(seq)
+            return fresh
+        return None
+
+    def mark_written(self, seq: int) -> None:
+        """Record a first byte (or an empty completion) on `seq`.
+
+        Deliberate difference from go-livepeer, which assigns `next_write = seq + 1`: we keep the
+        maximum, so segments arriving out of order cannot move the live edge backwards and make
+        subscribers reread history (protocol/trickle.md §7.2). No §6 check depends on it.
+        """
+        self.next_write = max(self.next_write, seq + 1)
+        self.write_time = time.monotonic()
+
+    def reset_below(self, seq: int) -> None:
+        """Lp-Trickle-Reset: close every segment older than `seq`, sparing preconnected ones."""
+        for found in self.ring:
+            if found is not None and found.seq < seq:
+                found.close()
+
+    def close(self) -> None:
+        """Close every segment, releasing all waiting readers and preconnected publishers."""
+        self.closed = True
+        for found in self.ring:
+            if found is not None:
+                found.close()
+        self.ring = [None] * RING_SIZE

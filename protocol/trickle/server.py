@@ -1,0 +1,426 @@
+"""Trickle server as an aiohttp sub-application (go-livepeer trickle/trickle_server.go).
+
+Mount it under any base path: `app.add_subapp("/trickle", create_trickle_app(server))`. Answers
+follow go-livepeer route by route (protocol/trickle.md §1.14); where go-livepeer is undefined
+(other negative seqs, unbounded sizes and channel counts) this server answers a clear 4xx instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import secrets
+import time
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field
+
+from . import headers as h
+from .channel import Channel, Segment
+
+logger = logging.getLogger(__name__)
+
+NAME_PATTERN = re.compile(r"[A-Za-z0-9._-]+")
+INTERIM_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+DISCONNECT_POLL_S = 5.0
+
+
+class TrickleConfig(BaseModel):
+    """Limits and timings of one trickle server; defaults are go-livepeer's where it has one."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    base_path: str = Field("/trickle/", description="where the server is mounted")
+    autocreate: bool = Field(False, description="allow `POST {channel}` to create channels")
+    max_channels: int = Field(1024, ge=1, description="channels open at once")
+    max_channel_name_length: int = Field(128, ge=1, description="characters in a channel name")
+    max_segment_bytes: int = Field(64 * 1024 * 1024, ge=1, description="bytes in one segment")
+    idle_timeout_s: float = Field(300.0, gt=0, description="channel removed after this idle time")
+    sweep_interval_s: float = Field(60.0, gt=0, description="how often idle channels are swept")
+    keepalive_interval_s: float = Field(
+        10.0, gt=0, description="interim 100 Continue interval while a POST awaits its first byte"
+    )
+    write_timeout_s: float = Field(
+        30.0, gt=0, description="a subscriber that accepts no bytes this long is disconnected"
+    )
+
+
+class ChannelRefused(ValueError):
+    """A channel cannot be created: bad name or too many channels."""
+
+    def __init__(self, msg: str, status: int) -> None:
+        super().__init__(msg)
+        self.status = status
+
+
+class TrickleServer:
+    """The channels of one server, shared by its HTTP routes and in-process clients."""
+
+    def __init__(self, config: TrickleConfig | None = None) -> None:
+        self.config = config or TrickleConfig()
+        self.channels: dict[str, Channel] = {}
+
+    def check_name(self, name: str) -> str | None:
+        """Why `name` cannot be a channel name, or None when it can."""
+        limit = self.config.max_channel_name_length
+        if len(name) > limit:
+            return f"Invalid channel name: longer than {limit} characters"
+        if not NAME_PATTERN.fullmatch(name):
+            return "Invalid channel name: use letters, digits, '.', '_' and '-'"
+        return None
+
+    def create_channel(self, name: str | None = None, mime: str = "video/MP2T") -> Channel:
+        """Create a channel (a random, unguessable name when none is given); an existing name
+        returns the existing channel unchanged, as go-livepeer does."""
+        if name is None:
+            # 128 random bits: standalone channel names act as capabilities.
+            name = secrets.token_hex(16)
+        problem = self.check_name(name)
+        if problem:
+            raise ChannelRefused(problem, 400)
+        existing = self.channels.get(name)
+        if existing is not None:
+            return existing
+        if len(self.channels) >= self.config.max_channels:
+            raise ChannelRefused(
+                f"Too many channels: the limit is {self.config.max_channels}", 429
+            )
+        channel = self.channels[name] = Channel(name, mime)
+        logger.debug("channel created channel=%s mime=%s", name, mime)
+        return channel
+
+    def get(self, name: str) -> Channel | None:
+        return self.channels.get(name)
+
+    def delete_channel(self, name: str) -> bool:
+        channel = self.channels.pop(name, None)
+        if channel is None:
+            return False
+        channel.close()
+        logger.debug("channel closed channel=%s", name)
+        return True
+
+    def sweep(self, now: float | None = None) -> list[str]:
+        """Remove channels idle longer than the timeout; names starting with `_` are exempt."""
+        now = time.monotonic() if now is None else now
+        idle = [
+            name
+            for name, channel in self.channels.items()
+            if not name.startswith("_") and now - channel.write_time > self.config.idle_timeout_s
+        ]
+        for name in idle:
+            self.delete_channel(name)
+        if idle:
+            logger.info("idle channels swept count=%d", len(idle))
+        return idle
+
+    async def run_sweeper(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.sweep_interval_s)
+            self.sweep()
+
+    def close_all(self) -> None:
+        for name in list(self.channels):
+            self.delete_channel(name)
+
+
+TRICKLE_SERVER = web.AppKey("trickle_server", TrickleServer)
+
+
+def create_trickle_app(server: TrickleServer) -> web.Application:
+    """The sub-application serving `server`'s channels over HTTP."""
+    app = web.Application()
+    app[TRICKLE_SERVER] = server
+    routes = _Routes(server)
+    # `next` is registered before `{seq}`: aiohttp matches in order, and the seq is parsed in
+    # the handler so that a non-integer gives go-livepeer's 400 rather than a route 404.
+    app.router.add_post("/{channel}", routes.post_channel)
+    app.router.add_delete("/{channel}", routes.delete_channel)
+    app.router.add_get("/{channel}/next", routes.get_next)
+    app.router.add_get("/{channel}/{seq}", routes.get_segment)
+    app.router.add_post("/{channel}/{seq}", routes.post_segment)
+    app.router.add_delete("/{channel}/{seq}", routes.delete_segment)
+    app.cleanup_ctx.append(_sweeper_ctx)
+    app.on_shutdown.append(_wake_all)
+    return app
+
+
+async def _sweeper_ctx(app: web.Application) -> AsyncIterator[None]:
+    server = app[TRICKLE_SERVER]
+    task = asyncio.create_task(server.run_sweeper(), name="trickle-sweeper")
+    yield
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        pass
+    server.close_all()
+
+
+async def _wake_all(app: web.Application) -> None:
+    # Runs before aiohttp waits for handlers: closing every channel releases blocked GETs
+    # (end of stream) and preconnected POSTs, so shutdown does not wait on them.
+    app[TRICKLE_SERVER].close_all()
+
+
+def _text(status: int, body: str, **extra: str) -> web.Response:
+    # livepeer-compat: Go's http.Error bodies, text/plain with a trailing newline (§1.12).
+    return web.Response(status=status, text=body + "\n", headers={"X-Content-Type-Options": "nosniff", **extra})
+
+
+def _not_found() -> web.Response:
+    return _text(404, "Stream not found")
+
+
+def _parse_seq(raw: str, lowest: int) -> int | None:
+    try:
+        seq = int(raw)
+    except ValueError:
+        return None
+    return seq if seq >= lowest else None
+
+
+class _Routes:
+    """The HTTP handlers; each resolves channel and seq, then acts on the channel."""
+
+    def __init__(self, server: TrickleServer) -> None:
+        self.server = server
+        self.config = server.config
+
+    def _channel(self, request: web.Request) -> tuple[Channel | None, web.Response | None]:
+        name = request.match_info["channel"]
+        problem = self.server.check_name(name)
+        if problem:
+            return None, _text(400, problem)
+        channel = self.server.get(name)
+        if channel is None:
+            return None, _not_found()
+        return channel, None
+
+    def _seq(self, request: web.Request, lowest: int) -> tuple[int | None, web.Response | None]:
+        raw = request.match_info["seq"]
+        seq = _parse_seq(raw, lowest)
+        if seq is not None:
+            return seq, None
+        try:
+            int(raw)
+        except ValueError:
+            return None, _text(400, "Invalid idx")
+        # go-livepeer panics on these (§7.1); we refuse them plainly.
+        allowed = {0: "no negative seq", -1: "only -1", -2: "only -1 and -2"}[lowest]
+        return None, _text(400, f"Invalid idx: {allowed} is allowed here")
+
+    # -- POST {channel}, DELETE {channel}, GET {channel}/next ----------------------------------
+
+    async def post_channel(self, request: web.Request) -> web.Response:
+        name = request.match_info["channel"]
+        problem = self.server.check_name(name)
+        if problem:
+            return _text(400, problem)
+        if self.server.get(name) is not None:
+            return web.Response(status=200)
+        if not self.config.autocreate:
+            return _not_found()
+        mime = request.headers.get(h.EXPECT_CONTENT, "application/octet-stream")
+        try:
+            self.server.create_channel(name, mime)
+        except ChannelRefused as exc:
+            return _text(exc.status, str(exc))
+        return web.Response(status=200)
+
+    async def delete_channel(self, request: web.Request) -> web.Response:
+        name = request.match_info["channel"]
+        problem = self.server.check_name(name)
+        if problem:
+            return _text(400, problem)
+        if not self.server.delete_channel(name):
+            # livepeer-compat: a missing channel is 400 here, not 404 (§1.3.5).
+            return _text(400, "Invalid stream")
+        return web.Response(status=200)
+
+    async def get_next(self, request: web.Request) -> web.Response:
+        channel, error = self._channel(request)
+        if channel is None:
+            return error  # type: ignore[return-value]
+        extra = {h.LATEST: str(channel.next_write)}
+        if channel.closed:
+            extra[h.CLOSED] = h.CLOSED_VALUE
+        return web.Response(text=str(channel.next_write), headers=extra)
+
+    # -- POST {channel}/{seq} ------------------------------------------------------------------
+
+    async def post_segment(self, request: web.Request) -> web.StreamResponse:
+        channel, error = self._channel(request)
+        if channel is None:
+            # livepeer-compat: answered at once, before the body, with Connection: close so a
+            # preconnected publisher is released (§1.3.2 step 1).
+            assert error is not None
+            if error.status == 404:
+                error.force_close()
+            return error
+        raw_seq, error = self._seq(request, lowest=-1)
+        if raw_seq is None:
+            return error  # type: ignore[return-value]
+        seq = channel.resolve_write_seq(raw_seq)
+        segment = channel.get_for_write(seq)
+        if request.headers.get(h.RESET):
+            channel.reset_below(seq)
+
+        try:
+            first = await self._first_chunk(request, segment)
+        except Exception as exc:  # the publisher went away before its first byte
+            logger.info("publish aborted channel=%s seq=%d error=%r", channel.name, seq, exc)
+            return _text(500, "Server error")
+        if not first:
+            return self._empty_write(channel, seq, segment)
+
+        channel.mark_written(seq)
+        limit = self.config.max_segment_bytes
+        chunk = first
+        try:
+            while chunk:
+                if segment.size + len(chunk) > limit:
+                    segment.close()
+                    response = _text(413, f"Segment too large: the limit is {limit} bytes")
+                    response.force_close()
+                    return response
+                segment.append(chunk)
+                chunk = await request.content.readany()
+        except Exception as exc:
+            # livepeer-compat: an aborted upload leaves the segment open; readers stay blocked
+            # until it is deleted, reset or evicted (§1.3.2 step 9, check 32).
+            logger.info(
+                "publish aborted channel=%s seq=%d bytes=%d error=%r",
+                channel.name, seq, segment.size, exc,
+            )
+            return _text(500, "Server error")
+        segment.close()
+        return web.Response(status=200, headers={h.SEQ: str(seq)})
+
+    async def _first_chunk(self, request: web.Request, segment: Segment) -> bytes:
+        """The first chunk of the body, or b"" when the body is empty or the segment was closed
+        before any byte arrived. Sends interim 100 Continue keepalives while waiting."""
+        read = asyncio.ensure_future(request.content.readany())
+        closed = asyncio.ensure_future(_wait_closed(segment))
+        try:
+            while True:
+                done, _ = await asyncio.wait(
+                    (read, closed),
+                    timeout=self.config.keepalive_interval_s,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                if read in done:
+                    return read.result()
+                if closed in done:
+                    return b""
+                transport = request.transport
+                if transport is not None and not transport.is_closing():
+                    transport.write(INTERIM_CONTINUE)
+        finally:
+            for task in (read, closed):
+                if not task.done():
+                    task.cancel()
+            await asyncio.gather(read, closed, return_exceptions=True)
+
+    def _empty_write(self, channel: Channel, seq: int, segment: Segment) -> web.Response:
+        # livepeer-compat: a zero-byte write still advances next_write so that readers waiting
+        # on the next seq are not stranded (§1.3.2 step 8).
+        channel.mark_written(seq)
+        segment.close()
+        extra = {h.SEQ: str(seq)}
+        if channel.closed:
+            extra[h.CLOSED] = h.CLOSED_VALUE
+        response = web.Response(status=200, headers=extra)
+        response.force_close()
+        return response
+
+    # -- GET {channel}/{seq} -------------------------------------------------------------------
+
+    async def get_segment(self, request: web.Request) -> web.StreamResponse:
+        channel, error = self._channel(request)
+        if channel is None:
+            return error  # type: ignore[return-value]
+        raw_seq, error = self._seq(request, lowest=-2)
+        if raw_seq is None:
+            return error  # type: ignore[return-value]
+        seq = channel.resolve_read_seq(raw_seq)
+        latest_at_request = channel.next_write
+        segment = channel.get_for_read(seq)
+        if segment is None:
+            extra = {h.SEQ: str(seq), h.LATEST: str(channel.next_write)}
+            if channel.closed:
+                extra[h.CLOSED] = h.CLOSED_VALUE
+                return web.Response(status=200, text="Entry not found", headers=extra)
+            return web.Response(
+                status=470, reason="Entry Not Found", text="Entry not found", headers=extra
+            )
+
+        if not await self._wait_started(request, segment):
+            return web.Response(status=499, reason="Client Closed Request")
+        if not segment.has_data:
+            extra = {h.SEQ: str(seq), h.LATEST: str(channel.next_write)}
+            if channel.closed:
+                extra[h.CLOSED] = h.CLOSED_VALUE
+            return web.Response(status=200, headers=extra)
+
+        extra = {h.SEQ: str(seq), "Content-Type": channel.mime}
+        if seq != latest_at_request:
+            extra[h.LATEST] = str(latest_at_request)
+        response = web.StreamResponse(status=200, headers=extra)
+        await response.prepare(request)
+        timeout = self.config.write_timeout_s
+        try:
+            async for chunk in segment.iter_chunks():
+                async with asyncio.timeout(timeout):
+                    await response.write(chunk)
+            await response.write_eof()
+        except TimeoutError:
+            # A reader that accepts nothing for this long is cut off: the server holds at most
+            # one segment and one socket buffer for it, never an unbounded backlog.
+            logger.info("slow subscriber dropped channel=%s seq=%d", channel.name, seq)
+            _abort(request)
+        except ConnectionError:
+            pass  # the subscriber left; nothing to clean up but the handler itself
+        return response
+
+    async def _wait_started(self, request: web.Request, segment: Segment) -> bool:
+        """Wait for the segment's first byte or close; False if the client left meanwhile."""
+        while True:
+            try:
+                async with asyncio.timeout(DISCONNECT_POLL_S):
+                    await segment.wait_started()
+                return True
+            except TimeoutError:
+                # aiohttp does not cancel a handler whose client left, so a GET parked at the
+                # live edge checks for itself (duplicate preconnects must not pile up).
+                transport = request.transport
+                if transport is None or transport.is_closing():
+                    return False
+
+    # -- DELETE {channel}/{seq} ----------------------------------------------------------------
+
+    async def delete_segment(self, request: web.Request) -> web.Response:
+        channel, error = self._channel(request)
+        if channel is None:
+            return error  # type: ignore[return-value]
+        seq, error = self._seq(request, lowest=0)
+        if seq is None:
+            return error  # type: ignore[return-value]
+        segment = channel.segment(seq)
+        if segment is None:
+            return _text(400, "Nonexistent segment")
+        segment.close()
+        return web.Response(status=200)
+
+
+async def _wait_closed(segment: Segment) -> None:
+    while not segment.closed:
+        await segment.wait_beyond(len(segment.chunks))
+
+
+def _abort(request: web.Request) -> None:
+    transport = request.transport
+    if transport is not None:
+        transport.abort()

@@ -1,0 +1,68 @@
+"""Shared fixtures: real servers on 127.0.0.1, and a check that no test leaves a task running."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from protocol.trickle import TrickleConfig, TrickleServer, create_trickle_app
+
+# Never reach a model hub from tests.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@dataclass
+class TrickleHost:
+    """A trickle server on a real port: `url(name)` is a channel's URL."""
+
+    server: TrickleServer
+    http: TestServer
+    base_path: str
+
+    def url(self, name: str = "") -> str:
+        return str(self.http.make_url(self.base_path + name))
+
+
+@pytest.fixture
+def trickle_factory(
+    aiohttp_server: Callable[..., object],
+) -> Callable[..., object]:
+    """Start a trickle server; keyword arguments override TrickleConfig fields."""
+
+    async def start(base_path: str = "/trickle/", **config: object) -> TrickleHost:
+        server = TrickleServer(TrickleConfig(base_path=base_path, **config))
+        app = web.Application()
+        app.add_subapp(base_path, create_trickle_app(server))
+        http = await aiohttp_server(app)  # type: ignore[operator]
+        return TrickleHost(server, http, base_path)
+
+    return start
+
+
+@pytest.fixture
+async def trickle(trickle_factory: Callable[..., object]) -> TrickleHost:
+    return await trickle_factory()  # type: ignore[operator,no-any-return]
+
+
+@pytest.fixture(autouse=True)
+async def no_leaked_tasks() -> AsyncIterator[None]:
+    """Fail a test that leaves tasks of its own running once its fixtures are torn down."""
+    before = asyncio.all_tasks()
+    yield
+    # Give cancelled tasks a moment to finish unwinding.
+    for _ in range(20):
+        leaked = [
+            t for t in asyncio.all_tasks() - before
+            if t is not asyncio.current_task() and not t.done()
+        ]
+        if not leaked:
+            return
+        await asyncio.sleep(0.05)
+    names = sorted(t.get_name() for t in leaked)
+    pytest.fail(f"tasks left running after the test: {names}")
