@@ -23,7 +23,7 @@ def create_app(settings: Settings) -> web.Application:
     trickle_config = settings.trickle()
     trickle = app[TRICKLE] = TrickleServer(trickle_config)
     add_health_routes(app)
-    # The trickle sub-app sits outside the JSON error middleware: it answers in go-livepeer's
+    # The JSON error middleware leaves the trickle sub-app alone: it answers in go-livepeer's
     # plain-text dialect (404/400/470), which Livepeer clients depend on.
     app.add_subapp(trickle_config.base_path.rstrip("/"), create_trickle_app(trickle))
     return app

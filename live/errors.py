@@ -19,6 +19,8 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 from pydantic import ValidationError
 
+from protocol.trickle import TRICKLE_SERVER
+
 logger = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -53,6 +55,11 @@ def error_body(msg: str) -> dict[str, object]:
     return {"detail": {"msg": msg}}
 
 
+def _in_trickle(request: web.Request) -> bool:
+    # Trickle routes keep go-livepeer's plain-text answers (405 with Allow included).
+    return any(TRICKLE_SERVER in app for app in request.match_info.apps)
+
+
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
@@ -63,9 +70,11 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except ServiceError as exc:
         return web.json_response(error_body(exc.msg), status=exc.status, headers=exc.headers)
     except web.HTTPException as exc:
-        if exc.status < 400 or exc.content_type == "application/json":
+        if exc.status < 400 or _in_trickle(request):
             raise
-        return web.json_response(error_body(exc.reason), status=exc.status, headers=exc.headers)
+        # Keep headers such as Allow on a 405, drop the text/plain Content-Type.
+        kept = {k: v for k, v in exc.headers.items() if k.lower() != "content-type"}
+        return web.json_response(error_body(exc.reason), status=exc.status, headers=kept)
     except Exception:
         logger.exception("unhandled error path=%s", request.path)
         return web.json_response(error_body("Internal server error"), status=500)

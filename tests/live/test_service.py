@@ -1,0 +1,127 @@
+"""The service as a user starts it: settings, the app, the CLI process and its shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+import aiohttp
+import pytest
+
+from live.app import create_app
+from live.keys import TRICKLE
+from live.settings import Settings, parse_settings
+
+
+def test_settings_come_from_flags_then_env_then_defaults() -> None:
+    env = {"LIVE_V2V_PORT": "9001", "AUTH_TOKEN": "secret", "LIVE_V2V_TRICKLE_AUTOCREATE": "true"}
+    settings = parse_settings(["--port", "9002", "--models-dir", "/m"], env)
+    assert settings.port == 9002  # flag beats env
+    assert settings.auth_token == "secret"  # ai-runner's variable name
+    assert settings.trickle_autocreate is True
+    assert str(settings.models_dir) == "/m"
+    assert parse_settings([], {}).port == 8000
+
+
+def test_invalid_setting_is_refused_with_its_name() -> None:
+    with pytest.raises(ValueError, match="port"):
+        parse_settings(["--port", "not-a-port"], {})
+
+
+def test_trickle_base_path_is_normalised() -> None:
+    assert Settings(trickle_base_path="ai/trickle").trickle().base_path == "/ai/trickle/"
+
+
+async def test_health_is_idle_without_sessions(aiohttp_client) -> None:
+    client = await aiohttp_client(create_app(Settings()))
+    response = await client.get("/health")
+    assert response.status == 200
+    assert await response.json() == {"status": "IDLE"}
+
+
+async def test_unknown_route_answers_json_detail(aiohttp_client) -> None:
+    client = await aiohttp_client(create_app(Settings()))
+    response = await client.get("/no-such-route")
+    assert response.status == 404
+    assert "msg" in (await response.json())["detail"]
+
+
+@pytest.mark.parametrize("base", ["/trickle/", "/ai/trickle/"])
+async def test_trickle_is_mounted_at_the_configured_base(aiohttp_client, base: str) -> None:
+    app = create_app(Settings(trickle_base_path=base))
+    client = await aiohttp_client(app)
+    app[TRICKLE].create_channel("c")
+    response = await client.post(f"{base}c/0", data=b"hello")
+    assert response.status == 200 and response.headers["Lp-Trickle-Seq"] == "0"
+    response = await client.get(f"{base}c/0")
+    assert await response.read() == b"hello"
+    # Trickle keeps go-livepeer's plain-text dialect, not the API's JSON errors.
+    response = await client.get(f"{base}missing/0")
+    assert response.status == 404 and await response.text() == "Stream not found\n"
+
+
+def test_protocol_does_not_import_torch() -> None:
+    code = "import sys, protocol.trickle; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.parametrize("command", [["-m", "live", "serve"], ["-m", "live"]])
+async def test_cli_serves_and_stops_cleanly_on_sigterm(command: list[str]) -> None:
+    port = _free_port()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, *command, "--port", str(port),
+        stderr=subprocess.PIPE, env={**os.environ, "LIVE_V2V_LOG_LEVEL": "INFO"},
+    )
+    try:
+        async with aiohttp.ClientSession() as session:
+            for _ in range(100):
+                try:
+                    async with session.get(f"http://127.0.0.1:{port}/health") as response:
+                        assert await response.json() == {"status": "IDLE"}
+                        break
+                except aiohttp.ClientConnectionError:
+                    await asyncio.sleep(0.1)
+            else:
+                pytest.fail("service did not start")
+            # A reader parked at the live edge must not hold shutdown up.
+            async with session.get(f"http://127.0.0.1:{port}/trickle/none/0") as response:
+                assert response.status == 404
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = await asyncio.wait_for(proc.communicate(), 10)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 0, stderr.decode()
+    log = stderr.decode()
+    assert f"listening url=http://127.0.0.1:{port}" in log
+    assert "stopped" in log and "Traceback" not in log
+
+
+def test_help_documents_every_setting() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "live", "serve", "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    for name in Settings.model_fields:
+        assert "--" + name.replace("_", "-") in out
+    assert "AUTH_TOKEN" in out
+
+
+async def test_trickle_wrong_method_stays_plain_text(aiohttp_client) -> None:
+    app = create_app(Settings())
+    client = await aiohttp_client(app)
+    app[TRICKLE].create_channel("c")
+    response = await client.put("/trickle/c/0")
+    assert response.status == 405
+    assert "POST" in response.headers["Allow"]
+    assert response.content_type == "text/plain"
