@@ -27,4 +27,3 @@ def create_app(settings: Settings) -> web.Application:
     # plain-text dialect (404/400/470), which Livepeer clients depend on.
     app.add_subapp(trickle_config.base_path.rstrip("/"), create_trickle_app(trickle))
     return app
-

@@ -66,7 +66,7 @@ async def serve(settings: Settings) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0].startswith("--") and argv[0] != "--help":
+    if not argv or (argv[0].startswith("--") and argv[0] != "--help"):
         # `live-v2v` (or `python -m live --port 9000`) serves, like `live-v2v serve`.
         argv.insert(0, "serve")
     args = parser.parse_args(argv)

@@ -76,7 +76,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help_text = f"{field.description} [env {_env_name(name)}; default {field.default}]"
         if field.annotation is bool:
             parser.add_argument(
-                _flag(name), dest=name, default=None, action=argparse.BooleanOptionalAction,
+                _flag(name),
+                dest=name,
+                default=None,
+                action=argparse.BooleanOptionalAction,
                 help=help_text,
             )
         else:

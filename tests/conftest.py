@@ -58,7 +58,8 @@ async def no_leaked_tasks() -> AsyncIterator[None]:
     # Give cancelled tasks a moment to finish unwinding.
     for _ in range(20):
         leaked = [
-            t for t in asyncio.all_tasks() - before
+            t
+            for t in asyncio.all_tasks() - before
             if t is not asyncio.current_task() and not t.done()
         ]
         if not leaked:

@@ -21,7 +21,7 @@ RING_SIZE = 5
 class Segment:
     """One published unit: chunks appended by one publisher, read from byte 0 by any reader."""
 
-    __slots__ = ("seq", "chunks", "size", "closed", "_changed")
+    __slots__ = ("_changed", "chunks", "closed", "seq", "size")
 
     def __init__(self, seq: int) -> None:
         self.seq = seq

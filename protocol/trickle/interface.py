@@ -1,9 +1,9 @@
 """The shape shared by the HTTP and in-process trickle clients, so sessions take either.
 
-    async with publisher:                      async with subscriber:
-        await publisher.write(segment_bytes)       async for segment in subscriber:
-        async with publisher.segment() as s:           async for chunk in segment: ...
-            await s.write(chunk)                       # or: data = await segment.read()
+async with publisher:                      async with subscriber:
+    await publisher.write(segment_bytes)       async for segment in subscriber:
+    async with publisher.segment() as s:           async for chunk in segment: ...
+        await s.write(chunk)                       # or: data = await segment.read()
 """
 
 from __future__ import annotations

@@ -44,9 +44,7 @@ class _PendingPost:
         self.url = f"{url}/{seq}"
         self.sent = 0
         self._queue: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=4)
-        self.task = asyncio.create_task(
-            self._post(session, mime), name=f"trickle-post-{seq}"
-        )
+        self.task = asyncio.create_task(self._post(session, mime), name=f"trickle-post-{seq}")
 
     async def _body(self) -> AsyncIterator[bytes]:
         # An empty first chunk makes aiohttp send the request headers now, so the server sees
@@ -173,9 +171,7 @@ class TricklePublisher:
             raise
         self._check(*answer, pending.url)
 
-    def _check(
-        self, status: int, resp_headers: CIMultiDictProxy[str], body: str, url: str
-    ) -> None:
+    def _check(self, status: int, resp_headers: CIMultiDictProxy[str], body: str, url: str) -> None:
         if h.CLOSED in resp_headers:
             raise EndOfStream(self.url)
         if status == 404:

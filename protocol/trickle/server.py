@@ -84,9 +84,7 @@ class TrickleServer:
         if existing is not None:
             return existing
         if len(self.channels) >= self.config.max_channels:
-            raise ChannelRefused(
-                f"Too many channels: the limit is {self.config.max_channels}", 429
-            )
+            raise ChannelRefused(f"Too many channels: the limit is {self.config.max_channels}", 429)
         channel = self.channels[name] = Channel(name, mime)
         logger.debug("channel created channel=%s mime=%s", name, mime)
         return channel
@@ -167,7 +165,9 @@ async def _wake_all(app: web.Application) -> None:
 
 def _text(status: int, body: str, **extra: str) -> web.Response:
     # livepeer-compat: Go's http.Error bodies, text/plain with a trailing newline (§1.12).
-    return web.Response(status=status, text=body + "\n", headers={"X-Content-Type-Options": "nosniff", **extra})
+    return web.Response(
+        status=status, text=body + "\n", headers={"X-Content-Type-Options": "nosniff", **extra}
+    )
 
 
 def _not_found() -> web.Response:
@@ -293,7 +293,10 @@ class _Routes:
             # until it is deleted, reset or evicted (§1.3.2 step 9, check 32).
             logger.info(
                 "publish aborted channel=%s seq=%d bytes=%d error=%r",
-                channel.name, seq, segment.size, exc,
+                channel.name,
+                seq,
+                segment.size,
+                exc,
             )
             return _text(500, "Server error")
         segment.close()

@@ -79,8 +79,12 @@ def _free_port() -> int:
 async def test_cli_serves_and_stops_cleanly_on_sigterm(command: list[str]) -> None:
     port = _free_port()
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, *command, "--port", str(port),
-        stderr=subprocess.PIPE, env={**os.environ, "LIVE_V2V_LOG_LEVEL": "INFO"},
+        sys.executable,
+        *command,
+        "--port",
+        str(port),
+        stderr=subprocess.PIPE,
+        env={**os.environ, "LIVE_V2V_LOG_LEVEL": "INFO"},
     )
     try:
         async with aiohttp.ClientSession() as session:
@@ -110,7 +114,10 @@ async def test_cli_serves_and_stops_cleanly_on_sigterm(command: list[str]) -> No
 
 def test_help_documents_every_setting() -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "live", "serve", "--help"], capture_output=True, text=True, check=True
+        [sys.executable, "-m", "live", "serve", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     for name in Settings.model_fields:
         assert "--" + name.replace("_", "-") in out

@@ -96,7 +96,7 @@ async def test_slow_subscriber_does_not_slow_the_others(trickle) -> None:
     stalled = socket.socket()
     stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     stalled.connect(("127.0.0.1", port))
-    stalled.sendall(f"GET /trickle/c/0 HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    stalled.sendall(b"GET /trickle/c/0 HTTP/1.1\r\nHost: x\r\n\r\n")
     payload = os.urandom(1024 * 1024)
     try:
         async with TrickleSubscriber(url, start_seq=0) as fast, TricklePublisher(url) as pub:
@@ -180,8 +180,9 @@ async def test_publisher_retries_when_the_server_is_not_there_yet() -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    publisher = TricklePublisher(f"http://127.0.0.1:{port}/trickle/c", retries=2,
-                                 retry_delay_s=0.01)
+    publisher = TricklePublisher(
+        f"http://127.0.0.1:{port}/trickle/c", retries=2, retry_delay_s=0.01
+    )
     with pytest.raises(aiohttp.ClientConnectionError):
         await publisher.write(b"data")
     assert publisher.seq == 3  # three attempts, each on its own seq
@@ -209,8 +210,10 @@ async def test_server_keeps_serving_after_bad_requests(trickle) -> None:
                 assert (await response.text()).strip()
         # A publisher that vanishes mid-segment.
         _, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(b"POST /trickle/victim/0 HTTP/1.1\r\nHost: x\r\n"
-                     b"Transfer-Encoding: chunked\r\n\r\n5\r\nhel")
+        writer.write(
+            b"POST /trickle/victim/0 HTTP/1.1\r\nHost: x\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n5\r\nhel"
+        )
         await writer.drain()
         await asyncio.sleep(0.1)  # a reset discards bytes the server has not read yet
         writer.transport.abort()
