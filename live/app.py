@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncIterator
 
 from aiohttp import web
 
@@ -10,20 +11,42 @@ from protocol.trickle import TrickleServer, create_trickle_app
 
 from .errors import error_middleware
 from .health import add_health_routes
-from .keys import SETTINGS, TRICKLE
+from .keys import SESSIONS, SETTINGS, TRICKLE
+from .pipelines import LivePipeline, builtin_pipelines
+from .routes import add_live_routes
+from .sessions import SessionManager
 from .settings import Settings
 
 logger = logging.getLogger(__name__)
 
 
-def create_app(settings: Settings) -> web.Application:
-    """Build the service. Nothing starts until the app runs (aiohttp startup)."""
+def create_app(
+    settings: Settings, pipelines: dict[str, type[LivePipeline]] | None = None
+) -> web.Application:
+    """Build the service. Nothing starts until the app runs (aiohttp startup).
+
+    `pipelines` replaces the built-in live pipelines (tests add their own).
+    """
     app = web.Application(middlewares=[error_middleware])
     app[SETTINGS] = settings
     trickle_config = settings.trickle()
     trickle = app[TRICKLE] = TrickleServer(trickle_config)
+    available = builtin_pipelines() if pipelines is None else pipelines
+    if settings.default_pipeline not in available:
+        raise ValueError(
+            f"default pipeline {settings.default_pipeline!r} is not one of {sorted(available)}"
+        )
+    app[SESSIONS] = SessionManager(settings, trickle, available)
+    app.cleanup_ctx.append(_sessions_ctx)
     add_health_routes(app)
+    add_live_routes(app)
     # The JSON error middleware leaves the trickle sub-app alone: it answers in go-livepeer's
     # plain-text dialect (404/400/470), which Livepeer clients depend on.
     app.add_subapp(trickle_config.base_path.rstrip("/"), create_trickle_app(trickle))
     return app
+
+
+async def _sessions_ctx(app: web.Application) -> AsyncIterator[None]:
+    yield
+    # Every session is stopped and awaited: its tasks, threads and channels are released.
+    await app[SESSIONS].close()

@@ -1,13 +1,15 @@
-"""`GET /health`, polled by go-livepeer's worker every 5 s (protocol/trickle.md §3.7)."""
+"""`GET /health`, polled by go-livepeer's worker every 5 s (protocol/trickle.md §3.7):
+IDLE with no session, LOADING while one loads, ERROR if one failed, else OK."""
 
 from __future__ import annotations
 
 from aiohttp import web
 
+from .keys import SESSIONS
+
 
 async def get_health(request: web.Request) -> web.Response:
-    # Live sessions arrive with issue #4; until then the service is always idle.
-    return web.json_response({"status": "IDLE"})
+    return web.json_response({"status": request.app[SESSIONS].health()})
 
 
 def add_health_routes(app: web.Application) -> None:

@@ -33,6 +33,15 @@ class Settings(BaseModel):
     )
     models_dir: Path = Field(Path("models"), description="directory holding local models")
     log_level: str = Field("INFO", description="DEBUG, INFO, WARNING or ERROR")
+    default_pipeline: str = Field(
+        "cartoon", description="live pipeline used when a request names none"
+    )
+    max_sessions: int = Field(4, ge=1, description="live sessions at once (503 beyond)")
+    input_timeout_s: float = Field(
+        60.0, gt=0, description="a session ends after this long without input"
+    )
+    status_interval_s: float = Field(10.0, gt=0, description="period of status events")
+    segment_s: float = Field(1.0, gt=0, le=10, description="output segment (GOP) length")
     trickle_base_path: str = Field(
         "/trickle/", description="where the trickle server is mounted (/ai/trickle/ for Livepeer)"
     )

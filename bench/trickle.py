@@ -1,0 +1,579 @@
+"""Trickle benchmark: fan-out throughput, first-byte latency, raw aiohttp baseline, local clients.
+
+    .venv/bin/python -m bench.trickle [--seconds 3] [--segment-mib 1] [--subscribers 1,8] [--json]
+
+1. Fan-out over HTTP on 127.0.0.1: the service (`python -m live serve --trickle-autocreate`) runs
+   in its own process; one TricklePublisher and N TrickleSubscribers (start -1) run here, so
+   client cost is not on the server's event loop. The publisher writes one random segment
+   (generated once) back to back, held at most `--window` segments ahead of the slowest
+   subscriber so that nobody falls out of the ring (delivery is lossless; `skipped` says if not).
+   A raw baseline, an aiohttp server in another process streaming one in-memory payload to N
+   GET loops, is measured in the same run with the same client library, and trickle/raw printed.
+2. First-byte latency: one subscriber parked on the next seq, the publisher writes a small
+   segment; time from the start of `publisher.write` to the subscriber's first chunk.
+3. The same fan-out through LocalPublisher/LocalSubscriber (no HTTP), for reference.
+
+MB is 10^6 bytes. CPU is the share of one core a process used over the measured window (the
+server's from /proc, the clients' from this process), which says which side is the bottleneck.
+The reference go-livepeer server on the 2-core dev machine: ~635 MB/s to one subscriber,
+~1,860 MB/s total to eight, ~1 ms first byte p50 (protocol/trickle.md §7.5).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import multiprocessing
+import os
+import platform
+import secrets
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any, Protocol
+
+import aiohttp
+from aiohttp import web
+
+from protocol.trickle import (
+    LocalPublisher,
+    LocalSubscriber,
+    TricklePublisher,
+    TrickleServer,
+    TrickleSubscriber,
+)
+from protocol.trickle import headers as h
+
+HOST = "127.0.0.1"
+MB = 1_000_000
+MIB = 1024 * 1024
+START_TIMEOUT_S = 20.0
+STOP_TIMEOUT_S = 5.0
+
+
+# -- processes ---------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        return int(sock.getsockname()[1])
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of process `pid` (Linux /proc), None elsewhere."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def wait_listening(port: int, alive: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if not alive():
+            raise RuntimeError(f"{what} exited during start-up")
+        with contextlib.suppress(OSError), socket.create_connection((HOST, port), timeout=0.5):
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"{what} did not listen on port {port} within {START_TIMEOUT_S:.0f} s")
+
+
+@contextlib.contextmanager
+def live_service(port: int) -> Iterator[subprocess.Popen[bytes]]:
+    """The service, as deployed: `python -m live serve` with channel creation over HTTP."""
+    cmd = [sys.executable, "-m", "live", "serve", "--host", HOST, "--port", str(port)]
+    cmd += ["--trickle-autocreate", "--log-level", "WARNING"]
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
+    try:
+        wait_listening(port, lambda: proc.poll() is None, "trickle service")
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def _raw_server_main(port: int, size: int) -> None:
+    """Child process: GET /blob streams one in-memory payload (chunked, like a trickle GET)."""
+    payload = os.urandom(size)
+
+    async def blob(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()
+        await response.prepare(request)
+        await response.write(payload)
+        await response.write_eof()
+        return response
+
+    async def main() -> None:
+        app = web.Application()
+        app.router.add_get("/blob", blob)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, HOST, port).start()
+        await asyncio.Event().wait()
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    with contextlib.suppress(KeyboardInterrupt, SystemExit):
+        asyncio.run(main())
+
+
+@contextlib.contextmanager
+def raw_server(port: int, size: int) -> Iterator[multiprocessing.process.BaseProcess]:
+    proc = multiprocessing.get_context("spawn").Process(
+        target=_raw_server_main, args=(port, size), name="raw-aiohttp", daemon=True
+    )
+    proc.start()
+    try:
+        wait_listening(port, proc.is_alive, "raw aiohttp server")
+        yield proc
+    finally:
+        if proc.is_alive():
+            proc.terminate()
+            proc.join(STOP_TIMEOUT_S)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+
+
+# -- measurement -------------------------------------------------------------------------------
+
+
+class Window:
+    """Bytes and CPU between `start()` and `stop()`."""
+
+    def __init__(self, server_pid: int | None) -> None:
+        self.server_pid = server_pid
+        self.t0 = self.t1 = 0.0
+        self.b0 = self.b1 = 0
+        self.c0 = self.c1 = 0.0
+        self.s0: float | None = None
+        self.s1: float | None = None
+
+    def start(self, total_bytes: int) -> None:
+        self.t0, self.b0, self.c0 = time.perf_counter(), total_bytes, time.process_time()
+        self.s0 = cpu_seconds(self.server_pid) if self.server_pid else None
+
+    def stop(self, total_bytes: int) -> None:
+        self.t1, self.b1, self.c1 = time.perf_counter(), total_bytes, time.process_time()
+        self.s1 = cpu_seconds(self.server_pid) if self.server_pid else None
+
+    def result(self, n: int, **extra: Any) -> dict[str, Any]:
+        elapsed = self.t1 - self.t0
+        total = (self.b1 - self.b0) / elapsed / MB
+        server_cpu = None
+        if self.s0 is not None and self.s1 is not None:
+            server_cpu = round(100 * (self.s1 - self.s0) / elapsed)
+        return {
+            "subscribers": n,
+            "seconds": round(elapsed, 2),
+            "total_mb_s": round(total, 1),
+            "per_subscriber_mb_s": round(total / n, 1),
+            "server_cpu_pct": server_cpu,
+            "client_cpu_pct": round(100 * (self.c1 - self.c0) / elapsed),
+            **extra,
+        }
+
+
+class _Segment(Protocol):
+    seq: int
+
+    def __aiter__(self) -> AsyncIterator[bytes]: ...
+
+
+class _Subscriber(Protocol):
+    skipped: int
+
+    def __aiter__(self) -> Any: ...
+
+    async def close(self) -> None: ...
+
+
+class _Publisher(Protocol):
+    seq: int
+
+    async def write(self, data: bytes) -> int: ...
+
+    async def close(self, delete: bool = True) -> None: ...
+
+
+async def fanout(
+    make_publisher: Callable[[], _Publisher],
+    make_subscriber: Callable[[], _Subscriber],
+    n: int,
+    data: bytes,
+    args: argparse.Namespace,
+    server_pid: int | None,
+    seconds: float,
+) -> dict[str, Any]:
+    """One publisher writing `data` back to back to `n` subscribers; bytes delivered per second."""
+    received = [0] * n
+    done_seq = [-1] * n
+    progress = asyncio.Event()
+    subscribers = [make_subscriber() for _ in range(n)]
+
+    async def read(i: int, subscriber: _Subscriber) -> None:
+        async for segment in subscriber:
+            async for chunk in segment:
+                received[i] += len(chunk)
+            done_seq[i] = segment.seq
+            progress.set()
+
+    readers = [asyncio.create_task(read(i, s)) for i, s in enumerate(subscribers)]
+    await asyncio.sleep(0.3)  # let every GET park on seq 0 before the first byte
+    publisher = make_publisher()
+    window = Window(server_pid)
+    stalls = segments = 0
+    try:
+        started = False
+        deadline = 0.0
+        while True:
+            # Flow control: stay within `window` segments of the slowest subscriber.
+            while min(done_seq) < publisher.seq - args.window:
+                progress.clear()
+                try:
+                    async with asyncio.timeout(2.0):
+                        await progress.wait()
+                except TimeoutError:
+                    stalls += 1
+                    break
+            if not started and min(done_seq) >= args.warmup - 1:
+                started = True
+                window.start(sum(received))
+                deadline = window.t0 + seconds
+            if started and (
+                time.perf_counter() >= deadline or (args.segments and segments >= args.segments)
+            ):
+                window.stop(sum(received))
+                break
+            await publisher.write(data)
+            segments += started
+    finally:
+        await publisher.close()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(5.0):
+                await asyncio.gather(*readers, return_exceptions=True)
+        for task in readers:
+            task.cancel()
+        await asyncio.gather(*readers, return_exceptions=True)
+        for subscriber in subscribers:
+            await subscriber.close()
+    return window.result(
+        n,
+        segments=segments,
+        skipped=sum(s.skipped for s in subscribers),
+        stalls=stalls,
+    )
+
+
+async def fanout_raw(
+    url: str, n: int, seconds: float, warmup_s: float, server_pid: int
+) -> dict[str, Any]:
+    """`n` clients each GETting the raw server's payload in a loop; bytes received per second."""
+    received = [0] * n
+    stop = False
+
+    async def loop(i: int) -> None:
+        async with aiohttp.ClientSession() as session:
+            while not stop:
+                async with session.get(url) as response:
+                    async for chunk in response.content.iter_any():
+                        received[i] += len(chunk)
+
+    tasks = [asyncio.create_task(loop(i)) for i in range(n)]
+    window = Window(server_pid)
+    try:
+        await asyncio.sleep(warmup_s)
+        window.start(sum(received))
+        await asyncio.sleep(seconds)
+        window.stop(sum(received))
+    finally:
+        stop = True
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    return window.result(n)
+
+
+async def first_byte(
+    write: Callable[[bytes], Awaitable[int]],
+    subscriber: _Subscriber,
+    count: int,
+    size: int,
+    gap_s: float,
+) -> dict[str, Any]:
+    """Latency from the start of a small write to the parked subscriber's first chunk."""
+    loop = asyncio.get_running_loop()
+    arrived: asyncio.Future[float] = loop.create_future()
+
+    async def read() -> None:
+        nonlocal arrived
+        async for segment in subscriber:
+            first = True
+            async for _chunk in segment:
+                if first and not arrived.done():
+                    arrived.set_result(time.perf_counter())
+                first = False
+
+    reader = asyncio.create_task(read())
+    data = os.urandom(size)
+    samples: list[float] = []
+    warmup = 10
+    try:
+        for i in range(count + warmup):
+            # The subscriber's GET for the next seq (and the publisher's preconnected POST)
+            # are opened as the previous segment starts; give them time to park.
+            await asyncio.sleep(gap_s)
+            arrived = loop.create_future()
+            t0 = time.perf_counter()
+            await write(data)
+            async with asyncio.timeout(5.0):
+                t1 = await arrived
+            if i >= warmup:
+                samples.append((t1 - t0) * 1000)
+    finally:
+        reader.cancel()
+        await asyncio.gather(reader, return_exceptions=True)
+    samples.sort()
+    return {
+        "segments": len(samples),
+        "segment_bytes": size,
+        "p50_ms": round(statistics.median(samples), 3),
+        "p90_ms": round(samples[int(0.9 * (len(samples) - 1))], 3),
+        "max_ms": round(samples[-1], 3),
+    }
+
+
+# -- the runs ------------------------------------------------------------------------------------
+
+
+async def create_channel(session: aiohttp.ClientSession, url: str) -> None:
+    async with session.post(url, headers={h.EXPECT_CONTENT: "video/MP2T"}) as response:
+        if response.status != 200:
+            raise RuntimeError(f"POST {url}: {response.status} {await response.text()}")
+
+
+async def run_http(
+    base: str, server_pid: int | None, data: bytes, args: argparse.Namespace
+) -> dict[str, Any]:
+    results: dict[str, Any] = {"fanout": [], "first_byte": None}
+    async with aiohttp.ClientSession() as session:
+        for n in args.subscribers:
+            url = f"{base}/bench-{n}-{secrets.token_hex(4)}"
+            await create_channel(session, url)
+            results["fanout"].append(
+                await fanout(
+                    lambda url=url: TricklePublisher(url),
+                    lambda url=url: TrickleSubscriber(url, start_seq=h.NEXT_SEQ),
+                    n,
+                    data,
+                    args,
+                    server_pid,
+                    args.seconds,
+                )
+            )
+        url = f"{base}/bench-latency-{secrets.token_hex(4)}"
+        await create_channel(session, url)
+    publisher = TricklePublisher(url)
+    subscriber = TrickleSubscriber(url, start_seq=h.NEXT_SEQ)
+    try:
+        results["first_byte"] = await first_byte(
+            publisher.write, subscriber, args.latency_segments, args.latency_bytes, args.gap
+        )
+    finally:
+        await publisher.close()
+        await subscriber.close()
+    return results
+
+
+async def run_raw(base: str, server_pid: int, args: argparse.Namespace) -> list[dict[str, Any]]:
+    return [
+        await fanout_raw(f"{base}/blob", n, args.seconds, 0.5, server_pid) for n in args.subscribers
+    ]
+
+
+async def run_local(data: bytes, args: argparse.Namespace) -> dict[str, Any]:
+    server = TrickleServer()
+    results: dict[str, Any] = {"fanout": [], "first_byte": None}
+    for n in args.subscribers:
+        name = f"bench-{n}"
+        server.create_channel(name)
+        results["fanout"].append(
+            await fanout(
+                lambda name=name: LocalPublisher(server, name),
+                lambda name=name: LocalSubscriber(server, name, start_seq=h.NEXT_SEQ),
+                n,
+                data,
+                args,
+                None,
+                args.local_seconds,
+            )
+        )
+    server.create_channel("bench-latency")
+    publisher = LocalPublisher(server, "bench-latency")
+    subscriber = LocalSubscriber(server, "bench-latency", start_seq=h.NEXT_SEQ)
+    try:
+        results["first_byte"] = await first_byte(
+            publisher.write, subscriber, args.latency_segments, args.latency_bytes, 0.001
+        )
+    finally:
+        await publisher.close()
+        await subscriber.close()
+    server.close_all()
+    return results
+
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    data = os.urandom(int(args.segment_mib * MIB))
+    cpus = os.cpu_count()
+    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else cpus
+    out: dict[str, Any] = {
+        "python": platform.python_version(),
+        "aiohttp": aiohttp.__version__,
+        "cpus": cpus,
+        "cpus_usable": affinity,
+        "segment_bytes": len(data),
+        "window_segments": args.window,
+    }
+    if "http" in args.only:
+        if args.trickle_url:
+            base = args.trickle_url.rstrip("/")
+            out["http"] = asyncio.run(run_http(base, args.server_pid, data, args))
+        else:
+            port = free_port()
+            with live_service(port) as proc:
+                base = f"http://{HOST}:{port}/trickle"
+                out["http"] = asyncio.run(run_http(base, proc.pid, data, args))
+    if "raw" in args.only:
+        port = free_port()
+        with raw_server(port, len(data)) as raw:
+            assert raw.pid is not None
+            out["raw"] = asyncio.run(run_raw(f"http://{HOST}:{port}", raw.pid, args))
+    if "http" in out and "raw" in out:
+        out["ratio"] = {
+            str(t["subscribers"]): round(t["total_mb_s"] / r["total_mb_s"], 2)
+            for t, r in zip(out["http"]["fanout"], out["raw"], strict=True)
+            if r["total_mb_s"]
+        }
+    if "local" in args.only:
+        out["local"] = asyncio.run(run_local(data, args))
+    return out
+
+
+# -- output --------------------------------------------------------------------------------------
+
+
+def _pct(value: int | None) -> str:
+    return " n/a" if value is None else f"{value:3d}%"
+
+
+def _fanout_row(label: str, r: dict[str, Any]) -> str:
+    row = (
+        f"  {label:<8} N={r['subscribers']:<2} total {r['total_mb_s']:9.1f} MB/s"
+        f"  per sub {r['per_subscriber_mb_s']:9.1f} MB/s"
+        f"  cpu server {_pct(r['server_cpu_pct'])} client {_pct(r['client_cpu_pct'])}"
+    )
+    if "segments" in r:
+        row += f"  {r['segments'] / r['seconds']:7.0f} seg/s"
+        if r["skipped"] or r["stalls"]:
+            row += f"  skipped {r['skipped']} stalls {r['stalls']}"
+    return row
+
+
+def _latency_row(label: str, r: dict[str, Any]) -> str:
+    return (
+        f"  {label:<8} p50 {r['p50_ms']:7.3f} ms  p90 {r['p90_ms']:7.3f} ms"
+        f"  max {r['max_ms']:7.3f} ms  ({r['segments']} segments of {r['segment_bytes']} B)"
+    )
+
+
+def report(out: dict[str, Any]) -> str:
+    lines = [
+        f"trickle bench: python {out['python']}, aiohttp {out['aiohttp']}, "
+        f"{out['cpus']} CPUs ({out['cpus_usable']} usable); segments of "
+        f"{out['segment_bytes'] / MIB:g} MiB, publisher at most {out['window_segments']} ahead; "
+        "MB = 10^6 B",
+    ]
+    http, raw, ratio = out.get("http"), out.get("raw"), out.get("ratio", {})
+    if http or raw:
+        lines.append("1. fan-out over HTTP (server process <- clients in this process)")
+        by_n: dict[int, list[str]] = {}
+        for r in http["fanout"] if http else []:
+            by_n.setdefault(r["subscribers"], []).append(_fanout_row("trickle", r))
+        for r in raw or []:
+            by_n.setdefault(r["subscribers"], []).append(_fanout_row("raw", r))
+        for n, rows in by_n.items():
+            lines += rows
+            if str(n) in ratio:
+                lines.append(f"  {'ratio':<8} N={n:<2} trickle/raw {ratio[str(n)]:.2f}")
+    if http:
+        lines.append("2. first byte to an attached subscriber (HTTP)")
+        lines.append(_latency_row("trickle", http["first_byte"]))
+    if "local" in out:
+        lines.append("3. in-process LocalPublisher/LocalSubscriber (no HTTP)")
+        lines += [_fanout_row("local", r) for r in out["local"]["fanout"]]
+        lines.append(_latency_row("local", out["local"]["first_byte"]))
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.trickle", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--seconds", type=float, default=3.0, help="measured time per HTTP fan-out")
+    parser.add_argument("--segment-mib", type=float, default=1.0, help="fan-out segment size")
+    parser.add_argument(
+        "--subscribers", default="1,8", help="comma-separated subscriber counts (default 1,8)"
+    )
+    parser.add_argument(
+        "--segments", type=int, default=0, help="also stop a fan-out after this many segments"
+    )
+    parser.add_argument("--window", type=int, default=3, help="segments the publisher may lead")
+    parser.add_argument("--warmup", type=int, default=3, help="segments before measuring")
+    parser.add_argument("--local-seconds", type=float, default=1.0, help="per local fan-out")
+    parser.add_argument("--latency-segments", type=int, default=200)
+    parser.add_argument("--latency-bytes", type=int, default=1024)
+    parser.add_argument("--gap", type=float, default=0.005, help="seconds between latency writes")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead")
+    parser.add_argument(
+        "--trickle-url",
+        help="bench a trickle server already running at this base URL (e.g. "
+        "http://127.0.0.1:8935/trickle, go-livepeer's) instead of starting the service",
+    )
+    parser.add_argument(
+        "--only", default="http,raw,local", help="parts to run (default http,raw,local)"
+    )
+    parser.add_argument("--server-pid", type=int, help="its pid, for the CPU column")
+    args = parser.parse_args(argv)
+    args.only = {part.strip() for part in args.only.split(",")}
+    if not args.only <= {"http", "raw", "local"}:
+        parser.error("--only takes http, raw and local")
+    args.subscribers = [int(n) for n in args.subscribers.split(",") if n.strip()]
+    if not args.subscribers or min(args.subscribers) < 1:
+        parser.error("--subscribers needs positive counts")
+    if args.window < 1 or args.window > 4:
+        parser.error("--window must be 1-4: the ring holds 5 segments")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    out = measure(args)
+    print(json.dumps(out, indent=2) if args.json else report(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""The live pipeline interface: load, update params (live or reload), process a frame, unload.
+
+Pipelines are synchronous objects driven from the session's threads: `load` and `unload` on the
+loader thread, `process` and `apply` on the inference thread, never two calls at once on the
+inference side. Each declares which of its params apply live; any other change reloads.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import ClassVar
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class PipelineParams(BaseModel):
+    """Params every live pipeline accepts. Unknown fields are refused, as ai-runner does."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    width: int | None = Field(
+        None, ge=16, le=4096, description="output width (default: the input's); fixed per stream"
+    )
+    height: int | None = Field(
+        None, ge=16, le=4096, description="output height (default: the input's); fixed per stream"
+    )
+    show_reloading_frame: bool = Field(True, description="show the loading frame while reloading")
+
+
+class LivePipeline(ABC):
+    name: ClassVar[str]
+    description: ClassVar[str] = ""
+    Params: ClassVar[type[PipelineParams]] = PipelineParams
+    live_params: ClassVar[frozenset[str]] = frozenset()
+    """Fields whose change applies without a reload."""
+
+    def __init__(self, params: PipelineParams) -> None:
+        self.params = params
+
+    @classmethod
+    def parse_params(cls, raw: dict[str, object]) -> PipelineParams:
+        """A complete parameter set; missing fields take their defaults (Livepeer semantics).
+        Raises pydantic.ValidationError."""
+        return cls.Params.model_validate(raw)
+
+    @classmethod
+    def needs_reload(cls, old: PipelineParams, new: PipelineParams) -> bool:
+        changed = {
+            name for name in type(new).model_fields if getattr(old, name) != getattr(new, name)
+        }
+        return bool(changed - cls.live_params)
+
+    def load(self) -> None:  # noqa: B027 - optional hook: many pipelines have nothing to load
+        """Load weights and warm up (blocking; the loader thread)."""
+
+    def apply(self, params: PipelineParams) -> None:
+        """Take new params whose changes are all in `live_params`."""
+        self.params = params
+
+    @abstractmethod
+    def process(self, image: np.ndarray) -> np.ndarray:
+        """One H x W x 3 uint8 RGB frame in, one out (blocking; the inference thread)."""
+
+    def unload(self) -> None:  # noqa: B027 - optional hook
+        """Release what `load` took."""

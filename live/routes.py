@@ -1,0 +1,104 @@
+"""HTTP routes of live sessions: start, status, params, stop; and the pipeline list."""
+
+from __future__ import annotations
+
+import json
+import secrets
+
+from aiohttp import web
+from pydantic import ValidationError
+
+from protocol.api import LiveVideoToVideoParams
+
+from .errors import InvalidRequest, Unauthorized
+from .keys import SESSIONS, SETTINGS
+
+
+def check_auth(request: web.Request) -> None:
+    """Bearer token check, as ai-runner does when AUTH_TOKEN is set."""
+    token = request.app[SETTINGS].auth_token
+    if not token:
+        return
+    given = request.headers.get("Authorization", "")
+    if not secrets.compare_digest(given.encode(), f"Bearer {token}".encode()):
+        raise Unauthorized("missing or invalid bearer token")
+
+
+async def json_body(request: web.Request) -> object:
+    if request.content_type != "application/json":
+        raise web.HTTPUnsupportedMediaType(reason="send the body as application/json")
+    try:
+        return json.loads(await request.read())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidRequest(f"the body is not valid JSON: {exc}") from exc
+
+
+def trickle_base_url(request: web.Request) -> str:
+    settings = request.app[SETTINGS]
+    origin = settings.public_url.rstrip("/") if settings.public_url else (
+        f"{request.scheme}://{request.host}"
+    )
+    return origin + settings.trickle().base_path
+
+
+async def post_live_video_to_video(request: web.Request) -> web.Response:
+    check_auth(request)
+    body = LiveVideoToVideoParams.model_validate(await json_body(request))
+    response = await request.app[SESSIONS].start(body, trickle_base_url(request))
+    return web.json_response(response.model_dump())
+
+
+async def get_session(request: web.Request) -> web.Response:
+    check_auth(request)
+    session = request.app[SESSIONS].get(request.match_info["id"])
+    status = session.status().model_dump(mode="json")
+    return web.json_response({"id": session.id, "ended": session.ended, **status})
+
+
+async def post_session_params(request: web.Request) -> web.Response:
+    check_auth(request)
+    session = request.app[SESSIONS].get(request.match_info["id"])
+    body = await json_body(request)
+    if not isinstance(body, dict):
+        raise InvalidRequest("params must be a JSON object")
+    try:
+        outcome = await session.update_params(body)
+    except ValidationError:
+        raise  # 422 with loc/msg/type, from the error middleware
+    except ValueError as exc:
+        raise InvalidRequest(str(exc)) from exc
+    return web.json_response({"outcome": outcome, "params": session.params.model_dump()})
+
+
+async def delete_session(request: web.Request) -> web.Response:
+    check_auth(request)
+    manager = request.app[SESSIONS]
+    session_id = request.match_info["id"]
+    await manager.stop(session_id)
+    return web.json_response({"id": session_id, "ended": True})
+
+
+async def get_pipelines(request: web.Request) -> web.Response:
+    manager = request.app[SESSIONS]
+    return web.json_response(
+        {
+            "default": request.app[SETTINGS].default_pipeline,
+            "pipelines": [
+                {
+                    "name": name,
+                    "description": cls.description,
+                    "live_params": sorted(cls.live_params),
+                    "params": cls.Params.model_json_schema(),
+                }
+                for name, cls in sorted(manager.pipelines.items())
+            ],
+        }
+    )
+
+
+def add_live_routes(app: web.Application) -> None:
+    app.router.add_post("/live-video-to-video", post_live_video_to_video)
+    app.router.add_get("/live-video-to-video/{id}", get_session)
+    app.router.add_post("/live-video-to-video/{id}/params", post_session_params)
+    app.router.add_delete("/live-video-to-video/{id}", delete_session)
+    app.router.add_get("/pipelines", get_pipelines)

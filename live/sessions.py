@@ -1,0 +1,166 @@
+"""The session manager: starts, finds and stops live sessions, and owns every one of them."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+
+from protocol.api import LiveVideoToVideoParams, LiveVideoToVideoResponse
+from protocol.trickle import (
+    LocalPublisher,
+    LocalSubscriber,
+    TricklePublisher,
+    TrickleServer,
+    TrickleSubscriber,
+)
+
+from .errors import InvalidRequest, NotFound, Unavailable
+from .pipelines.base import LivePipeline
+from .session import LiveSession, SessionChannels, SessionConfig
+from .settings import Settings
+
+logger = logging.getLogger(__name__)
+
+SUFFIXES = ("", "-out", "-control", "-events")
+
+
+class SessionManager:
+    def __init__(
+        self,
+        settings: Settings,
+        trickle: TrickleServer,
+        pipelines: dict[str, type[LivePipeline]],
+    ) -> None:
+        self.settings = settings
+        self.trickle = trickle
+        self.pipelines = pipelines
+        self.sessions: dict[str, LiveSession] = {}
+
+    def pipeline(self, model_id: str) -> type[LivePipeline]:
+        name = model_id or self.settings.default_pipeline
+        found = self.pipelines.get(name)
+        if found is None:
+            known = ", ".join(sorted(self.pipelines))
+            raise InvalidRequest(f"unknown pipeline {name!r}; known pipelines: {known}")
+        return found
+
+    def session_config(self) -> SessionConfig:
+        config = SessionConfig(
+            input_timeout_s=self.settings.input_timeout_s,
+            status_interval_s=self.settings.status_interval_s,
+        )
+        config.encoder.segment_s = self.settings.segment_s
+        return config
+
+    async def start(
+        self, request: LiveVideoToVideoParams, trickle_base_url: str
+    ) -> LiveVideoToVideoResponse:
+        """Start a session. Standalone when the request has no URLs (our own channels),
+        runner mode when it names another trickle server's channels."""
+        pipeline_cls = self.pipeline(request.model_id)
+        params = pipeline_cls.parse_params(request.params)
+        if len(self.sessions) >= self.settings.max_sessions:
+            raise Unavailable(
+                f"the service runs its maximum of {self.settings.max_sessions} live sessions; "
+                "retry later",
+                headers={"Retry-After": "10"},
+            )
+        if bool(request.subscribe_url) != bool(request.publish_url):
+            raise InvalidRequest(
+                "give both subscribe_url and publish_url (runner mode) or neither (standalone)"
+            )
+        session_id = secrets.token_hex(16)
+        standalone = not request.subscribe_url
+        if standalone:
+            channels, response = self._local_channels(session_id, trickle_base_url)
+        else:
+            channels, response = self._remote_channels(request, session_id)
+
+        async def on_close() -> None:
+            self.sessions.pop(session_id, None)
+            if standalone:
+                for suffix in SUFFIXES:
+                    self.trickle.delete_channel(session_id + suffix)
+
+        session = LiveSession(
+            session_id, pipeline_cls, params, channels, self.session_config(), on_close=on_close
+        )
+        self.sessions[session_id] = session
+        session.start()
+        logger.info(
+            "session started session=%s pipeline=%s mode=%s stream_id=%s request_id=%s",
+            session_id, pipeline_cls.name, "standalone" if standalone else "runner",
+            request.stream_id, request.gateway_request_id,
+        )
+        return response
+
+    def _local_channels(
+        self, session_id: str, base_url: str
+    ) -> tuple[SessionChannels, LiveVideoToVideoResponse]:
+        names = [session_id + suffix for suffix in SUFFIXES]
+        mimes = ("video/MP2T", "video/MP2T", "application/json", "application/json")
+        for name, mime in zip(names, mimes, strict=True):
+            self.trickle.create_channel(name, mime)
+        channels = SessionChannels(
+            input=LocalSubscriber(self.trickle, names[0]),
+            output=LocalPublisher(self.trickle, names[1]),
+            control=LocalSubscriber(self.trickle, names[2]),
+            events=LocalPublisher(self.trickle, names[3]),
+        )
+        response = LiveVideoToVideoResponse(
+            publish_url=base_url + names[0],
+            subscribe_url=base_url + names[1],
+            control_url=base_url + names[2],
+            events_url=base_url + names[3],
+            request_id=session_id,
+            manifest_id=session_id,
+            session_id=session_id,
+        )
+        return channels, response
+
+    def _remote_channels(
+        self, request: LiveVideoToVideoParams, session_id: str
+    ) -> tuple[SessionChannels, LiveVideoToVideoResponse]:
+        channels = SessionChannels(
+            input=TrickleSubscriber(request.subscribe_url),
+            output=TricklePublisher(request.publish_url),
+            control=TrickleSubscriber(request.control_url) if request.control_url else None,
+            events=TricklePublisher(request.events_url, "application/json")
+            if request.events_url
+            else None,
+        )
+        # From the caller's side: it publishes where we subscribe, and reads where we publish.
+        response = LiveVideoToVideoResponse(
+            publish_url=request.subscribe_url,
+            subscribe_url=request.publish_url,
+            control_url=request.control_url,
+            events_url=request.events_url,
+            request_id=request.gateway_request_id or session_id,
+            manifest_id=request.manifest_id,
+            session_id=session_id,
+        )
+        return channels, response
+
+    def get(self, session_id: str) -> LiveSession:
+        session = self.sessions.get(session_id)
+        if session is None:
+            raise NotFound(f"no live session {session_id!r}")
+        return session
+
+    async def stop(self, session_id: str) -> None:
+        await self.get(session_id).stop()
+
+    async def close(self) -> None:
+        sessions = list(self.sessions.values())
+        await asyncio.gather(*(session.stop() for session in sessions))
+
+    def health(self) -> str:
+        states = {session.state for session in self.sessions.values() if session.running}
+        if not states:
+            return "IDLE"
+        if "ERROR" in states:
+            return "ERROR"
+        if "LOADING" in states:
+            return "LOADING"
+        return "OK"

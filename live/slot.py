@@ -1,0 +1,45 @@
+"""The only queue between camera and model: a slot that holds the newest item."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+
+
+class LatestSlot(Generic[T]):
+    """Holds only the newest item: `put` replaces and never waits, `get` waits for one.
+
+    Latency therefore stays flat however slow the consumer is; what it could not take is
+    counted in `replaced` (reported as dropped frames). Event-loop only.
+    """
+
+    def __init__(self) -> None:
+        self._item: T | None = None
+        self._full = asyncio.Event()
+        self._closed = False
+        self.replaced = 0
+
+    def put(self, item: T) -> None:
+        if self._closed:
+            return
+        if self._full.is_set():
+            self.replaced += 1
+        self._item = item
+        self._full.set()
+
+    async def get(self) -> T | None:
+        """The newest item, or None once the slot is closed and empty."""
+        while not self._full.is_set():
+            if self._closed:
+                return None
+            await self._full.wait()
+        self._full.clear()
+        item, self._item = self._item, None
+        return item
+
+    def close(self) -> None:
+        """No more items: `get` returns what is held, then None."""
+        self._closed = True
+        self._full.set()  # wakes a waiting get(); with no item held it returns None

@@ -1,0 +1,46 @@
+"""Public API schemas, field for field as Livepeer's runner OpenAPI spec (shared/seeds)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class LiveVideoToVideoParams(BaseModel):
+    """Body of `POST /live-video-to-video`.
+
+    The spec requires `subscribe_url` and `publish_url`; here both may be left out together,
+    which asks the service to host the channels itself (standalone mode).
+    """
+
+    # A newer gateway may send fields we do not know yet: ignore them rather than fail.
+    model_config = ConfigDict(extra="ignore")
+
+    subscribe_url: str = Field("", description="Source URL of the incoming stream to subscribe to.")
+    publish_url: str = Field("", description="Destination URL of the outgoing stream to publish.")
+    control_url: str = Field("", description="Trickle URL of the control channel.")
+    events_url: str = Field("", description="Trickle URL of the events channel.")
+    model_id: str = Field("", description="Name of the live pipeline (not a Hugging Face id).")
+    params: dict[str, Any] = Field(default_factory=dict, description="Initial pipeline params.")
+    gateway_request_id: str = Field("", description="The ID of the Gateway request (logging).")
+    manifest_id: str = Field("", description="The manifest ID from the orchestrator (logging).")
+    stream_id: str = Field("", description="The Stream ID (logging).")
+
+
+class LiveVideoToVideoResponse(BaseModel):
+    """Answer of `POST /live-video-to-video`, URLs from the caller's point of view: publish its
+    video to `publish_url`, read the result from `subscribe_url`."""
+
+    subscribe_url: str
+    publish_url: str
+    control_url: str = ""
+    events_url: str = ""
+    request_id: str = ""
+    manifest_id: str = ""
+    # Ours, beyond the spec: the session id for the status/params/stop routes.
+    session_id: str = ""
+
+
+class HTTPError(BaseModel):
+    detail: dict[str, str]
