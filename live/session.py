@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from pydantic import ValidationError
 
-from protocol.media import AudioPacket, EncoderSettings, SegmentEncoder, StreamDecoder, VideoFrame
+from protocol.media import AUDIO_LEAD, AudioPacket, EncoderSettings, SegmentEncoder, StreamDecoder, VideoFrame
 from protocol.messages import (
     ErrorEvent,
     Event,
@@ -136,7 +136,9 @@ class LiveSession:
 
         self._frames: LatestSlot[VideoFrame] = LatestSlot()
         self._outputs: LatestSlot[_Processed] = LatestSlot()
-        self.audio_packets = 0
+        # Audio bypasses the slot and the model; it waits here until the video frame at its
+        # time is encoded, then is muxed right after it (bounded: a stalled video drops audio).
+        self._audio: collections.deque[AudioPacket] = collections.deque(maxlen=500)
         self._segments: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         self._events: asyncio.Queue[Event | None] = asyncio.Queue()
         self._pipeline: LivePipeline | None = None
@@ -294,8 +296,7 @@ class LiveSession:
                 self.last_input_time = now_ms()
                 self._frames.put(item)
             else:
-                # TODO(#4): carry audio to the output; it is counted and dropped for now.
-                self.audio_packets += 1
+                self._audio.append(item)
 
     async def _infer(self) -> None:
         loop = asyncio.get_running_loop()
@@ -352,8 +353,11 @@ class LiveSession:
                 if self._output_size is None:
                     height, width = item.image.shape[:2]
                     self._output_size = (width, height)
+                audio = []
+                while self._audio and self._audio[0].pts <= item.pts + AUDIO_LEAD:
+                    audio.append(self._audio.popleft())
                 await loop.run_in_executor(
-                    self._encode_thread, encoder.encode, item.image, item.pts
+                    self._encode_thread, encoder.encode, item.image, item.pts, audio
                 )
                 self._segments.put_nowait(("frame", item))
         finally:

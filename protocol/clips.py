@@ -7,7 +7,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .media import CLOCK, EncoderSettings, SegmentEncoder
+from fractions import Fraction
+
+import av
+
+from .media import AUDIO_LEAD, CLOCK, AudioPacket, EncoderSettings, SegmentEncoder
 
 BITS = 12
 BAND = 16  # rows at the top that carry the index
@@ -50,6 +54,7 @@ class Clip:
     segments: list[list[bytes]]
     pts: list[int]
     fps: float
+    audio_pts: list[int]
 
     def segment_bytes(self) -> list[bytes]:
         return [b"".join(frames) for frames in self.segments]
@@ -80,6 +85,52 @@ class _FrameSink:
         self._current = []
 
 
+def adts_header(payload_size: int, rate_index: int = 3, channels: int = 1) -> bytes:
+    """The 7-byte ADTS header of one AAC-LC frame (rate index 3: 48 kHz)."""
+    length = payload_size + 7
+    return bytes(
+        (
+            0xFF,
+            0xF1,
+            (1 << 6) | (rate_index << 2) | (channels >> 2),
+            ((channels & 3) << 6) | (length >> 11),
+            (length >> 3) & 0xFF,
+            ((length & 7) << 5) | 0x1F,
+            0xFC,
+        )
+    )
+
+
+def tone(seconds: float, first_pts: int = 0, hz: float = 440.0) -> list[AudioPacket]:
+    """A sine tone as AAC-LC ADTS packets, 48 kHz mono, timestamps on the 90 kHz clock."""
+    rate = 48_000
+    ctx = av.CodecContext.create("aac", "w")
+    ctx.sample_rate = rate
+    ctx.layout = "mono"
+    ctx.format = "fltp"
+    ctx.time_base = Fraction(1, rate)
+    packets = []
+    samples = int(seconds * rate)
+    for start in range(0, samples, 1024):
+        t = (np.arange(start, start + 1024) / rate).astype(np.float32)
+        frame = av.AudioFrame.from_ndarray(
+            (0.3 * np.sin(2 * np.pi * hz * t))[None, :], format="fltp", layout="mono"
+        )
+        frame.sample_rate = rate
+        frame.pts = start
+        packets.extend(ctx.encode(frame))
+    packets.extend(ctx.encode(None))
+    return [
+        AudioPacket(
+            "aac",
+            first_pts + int(p.pts * CLOCK // rate),
+            adts_header(p.size) + bytes(p),
+        )
+        for p in packets
+        if p.pts is not None and p.pts >= 0
+    ]
+
+
 def make_clip(
     frames: int,
     fps: float = 30.0,
@@ -87,12 +138,20 @@ def make_clip(
     height: int = 128,
     segment_s: float = 1.0,
     first_pts: int = 0,
+    audio: bool = False,
 ) -> Clip:
-    """Encode `frames` numbered frames as MPEG-TS segments, keeping each frame's bytes apart."""
+    """Encode `frames` numbered frames as MPEG-TS segments, keeping each frame's bytes apart;
+    with `audio`, a tone in AAC is muxed alongside, in sync."""
     sink = _FrameSink()
     encoder = SegmentEncoder(sink, EncoderSettings(segment_s=segment_s), on_frame=sink.frame_done)
     pts = [first_pts + round(i * CLOCK / fps) for i in range(frames)]
+    pending = tone(frames / fps, first_pts) if audio else []
+    audio_pts = [packet.pts for packet in pending]
     for i, frame_pts in enumerate(pts):
-        encoder.encode(numbered_frame(i, width, height), frame_pts)
+        batch = []
+        while pending and pending[0].pts <= frame_pts + AUDIO_LEAD:
+            batch.append(pending.pop(0))
+        encoder.encode(numbered_frame(i, width, height), frame_pts, batch)
     encoder.close()
-    return Clip(sink.segments, pts, fps)
+    sent = len(audio_pts) - len(pending)
+    return Clip(sink.segments, pts, fps, audio_pts[:sent])

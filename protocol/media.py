@@ -14,7 +14,7 @@ from __future__ import annotations
 import io
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Protocol
@@ -29,7 +29,9 @@ logger = logging.getLogger(__name__)
 
 CLOCK = 90_000
 TIME_BASE = Fraction(1, CLOCK)
-MAX_GAP = 10 * CLOCK  # a jump larger than this between segments is a timestamp restart
+MAX_GAP = 10 * CLOCK  # a jump ahead larger than this between segments is a timestamp restart
+MAX_BACKSTEP = CLOCK // 2  # a segment starting further back than this restarted its clock
+AUDIO_LEAD = CLOCK // 25  # audio muxed this far ahead of a video frame releases the frame
 
 
 @dataclass(slots=True)
@@ -55,8 +57,8 @@ class Timeline:
     """Maps each segment's timestamps onto one increasing timeline.
 
     The first timestamp of a segment decides its offset: kept when it continues the previous
-    segment, re-based right after the last output timestamp when it went backwards or jumped
-    more than MAX_GAP (a new encoder or a restarted publisher).
+    segment, re-based right after the last output timestamp when it went back more than
+    MAX_BACKSTEP or jumped ahead more than MAX_GAP (a new encoder or a restarted publisher).
     """
 
     def __init__(self) -> None:
@@ -73,7 +75,9 @@ class Timeline:
             self._fresh = False
             if self.last is not None:
                 mapped = pts + self.offset
-                if mapped <= self.last or mapped > self.last + MAX_GAP:
+                # A little backwards is normal (audio interleaved behind video); a lot
+                # backwards, or a big jump ahead, is a new encoder or a restart.
+                if mapped < self.last - MAX_BACKSTEP or mapped > self.last + MAX_GAP:
                     self.offset = self.last + self.step - pts
         out = pts + self.offset
         if self.last is not None and out > self.last:
@@ -243,19 +247,27 @@ class SegmentEncoder:
         self._segment_start = 0
         self._last_pts: int | None = None
         self._size = (0, 0)
-        self._audio_codec = ""
+        self._carry_audio = False
 
-    def encode(self, image: np.ndarray, pts: int) -> None:
+    def encode(self, image: np.ndarray, pts: int, audio: Sequence[AudioPacket] = ()) -> None:
+        """Encode one frame, then mux the passthrough `audio` packets that go with it.
+
+        FFmpeg's interleaver holds a video packet until a packet of every other stream with a
+        later timestamp arrives; callers pass audio up to one frame ahead (`AUDIO_LEAD`) so that
+        the frame leaves at once rather than with the next one.
+        """
         if self._last_pts is not None and pts <= self._last_pts:
             return  # the muxer needs increasing timestamps; a late duplicate is dropped
         height, width = image.shape[:2]
+        wants_audio = any(packet.codec == "aac" for packet in audio)
         if (
             self._container is None
             or (width, height) != self._size
             or pts - self._segment_start >= self.settings.segment_s * CLOCK
+            or (wants_audio and self._audio is None)
         ):
             self._close_segment()
-            self._open_segment(width, height, pts)
+            self._open_segment(width, height, pts, wants_audio)
         assert self._container is not None and self._stream is not None
         frame = av.VideoFrame.from_ndarray(image, format="rgb24")
         frame.pts = pts
@@ -263,15 +275,14 @@ class SegmentEncoder:
         for packet in self._stream.encode(frame):
             self._container.mux(packet)
         self._last_pts = pts
+        for packet in audio:
+            self._mux_audio(packet)
         if self.on_frame is not None:
             self.on_frame(pts)
 
-    def audio(self, packet: AudioPacket) -> None:
-        """Mux a passthrough audio packet into the current segment (dropped before the first
-        video frame: a segment starts with video)."""
-        if self._container is None or packet.codec != "aac":
-            return
-        if self._audio is None:
+    def _mux_audio(self, packet: AudioPacket) -> None:
+        # AAC in ADTS framing goes into MPEG-TS as it came; other codecs are not carried yet.
+        if self._container is None or self._audio is None or packet.codec != "aac":
             return
         out = av.Packet(packet.data)
         out.pts = out.dts = packet.pts
@@ -282,14 +293,10 @@ class SegmentEncoder:
         except av.error.FFmpegError as exc:
             logger.debug("audio packet dropped error=%s", exc)
 
-    def set_audio(self, codec: str) -> None:
-        """Carry audio of this codec from the next segment on (AAC only, so far)."""
-        self._audio_codec = codec
-
     def close(self) -> None:
         self._close_segment()
 
-    def _open_segment(self, width: int, height: int, pts: int) -> None:
+    def _open_segment(self, width: int, height: int, pts: int, audio: bool) -> None:
         self.sink.start()
         container = av.open(
             _SinkFile(self.sink),
@@ -315,9 +322,10 @@ class SegmentEncoder:
             "forced-idr": "1",
         }
         self._audio = None
-        if self._audio_codec == "aac":
-            audio = container.add_stream("aac", rate=48000)
-            self._audio = audio
+        self._carry_audio = self._carry_audio or audio
+        if self._carry_audio:
+            # Only its parameters are used: ADTS packets are muxed without re-encoding.
+            self._audio = container.add_stream("aac", rate=48000)
         self._container = container
         self._stream = stream
         self._segment_start = pts

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from protocol.clips import Clip, read_index
-from protocol.media import StreamDecoder
+from protocol.media import AudioPacket, StreamDecoder
 from protocol.trickle import TricklePublisher, TrickleSubscriber
 
 
@@ -47,6 +47,7 @@ class Viewer:
 
     url: str
     frames: list[Received] = field(default_factory=list)
+    audio: list[AudioPacket] = field(default_factory=list)
     segments: int = 0
 
     async def run(self) -> None:
@@ -62,7 +63,9 @@ class Viewer:
     def _take(self, items: list) -> None:
         now = time.monotonic()
         for item in items:
-            if hasattr(item, "image"):
+            if isinstance(item, AudioPacket):
+                self.audio.append(item)
+            else:
                 self.frames.append(Received(item.image, item.pts, read_index(item.image), now))
 
     @property

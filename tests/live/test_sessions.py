@@ -115,6 +115,26 @@ async def test_noop_session_delivers_every_frame_in_order_with_timestamps(servic
     assert (await (await client.get("/health")).json()) == {"status": "IDLE"}
 
 
+async def test_audio_is_carried_to_the_output_in_sync(service) -> None:
+    import av
+
+    client = await service()
+    clip = make_clip(90, audio=True)
+    _, viewer, _ = await run_stream(client, clip, body={"model_id": "cartoon"})
+    assert len(viewer.frames) == 90
+    audio_pts = [packet.pts for packet in viewer.audio]
+    assert audio_pts == sorted(audio_pts)
+    # Audio packets keep their own timestamps, on the same timeline as the video.
+    assert set(audio_pts) <= set(clip.audio_pts)
+    assert len(audio_pts) >= len(clip.audio_pts) - 3
+    assert abs(audio_pts[0] - viewer.frames[0].pts) < 90_000 // 10
+    decoder = av.CodecContext.create("aac", "r")
+    samples = sum(
+        frame.samples for p in viewer.audio for frame in decoder.decode(av.Packet(p.data))
+    )
+    assert samples >= 48_000 * 2.8  # about 3 s of sound survived
+
+
 async def test_cartoon_session_changes_every_frame(service) -> None:
     client = await service()
     clip = make_clip(30)
