@@ -52,9 +52,10 @@ def raw_baseline(clip: Clip) -> float:
     data = b"".join(clip.segment_bytes())
     start = time.perf_counter()
     out_buf = io.BytesIO()
-    with av.open(io.BytesIO(data), "r", format="mpegts") as src, av.open(
-        out_buf, "w", format="mpegts"
-    ) as dst:
+    with (
+        av.open(io.BytesIO(data), "r", format="mpegts") as src,
+        av.open(out_buf, "w", format="mpegts") as dst,
+    ):
         stream = None
         frames = 0
         for frame in src.decode(video=0):
@@ -64,7 +65,9 @@ def raw_baseline(clip: Clip) -> float:
                 stream.width, stream.height = image.shape[1], image.shape[0]
                 stream.pix_fmt = "yuv420p"
                 stream.codec_context.options = {
-                    "preset": "superfast", "tune": "zerolatency", "bf": "0"
+                    "preset": "superfast",
+                    "tune": "zerolatency",
+                    "bf": "0",
                 }
             out = av.VideoFrame.from_ndarray(image, format="rgb24")
             out.pts = frames
@@ -230,16 +233,22 @@ async def main() -> None:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
-    print(f"# frame_loop python={platform.python_version()} av={av.__version__} "
-          f"cpus={os.cpu_count()} size={args.size} frames={args.frames}")
+    print(
+        f"# frame_loop python={platform.python_version()} av={av.__version__} "
+        f"cpus={os.cpu_count()} size={args.size} frames={args.frames}"
+    )
     clip = make_clip(args.frames, width=args.size, height=args.size)
     raw = raw_baseline(clip)
     session = await in_process(clip, NoopPipeline, realtime=False)
     print(f"raw pyav decode+encode      {raw:7.1f} fps")
-    print(f"noop session (in process)   {session['fps']:7.1f} fps   ratio {session['fps'] / raw:.2f}"
-          f"   dropped {session['dropped']}")
-    print(f"noop session delay          p50 {session['p50_ms']:.1f} ms   "
-          f"p95 {session['p95_ms']:.1f} ms")
+    print(
+        f"noop session (in process)   {session['fps']:7.1f} fps   ratio {session['fps'] / raw:.2f}"
+        f"   dropped {session['dropped']}"
+    )
+    print(
+        f"noop session delay          p50 {session['p50_ms']:.1f} ms   "
+        f"p95 {session['p95_ms']:.1f} ms"
+    )
 
     slow_clip = make_clip(int(args.slow_seconds * 30), width=args.size, height=args.size)
     slow = await in_process(slow_clip, SlowPipeline, realtime=True)
@@ -248,15 +257,21 @@ async def main() -> None:
     early = [d for t, d in delays if t < 5]
     late = [d for t, d in delays if t > args.slow_seconds - 5]
     print(f"slow pipeline (10 fps of 30) {slow['fps']:6.1f} fps out, dropped {slow['dropped']}")
-    print(f"slow pipeline delay          first 5 s p50 {statistics.median(early) * 1000:.1f} ms"
-          f"   last 5 s p50 {statistics.median(late) * 1000:.1f} ms")
+    print(
+        f"slow pipeline delay          first 5 s p50 {statistics.median(early) * 1000:.1f} ms"
+        f"   last 5 s p50 {statistics.median(late) * 1000:.1f} ms"
+    )
 
     out_clip = make_clip(int(args.outside_seconds * 30), width=512, height=512)
     ext = await outside(out_clip)
-    print(f"outside, HTTP trickle 512x512 30 fps: {ext['frames_received']}/{ext['frames_sent']} "
-          f"frames, {ext['fps']:.1f} fps")
-    print(f"outside delay                p50 {ext['p50_ms']:.1f} ms   p95 {ext['p95_ms']:.1f} ms"
-          f"   first frame {ext['first_frame_ms']:.0f} ms   service CPU {ext['cpu_cores']:.2f} cores")
+    print(
+        f"outside, HTTP trickle 512x512 30 fps: {ext['frames_received']}/{ext['frames_sent']} "
+        f"frames, {ext['fps']:.1f} fps"
+    )
+    print(
+        f"outside delay                p50 {ext['p50_ms']:.1f} ms   p95 {ext['p95_ms']:.1f} ms"
+        f"   first frame {ext['first_frame_ms']:.0f} ms   service CPU {ext['cpu_cores']:.2f} cores"
+    )
     if args.json:
         session.pop("delays")
         slow.pop("delays")

@@ -22,8 +22,10 @@ class LoadingFrames:
     def render(self, last_output: np.ndarray | None, size: tuple[int, int]) -> np.ndarray:
         width, height = size
         source_id = id(last_output) if last_output is not None else 0
-        if self._base is None or self._base.shape[:2] != (height, width) or (
-            source_id != self._source_id
+        if (
+            self._base is None
+            or self._base.shape[:2] != (height, width)
+            or (source_id != self._source_id)
         ):
             self._source_id = source_id
             if last_output is not None and last_output.shape[:2] == (height, width):

@@ -35,8 +35,10 @@ async def json_body(request: web.Request) -> object:
 
 def trickle_base_url(request: web.Request) -> str:
     settings = request.app[SETTINGS]
-    origin = settings.public_url.rstrip("/") if settings.public_url else (
-        f"{request.scheme}://{request.host}"
+    origin = (
+        settings.public_url.rstrip("/")
+        if settings.public_url
+        else (f"{request.scheme}://{request.host}")
     )
     return origin + settings.trickle().base_path
 

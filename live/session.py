@@ -22,7 +22,14 @@ from typing import Any
 import numpy as np
 from pydantic import ValidationError
 
-from protocol.media import AUDIO_LEAD, AudioPacket, EncoderSettings, SegmentEncoder, StreamDecoder, VideoFrame
+from protocol.media import (
+    AUDIO_LEAD,
+    AudioPacket,
+    EncoderSettings,
+    SegmentEncoder,
+    StreamDecoder,
+    VideoFrame,
+)
 from protocol.messages import (
     ErrorEvent,
     Event,
@@ -235,13 +242,22 @@ class LiveSession:
         if pipeline is not None:
             with contextlib.suppress(Exception):
                 await loop.run_in_executor(self._load_thread, pipeline.unload)
-        for pool in (self._decode_thread, self._infer_thread, self._encode_thread,
-                     self._load_thread):
+        for pool in (
+            self._decode_thread,
+            self._infer_thread,
+            self._encode_thread,
+            self._load_thread,
+        ):
             await loop.run_in_executor(None, pool.shutdown, True)
         if self._on_close is not None:
             await self._on_close()
-        self.log.info("session ended reason=%s frames_in=%d frames_out=%d dropped=%d",
-                      self.ended, self.frames_in, self.frames_out, self.frames_dropped)
+        self.log.info(
+            "session ended reason=%s frames_in=%d frames_out=%d dropped=%d",
+            self.ended,
+            self.frames_in,
+            self.frames_out,
+            self.frames_dropped,
+        )
 
     # -- the media path -------------------------------------------------------------------------
 
@@ -338,9 +354,13 @@ class LiveSession:
             self._failures = 0
             self.restart_count += 1
             self.last_restart_time = now_ms()
-            self.emit(RestartEvent(pipeline=self.pipeline_cls.name,
-                                   restart_count=self.restart_count,
-                                   restart_logs=self._restart_logs))
+            self.emit(
+                RestartEvent(
+                    pipeline=self.pipeline_cls.name,
+                    restart_count=self.restart_count,
+                    restart_logs=self._restart_logs,
+                )
+            )
             self.log.warning("pipeline restart count=%d", self.restart_count)
             self._loading = asyncio.create_task(self._load(self.params, restart=True))
 
@@ -528,8 +548,10 @@ class LiveSession:
         since, frames_in, frames_out = self._fps_marks
         if now - since >= 1.0:
             elapsed = now - since
-            self._fps = ((self.frames_in - frames_in) / elapsed,
-                         (self.frames_out - frames_out) / elapsed)
+            self._fps = (
+                (self.frames_in - frames_in) / elapsed,
+                (self.frames_out - frames_out) / elapsed,
+            )
             self._fps_marks = (now, self.frames_in, self.frames_out)
         return self._fps
 

@@ -90,8 +90,11 @@ class SessionManager:
         session.start()
         logger.info(
             "session started session=%s pipeline=%s mode=%s stream_id=%s request_id=%s",
-            session_id, pipeline_cls.name, "standalone" if standalone else "runner",
-            request.stream_id, request.gateway_request_id,
+            session_id,
+            pipeline_cls.name,
+            "standalone" if standalone else "runner",
+            request.stream_id,
+            request.gateway_request_id,
         )
         return response
 

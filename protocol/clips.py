@@ -4,12 +4,10 @@ them (tests, benchmarks, a deployment smoke test) can match each output frame to
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import numpy as np
-
 from fractions import Fraction
 
 import av
+import numpy as np
 
 from .media import AUDIO_LEAD, CLOCK, AudioPacket, EncoderSettings, SegmentEncoder
 

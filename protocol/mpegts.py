@@ -231,7 +231,12 @@ class TSDemuxer:
         if assembly.expected is not None:
             data = data[: assembly.expected]
         return PES(
-            pid, assembly.codec, assembly.kind, assembly.pts, assembly.dts, data,
+            pid,
+            assembly.codec,
+            assembly.kind,
+            assembly.pts,
+            assembly.dts,
+            data,
             assembly.random_access,
         )
 

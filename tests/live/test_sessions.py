@@ -177,9 +177,7 @@ async def test_live_param_change_applies_without_reload(service) -> None:
     _, viewer, events = await run_stream(
         client, clip, body={"model_id": "cartoon", "params": {"strength": 1.0}}, during=change
     )
-    diffs = [
-        np.abs(f.frame.astype(int) - numbered_frame(f.index)).mean() for f in viewer.frames
-    ]
+    diffs = [np.abs(f.frame.astype(int) - numbered_frame(f.index)).mean() for f in viewer.frames]
     assert len(viewer.frames) == 90  # no loading frames, nothing lost
     assert min(diffs[:30]) > 10  # processed
     assert max(diffs[-20:]) < 6  # strength 0: the input
@@ -224,15 +222,11 @@ async def test_control_channel_update_and_invalid_messages(service) -> None:
             await publisher.write(b'{"strength": 0.0}')
             await asyncio.sleep(0.5)
 
-    _, viewer, events = await run_stream(
-        client, clip, body={"model_id": "cartoon"}, during=control
-    )
+    _, viewer, events = await run_stream(client, clip, body={"model_id": "cartoon"}, during=control)
     errors = [e["message"] for e in events.of_type("error")]
     assert any("invalid control message" in m for m in errors)
     assert any("strength" in m for m in errors)
-    diffs = [
-        np.abs(f.frame.astype(int) - numbered_frame(f.index)).mean() for f in viewer.frames
-    ]
+    diffs = [np.abs(f.frame.astype(int) - numbered_frame(f.index)).mean() for f in viewer.frames]
     assert len(viewer.frames) == 90 and max(diffs[-20:]) < 6
 
 
@@ -326,8 +320,9 @@ async def test_start_request_errors(service) -> None:
         "/live-video-to-video", json={"model_id": "cartoon", "params": {"unknown": 1}}
     )
     assert response.status == 422
-    response = await client.post("/live-video-to-video", data=b"{", headers={
-        "Content-Type": "application/json"})
+    response = await client.post(
+        "/live-video-to-video", data=b"{", headers={"Content-Type": "application/json"}
+    )
     assert response.status == 400
     response = await client.post("/live-video-to-video", data=b"model_id=noop")
     assert response.status == 415
@@ -350,7 +345,8 @@ async def test_auth_token_is_required_when_set(service) -> None:
     response = await client.post("/live-video-to-video", json={})
     assert response.status == 401
     response = await client.post(
-        "/live-video-to-video", json={"model_id": "noop"},
+        "/live-video-to-video",
+        json={"model_id": "noop"},
         headers={"Authorization": "Bearer s3cret"},
     )
     assert response.status == 200
@@ -375,8 +371,9 @@ async def test_shutdown_stops_running_sessions(aiohttp_server) -> None:
     from aiohttp import ClientSession
 
     async with ClientSession() as http:
-        async with http.post(server.make_url("/live-video-to-video"),
-                             json={"model_id": "noop"}) as response:
+        async with http.post(
+            server.make_url("/live-video-to-video"), json={"model_id": "noop"}
+        ) as response:
             info = await response.json()
         async with http.get(server.make_url("/health")) as response:
             assert (await response.json())["status"] in ("LOADING", "OK")
