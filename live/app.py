@@ -32,7 +32,7 @@ def create_app(
     trickle_config = settings.trickle()
     trickle = app[TRICKLE] = TrickleServer(trickle_config)
     available = builtin_pipelines() if pipelines is None else pipelines
-    if settings.default_pipeline not in available:
+    if settings.default_pipeline not in (*available, "auto"):
         raise ValueError(
             f"default pipeline {settings.default_pipeline!r} is not one of {sorted(available)}"
         )
@@ -47,6 +47,14 @@ def create_app(
 
 
 async def _sessions_ctx(app: web.Application) -> AsyncIterator[None]:
+    manager = app[SESSIONS]
+    diffusion = manager.pipelines.get("streamdiffusion")
+    if diffusion is not None:
+        # One clear line at start-up when the diffusion pipeline cannot run, and what to do.
+        reason = manager.unavailable_reason(diffusion, diffusion.parse_params({}))
+        if reason:
+            logger.warning("streamdiffusion unavailable: %s", reason)
+    logger.info("default live pipeline: %s", manager.default_pipeline())
     yield
     # Every session is stopped and awaited: its tasks, threads and channels are released.
     await app[SESSIONS].close()

@@ -84,13 +84,14 @@ async def get_pipelines(request: web.Request) -> web.Response:
     manager = request.app[SESSIONS]
     return web.json_response(
         {
-            "default": request.app[SETTINGS].default_pipeline,
+            "default": manager.default_pipeline(),
             "pipelines": [
                 {
                     "name": name,
                     "description": cls.description,
                     "live_params": sorted(cls.live_params),
                     "params": cls.Params.model_json_schema(),
+                    "unavailable": manager.unavailable_reason(cls, cls.parse_params({})),
                 }
                 for name, cls in sorted(manager.pipelines.items())
             ],

@@ -15,7 +15,7 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,7 +48,7 @@ from protocol.trickle import EndOfStream, StreamNotFound, TrickleError
 from protocol.trickle.interface import Publisher, Subscriber
 
 from .loading import LoadingFrames
-from .pipelines.base import LivePipeline, PipelineParams
+from .pipelines.base import LivePipeline, PipelineContext, PipelineParams
 from .slot import LatestSlot
 
 logger = logging.getLogger(__name__)
@@ -62,6 +62,9 @@ class SessionConfig:
     status_interval_s: float = 10.0
     max_consecutive_failures: int = 3
     encoder: EncoderSettings = field(default_factory=EncoderSettings)
+    context: PipelineContext = field(default_factory=PipelineContext)
+    device_worker: Executor | None = None
+    """The device's shared inference worker, for pipelines that declare `uses_device`."""
 
 
 @dataclass
@@ -165,6 +168,10 @@ class LiveSession:
         self._infer_thread = ThreadPoolExecutor(1, thread_name_prefix=f"infer-{prefix}")
         self._encode_thread = ThreadPoolExecutor(1, thread_name_prefix=f"encode-{prefix}")
         self._load_thread = ThreadPoolExecutor(1, thread_name_prefix=f"load-{prefix}")
+        self._infer_pool: Executor = self._infer_thread
+        if pipeline_cls.uses_device and self.config.device_worker is not None:
+            self._infer_pool = self.config.device_worker
+        self._serve_old = False
         size = (params.width, params.height) if params.width and params.height else None
         self._decoder = StreamDecoder(size)
 
@@ -319,14 +326,12 @@ class LiveSession:
         try:
             while (frame := await self._frames.get()) is not None:
                 pipeline = self._pipeline
-                if pipeline is None or self._is_loading():
+                if pipeline is None or (self._is_loading() and not self._serve_old):
                     image = self._loading_frame(frame)
                     self._outputs.put(_Processed(image, frame.pts, frame.arrived, True))
                     continue
                 try:
-                    image = await loop.run_in_executor(
-                        self._infer_thread, pipeline.process, frame.image
-                    )
+                    image = await loop.run_in_executor(self._infer_pool, pipeline.process, frame.image)
                 except Exception as exc:
                     self._failed(exc)
                     continue
@@ -437,7 +442,7 @@ class LiveSession:
     async def _load(self, params: PipelineParams, restart: bool) -> None:
         loop = asyncio.get_running_loop()
         self._set_state("LOADING")
-        pipeline = self.pipeline_cls(params)
+        pipeline = self.pipeline_cls(params, self.config.context)
         try:
             await loop.run_in_executor(self._load_thread, pipeline.load)
         except Exception as exc:
@@ -445,8 +450,10 @@ class LiveSession:
             self._set_state("ERROR")
             return
         old, self._pipeline = self._pipeline, pipeline
+        self._serve_old = False
         if old is not None:
-            await loop.run_in_executor(self._load_thread, old.unload)
+            # Unloaded on the inference side, after any frame it is still processing.
+            await loop.run_in_executor(self._infer_pool, old.unload)
         self._set_state("ONLINE")
         self.log.info("pipeline ready name=%s", self.pipeline_cls.name)
 
@@ -467,11 +474,15 @@ class LiveSession:
                 self._loading.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await self._loading
+            old_pipeline = self._pipeline
+            self._serve_old = old_pipeline is not None and old_pipeline.keeps_serving_during_reload(
+                new
+            )
             self._loading = asyncio.create_task(self._load(new, restart=False))
-            self.log.info("params need a reload")
+            self.log.info("params need a reload serve_old=%s", self._serve_old)
             return "reload"
         pipeline = self._pipeline
-        await asyncio.get_running_loop().run_in_executor(self._infer_thread, pipeline.apply, new)
+        await asyncio.get_running_loop().run_in_executor(self._infer_pool, pipeline.apply, new)
         return "live"
 
     async def _control(self) -> None:

@@ -16,7 +16,9 @@ from protocol.trickle import (
 )
 
 from .errors import InvalidRequest, NotFound, Unavailable
-from .pipelines.base import LivePipeline
+from runtime.worker import InferenceWorker
+
+from .pipelines.base import LivePipeline, PipelineContext, PipelineParams
 from .session import LiveSession, SessionChannels, SessionConfig
 from .settings import Settings
 
@@ -36,9 +38,36 @@ class SessionManager:
         self.trickle = trickle
         self.pipelines = pipelines
         self.sessions: dict[str, LiveSession] = {}
+        self._device_worker: InferenceWorker | None = None
+
+    @property
+    def context(self) -> PipelineContext:
+        s = self.settings
+        return PipelineContext(
+            models_dir=s.models_dir, device=s.device, dtype=s.dtype, compile=s.compile
+        )
+
+    def unavailable_reason(self, cls: type[LivePipeline], params: PipelineParams) -> str | None:
+        """Why `cls` cannot run here with `params` (missing weights, no GPU), or None."""
+        try:
+            cls.check_available(params, self.context)
+        except (LookupError, RuntimeError, ValueError) as exc:
+            return str(exc).strip("'\"")
+        return None
+
+    def default_pipeline(self) -> str:
+        name = self.settings.default_pipeline
+        if name != "auto":
+            return name
+        diffusion = self.pipelines.get("streamdiffusion")
+        if diffusion is not None and self.unavailable_reason(
+            diffusion, diffusion.parse_params({})
+        ) is None:
+            return "streamdiffusion"
+        return "cartoon" if "cartoon" in self.pipelines else sorted(self.pipelines)[0]
 
     def pipeline(self, model_id: str) -> type[LivePipeline]:
-        name = model_id or self.settings.default_pipeline
+        name = model_id or self.default_pipeline()
         found = self.pipelines.get(name)
         if found is None:
             known = ", ".join(sorted(self.pipelines))
@@ -49,9 +78,16 @@ class SessionManager:
         config = SessionConfig(
             input_timeout_s=self.settings.input_timeout_s,
             status_interval_s=self.settings.status_interval_s,
+            context=self.context,
+            device_worker=self._worker(),
         )
         config.encoder.segment_s = self.settings.segment_s
         return config
+
+    def _worker(self) -> InferenceWorker:
+        if self._device_worker is None:
+            self._device_worker = InferenceWorker(self.settings.device)
+        return self._device_worker
 
     async def start(
         self, request: LiveVideoToVideoParams, trickle_base_url: str
@@ -60,6 +96,9 @@ class SessionManager:
         runner mode when it names another trickle server's channels."""
         pipeline_cls = self.pipeline(request.model_id)
         params = pipeline_cls.parse_params(request.params)
+        reason = self.unavailable_reason(pipeline_cls, params)
+        if reason is not None:
+            raise Unavailable(f"pipeline {pipeline_cls.name} is unavailable: {reason}")
         if len(self.sessions) >= self.settings.max_sessions:
             raise Unavailable(
                 f"the service runs its maximum of {self.settings.max_sessions} live sessions; "
@@ -157,6 +196,9 @@ class SessionManager:
     async def close(self) -> None:
         sessions = list(self.sessions.values())
         await asyncio.gather(*(session.stop() for session in sessions))
+        if self._device_worker is not None:
+            worker, self._device_worker = self._device_worker, None
+            await asyncio.get_running_loop().run_in_executor(None, worker.shutdown)
 
     def health(self) -> str:
         states = {session.state for session in self.sessions.values() if session.running}

@@ -34,8 +34,13 @@ class Settings(BaseModel):
     models_dir: Path = Field(Path("models"), description="directory holding local models")
     log_level: str = Field("INFO", description="DEBUG, INFO, WARNING or ERROR")
     default_pipeline: str = Field(
-        "cartoon", description="live pipeline used when a request names none"
+        "auto",
+        description="live pipeline used when a request names none "
+        "(auto: streamdiffusion when its model and a GPU are there, else cartoon)",
     )
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:N or mps")
+    dtype: str = Field("auto", description="auto (fp16 on GPU, fp32 on CPU), float16, bfloat16, float32")
+    compile: bool = Field(False, description="torch.compile the UNet and decoder on GPU")
     max_sessions: int = Field(4, ge=1, description="live sessions at once (503 beyond)")
     input_timeout_s: float = Field(
         60.0, gt=0, description="a session ends after this long without input"

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from .base import LivePipeline, PipelineParams
+from .base import LivePipeline, PipelineContext, PipelineParams
+from .diffusion import StreamDiffusionPipeline
 from .effects import CartoonPipeline
 from .passthrough import NoopPipeline
 
 
 def builtin_pipelines() -> dict[str, type[LivePipeline]]:
-    return {cls.name: cls for cls in (NoopPipeline, CartoonPipeline)}
+    return {cls.name: cls for cls in (NoopPipeline, CartoonPipeline, StreamDiffusionPipeline)}
 
 
-__all__ = ["LivePipeline", "PipelineParams", "builtin_pipelines"]
+__all__ = ["LivePipeline", "PipelineContext", "PipelineParams", "builtin_pipelines"]

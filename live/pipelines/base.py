@@ -8,6 +8,8 @@ inference side. Each declares which of its params apply live; any other change r
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
@@ -28,15 +30,37 @@ class PipelineParams(BaseModel):
     show_reloading_frame: bool = Field(True, description="show the loading frame while reloading")
 
 
+@dataclass(frozen=True)
+class PipelineContext:
+    """What a pipeline needs from the service: where models are and which device to use."""
+
+    models_dir: Path = Path("models")
+    device: str = "auto"
+    dtype: str = "auto"
+    compile: bool = False
+
+
 class LivePipeline(ABC):
     name: ClassVar[str]
     description: ClassVar[str] = ""
     Params: ClassVar[type[PipelineParams]] = PipelineParams
     live_params: ClassVar[frozenset[str]] = frozenset()
     """Fields whose change applies without a reload."""
+    uses_device: ClassVar[bool] = False
+    """Runs on the device's shared inference worker rather than the session's own thread."""
 
-    def __init__(self, params: PipelineParams) -> None:
+    def __init__(self, params: PipelineParams, context: PipelineContext | None = None) -> None:
         self.params = params
+        self.context = context or PipelineContext()
+
+    @classmethod
+    def check_available(cls, params: PipelineParams, context: PipelineContext) -> None:
+        """Raise LookupError (or RuntimeError) with a user-facing reason when this pipeline
+        cannot run here (weights missing, no suitable device). Cheap: no loading."""
+
+    def keeps_serving_during_reload(self, new: PipelineParams) -> bool:
+        """Whether this (old) pipeline may go on processing while `new` loads beside it."""
+        return False
 
     @classmethod
     def parse_params(cls, raw: dict[str, object]) -> PipelineParams:

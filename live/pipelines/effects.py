@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 from pydantic import Field
 
-from .base import LivePipeline, PipelineParams
+from .base import LivePipeline, PipelineContext, PipelineParams
 
 
 class CartoonParams(PipelineParams):
@@ -25,8 +25,8 @@ class CartoonPipeline(LivePipeline):
     Params = CartoonParams
     live_params = frozenset({"strength", "edge_threshold"})
 
-    def __init__(self, params: CartoonParams) -> None:  # type: ignore[override]
-        super().__init__(params)
+    def __init__(self, params: CartoonParams, context: PipelineContext | None = None) -> None:  # type: ignore[override]
+        super().__init__(params, context)
         self.params: CartoonParams = params
         self._palette: np.ndarray | None = None
 

@@ -1,0 +1,465 @@
+"""`streamdiffusion`: img2img restyling at 1-4 denoising steps, the StreamDiffusion recipe, built
+on diffusers components (no dependency on the StreamDiffusion package).
+
+Per frame: the tiny autoencoder encodes the frame, the UNet runs ONCE over a batch that holds the
+new frame at the first denoising step and the earlier frames at the later steps (stream batch),
+and the frame leaving the last step is decoded. Prompt embeddings, timesteps, noise and scalings
+are precomputed, so a prompt, seed or step change applies between two frames without a reload.
+
+Parameter names and meanings follow Livepeer's StreamDiffusion pipeline (protocol/trickle.md §5).
+torch and diffusers are imported inside methods: importing this module stays cheap.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+import numpy as np
+from pydantic import Field, field_validator, model_validator
+
+from runtime.device import choose_device, free_gpu_memory
+from runtime.models import folder_size, resolve_model
+
+from .base import LivePipeline, PipelineContext, PipelineParams
+
+if TYPE_CHECKING:
+    import torch
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "stabilityai/sd-turbo"
+DEFAULT_VAE = "madebyollin/taesd"
+
+Weighted = list[tuple[str, float]]
+
+
+class StreamDiffusionParams(PipelineParams):
+    model_id: str = Field(DEFAULT_MODEL, description="diffusers model id or folder")
+    vae_id: str | None = Field(
+        DEFAULT_VAE, description="tiny autoencoder (TAESD class); null: the model's own VAE"
+    )
+    width: int | None = Field(512, ge=64, le=1024, multiple_of=8, description="output width")
+    height: int | None = Field(512, ge=64, le=1024, multiple_of=8, description="output height")
+    prompt: str | Weighted = Field("flowers", description="prompt, or [prompt, weight] pairs")
+    prompt_interpolation_method: Literal["linear", "slerp"] = "slerp"
+    normalize_prompt_weights: bool = True
+    negative_prompt: str = "blurry, low quality, flat, 2d"
+    guidance_scale: float = 1.0
+    delta: float = 0.7
+    num_inference_steps: int = Field(50, ge=1, le=100)
+    t_index_list: list[int] = Field(default_factory=lambda: [12, 20, 32], min_length=1, max_length=4)
+    seed: int | list[tuple[int, float]] = 789
+    seed_interpolation_method: Literal["linear", "slerp"] = "linear"
+    normalize_seed_weights: bool = True
+    use_denoising_batch: bool = True
+    do_add_noise: bool = True
+    skip_diffusion: bool = False
+    enable_similar_image_filter: bool = False
+    similar_image_filter_threshold: float = Field(0.98, ge=0.0, le=1.0)
+    similar_image_filter_max_skip_frame: int = Field(10, ge=0)
+    acceleration: Literal["none", "xformers", "tensorrt", "compile"] = "none"
+    # Accepted so that a Livepeer gateway's full parameter sets validate; refused when they ask
+    # for something this pipeline does not do (yet), rather than silently ignored.
+    use_lcm_lora: bool = True
+    lcm_lora_id: str = "latent-consistency/lcm-lora-sdv1-5"
+    lora_dict: dict[str, float] | None = None
+    use_safety_checker: bool = False
+    safety_checker_threshold: float = 0.5
+    controlnets: list[dict[str, Any]] = Field(default_factory=list)
+    ip_adapter: dict[str, Any] | None = None
+    ip_adapter_style_image_url: str | None = None
+    image_preprocessing: dict[str, Any] | None = None
+    image_postprocessing: dict[str, Any] | None = None
+    latent_preprocessing: dict[str, Any] | None = None
+    latent_postprocessing: dict[str, Any] | None = None
+    cached_attention: dict[str, Any] | None = None
+
+    @field_validator("t_index_list")
+    @classmethod
+    def _non_decreasing(cls, value: list[int]) -> list[int]:
+        if any(b < a for a, b in zip(value, value[1:], strict=False)) or min(value) < 0:
+            raise ValueError("t_index_list must be non-negative and non-decreasing")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> StreamDiffusionParams:
+        if max(self.t_index_list) >= self.num_inference_steps:
+            raise ValueError("every t_index_list entry must be below num_inference_steps")
+        unsupported = []
+        if any(c.get("enabled", True) for c in self.controlnets):
+            unsupported.append("controlnets")
+        if self.ip_adapter and self.ip_adapter.get("enabled", True):
+            unsupported.append("ip_adapter")
+        if self.lora_dict:
+            unsupported.append("lora_dict")
+        for name in ("image_preprocessing", "image_postprocessing", "latent_preprocessing",
+                     "latent_postprocessing", "cached_attention"):
+            value = getattr(self, name)
+            if value and value.get("enabled", True):
+                unsupported.append(name)
+        if unsupported:
+            raise ValueError(f"not supported by this runner yet: {', '.join(unsupported)}")
+        return self
+
+
+LIVE_PARAMS = frozenset(
+    {
+        "prompt", "prompt_interpolation_method", "normalize_prompt_weights", "negative_prompt",
+        "guidance_scale", "delta", "num_inference_steps", "t_index_list", "seed",
+        "seed_interpolation_method", "normalize_seed_weights", "skip_diffusion",
+        "enable_similar_image_filter", "similar_image_filter_threshold",
+        "similar_image_filter_max_skip_frame", "use_safety_checker", "safety_checker_threshold",
+        "controlnets", "ip_adapter", "ip_adapter_style_image_url", "image_preprocessing",
+        "image_postprocessing", "latent_preprocessing", "latent_postprocessing",
+        "cached_attention", "do_add_noise",
+    }
+)
+
+
+def _weights(pairs: list[tuple[Any, float]], normalize: bool) -> list[float]:
+    weights = [float(w) for _, w in pairs]
+    total = sum(weights)
+    if normalize and total:
+        weights = [w / total for w in weights]
+    return weights
+
+
+def _slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
+    import torch
+
+    a_flat, b_flat = a.flatten().float(), b.flatten().float()
+    cos = torch.dot(a_flat, b_flat) / (a_flat.norm() * b_flat.norm() + 1e-8)
+    omega = torch.arccos(cos.clamp(-1 + 1e-7, 1 - 1e-7))
+    if omega.abs() < 1e-4:
+        return (1 - t) * a + t * b
+    so = torch.sin(omega)
+    return ((torch.sin((1 - t) * omega) / so) * a + (torch.sin(t * omega) / so) * b).to(a.dtype)
+
+
+def _blend(items: list[torch.Tensor], weights: list[float], method: str) -> torch.Tensor:
+    if len(items) == 1:
+        return items[0] * (weights[0] if weights[0] else 1.0)
+    if method == "linear":
+        return sum(w * x for w, x in zip(weights, items, strict=True))  # type: ignore[return-value]
+    # slerp folds pairwise, each step weighted by the share of the newcomer.
+    out, acc = items[0], weights[0]
+    for x, w in zip(items[1:], weights[1:], strict=True):
+        share = w / (acc + w) if acc + w else 0.5
+        out = _slerp(out, x, share)
+        acc += w
+    return out
+
+
+class StreamDiffusionPipeline(LivePipeline):
+    name = "streamdiffusion"
+    description = "img2img restyling at 1-4 steps (sd-turbo class), stream-batched"
+    Params = StreamDiffusionParams
+    live_params = LIVE_PARAMS
+    uses_device = True
+
+    unet_calls: ClassVar[int] = 0  # counted across instances: tests read it
+
+    def __init__(self, params: StreamDiffusionParams, context: PipelineContext | None = None) -> None:  # type: ignore[override]
+        super().__init__(params, context)
+        self.params: StreamDiffusionParams = params
+        self.skipped = 0
+        self._loaded = False
+
+    # -- availability and loading ---------------------------------------------------------------
+
+    @classmethod
+    def check_available(cls, params: PipelineParams, context: PipelineContext) -> None:
+        assert isinstance(params, StreamDiffusionParams)
+        resolve_model(params.model_id, context.models_dir)  # raises ModelNotFound
+        spec = choose_device(context.device, context.dtype)
+        if not spec.is_gpu and context.device == "auto":
+            raise RuntimeError(
+                "streamdiffusion needs a GPU (CUDA or MPS) for real time and none was found; "
+                "start the service with --device cpu to run it on the CPU anyway"
+            )
+
+    def keeps_serving_during_reload(self, new: PipelineParams) -> bool:
+        # The old pipeline keeps serving while the new one loads beside it, if both fit.
+        spec = self._spec
+        free = free_gpu_memory(spec)
+        return free is None or free > 2 * self._weights_bytes
+
+    def load(self) -> None:
+        import torch
+        from diffusers import (
+            AutoencoderKL,
+            AutoencoderTiny,
+            LCMScheduler,
+            UNet2DConditionModel,
+        )
+        from diffusers.utils import logging as diffusers_logging
+        from transformers import CLIPTextModel, CLIPTokenizer
+        from transformers.utils import logging as transformers_logging
+
+        diffusers_logging.disable_progress_bar()
+        transformers_logging.disable_progress_bar()
+        p = self.params
+        self._spec = spec = choose_device(self.context.device, self.context.dtype)
+        path = resolve_model(p.model_id, self.context.models_dir)
+        self._weights_bytes = folder_size(path)
+        free = free_gpu_memory(spec)
+        if free is not None and free < self._weights_bytes * 1.3:
+            raise MemoryError(
+                f"{p.model_id} needs about {self._weights_bytes / 2**30:.1f} GiB of GPU memory "
+                f"and {free / 2**30:.1f} GiB is free"
+            )
+        started = time.monotonic()
+        logger.info("loading model=%s device=%s", p.model_id, spec)
+        dtype = spec.dtype
+        self.tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
+        self.text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder")
+        self.unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet")
+        self.vae: Any
+        vae_path = self._vae_path()
+        if vae_path is not None:
+            self.vae = AutoencoderTiny.from_pretrained(vae_path)
+        else:
+            self.vae = AutoencoderKL.from_pretrained(path, subfolder="vae")
+        self.scheduler = LCMScheduler.from_pretrained(path, subfolder="scheduler")
+        for module in (self.text_encoder, self.unet, self.vae):
+            module.to(spec.device, dtype).eval().requires_grad_(False)
+        self.unet.register_forward_pre_hook(_count_unet_call)
+        if p.acceleration == "compile" or (self.context.compile and spec.is_gpu):
+            self.unet = torch.compile(self.unet, mode="reduce-overhead", fullgraph=False)
+            self.vae.decoder = torch.compile(self.vae.decoder, mode="reduce-overhead")
+        self.device = torch.device(spec.device)
+        self.dtype = dtype
+        self._prepare(p)
+        # Warm-up: the first passes allocate and (when compiling) compile; do them before
+        # the pipeline reports ready.
+        warm = np.zeros((p.height or 512, p.width or 512, 3), np.uint8)
+        for _ in range(2):
+            self.process(warm)
+        self._prepare(p)  # forget the warm-up frames in the stream batch
+        self._loaded = True
+        logger.info("model ready model=%s seconds=%.1f", p.model_id, time.monotonic() - started)
+
+    def _vae_path(self) -> Path | None:
+        vae_id = self.params.vae_id
+        if not vae_id:
+            return None
+        try:
+            return resolve_model(vae_id, self.context.models_dir)
+        except LookupError:
+            logger.warning("tiny autoencoder %s not found; using the model's own VAE", vae_id)
+            return None
+
+    def unload(self) -> None:
+        for name in ("unet", "vae", "text_encoder", "tokenizer"):
+            self.__dict__.pop(name, None)
+        if self._loaded and self._spec.device.startswith("cuda"):
+            import torch
+
+            torch.cuda.empty_cache()
+        self._loaded = False
+
+    # -- live params ----------------------------------------------------------------------------
+
+    def apply(self, params: PipelineParams) -> None:
+        assert isinstance(params, StreamDiffusionParams)
+        old = self.params
+        self.params = params
+        if _schedule_key(old) != _schedule_key(params):
+            self._prepare(params)
+        else:
+            self._prepare_text(params)
+
+    def _encode_prompt(self, text: str) -> torch.Tensor:
+        ids = self.tokenizer(
+            text, padding="max_length", max_length=self.tokenizer.model_max_length,
+            truncation=True, return_tensors="pt",
+        ).input_ids.to(self.device)
+        return self.text_encoder(ids)[0].to(self.dtype)
+
+    def _prepare_text(self, p: StreamDiffusionParams) -> None:
+        import torch
+
+        with torch.inference_mode():
+            pairs = [(p.prompt, 1.0)] if isinstance(p.prompt, str) else list(p.prompt)
+            embeds = [self._encode_prompt(text) for text, _ in pairs]
+            weights = _weights(pairs, p.normalize_prompt_weights)
+            self.prompt_embeds = _blend(embeds, weights, p.prompt_interpolation_method)
+            self.full_cfg = p.guidance_scale > 1.0 and bool(p.negative_prompt)
+            self.negative_embeds = (
+                self._encode_prompt(p.negative_prompt) if self.full_cfg else None
+            )
+
+    def _prepare(self, p: StreamDiffusionParams) -> None:
+        """Everything per-frame work needs: embeddings, timesteps, scalings, noise, buffers."""
+        import torch
+
+        self._prepare_text(p)
+        width, height = p.width or 512, p.height or 512
+        latent_shape = (4, height // 8, width // 8)
+        self.scheduler.set_timesteps(p.num_inference_steps, device=self.device)
+        timesteps = self.scheduler.timesteps
+        sub = torch.stack([timesteps[i] for i in p.t_index_list]).to(self.device)
+        self.timesteps = sub
+        alphas = self.scheduler.alphas_cumprod.to(self.device)[sub.long()]
+        shape = (-1, 1, 1, 1)
+        self.alpha = alphas.sqrt().view(shape).to(self.dtype)
+        self.beta = (1 - alphas).sqrt().view(shape).to(self.dtype)
+        skips, outs = zip(
+            *(self.scheduler.get_scalings_for_boundary_condition_discrete(t) for t in sub),
+            strict=True,
+        )
+        self.c_skip = torch.stack([torch.as_tensor(s) for s in skips]).view(shape).to(
+            self.device, self.dtype
+        )
+        self.c_out = torch.stack([torch.as_tensor(o) for o in outs]).view(shape).to(
+            self.device, self.dtype
+        )
+        steps = len(p.t_index_list)
+        seeds = [(p.seed, 1.0)] if isinstance(p.seed, int) else list(p.seed)
+        noises = [
+            torch.randn(
+                (steps, *latent_shape), generator=torch.Generator("cpu").manual_seed(int(s))
+            )
+            for s, _ in seeds
+        ]
+        noise = _blend(noises, _weights(seeds, p.normalize_seed_weights),
+                       p.seed_interpolation_method)
+        self.init_noise = noise.to(self.device, self.dtype)
+        # The residual-noise trick: what re-noises a latent for its next step is the noise
+        # the UNet actually removed, not fresh noise, so the stream stays temporally stable.
+        self.stock_noise = self.init_noise.clone()
+        self.buffer = torch.zeros((steps - 1, *latent_shape), device=self.device,
+                                  dtype=self.dtype)
+        self._last_input: np.ndarray | None = None
+        self._last_output: np.ndarray | None = None
+        self.skipped = 0
+
+    # -- per frame --------------------------------------------------------------------------------
+
+    def _similar(self, image: np.ndarray) -> bool:
+        p = self.params
+        last = self._last_input
+        if not p.enable_similar_image_filter or last is None or last.shape != image.shape:
+            return False
+        a = image[::4, ::4].astype(np.float32).ravel()
+        b = last[::4, ::4].astype(np.float32).ravel()
+        cosine = float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-6))
+        return cosine >= p.similar_image_filter_threshold
+
+    def process(self, image: np.ndarray) -> np.ndarray:
+        import torch
+
+        p = self.params
+        if p.skip_diffusion:
+            return image
+        if self._similar(image) and self.skipped < p.similar_image_filter_max_skip_frame:
+            self.skipped += 1
+            assert self._last_output is not None
+            return self._last_output
+        self.skipped = 0
+        with torch.inference_mode():
+            out = self._denoise(image)
+        self._last_input = image
+        self._last_output = out
+        return out
+
+    def _denoise(self, image: np.ndarray) -> np.ndarray:
+        import torch
+
+        p = self.params
+        x = torch.from_numpy(image).to(self.device).permute(2, 0, 1)[None].to(self.dtype)
+        x = x / 127.5 - 1.0
+        height, width = (p.height or 512), (p.width or 512)
+        if x.shape[-2:] != (height, width):
+            x = torch.nn.functional.interpolate(x, size=(height, width), mode="bilinear")
+        latent = self._vae_encode(x)
+        x_t = self.alpha[0] * latent + self.beta[0] * self.init_noise[0:1]
+        steps = len(p.t_index_list)
+        if p.use_denoising_batch or steps == 1:
+            batch = torch.cat([x_t, self.buffer]) if steps > 1 else x_t
+            denoised, eps = self._unet_step(batch, self.timesteps, slice(None))
+            if steps > 1:
+                self._advance(denoised, eps)
+            out_latent = denoised[-1:]
+        else:
+            current = x_t
+            for i in range(steps):
+                denoised, eps = self._unet_step(current, self.timesteps[i : i + 1],
+                                                slice(i, i + 1))
+                if i + 1 < steps:
+                    current = self.alpha[i + 1] * denoised + self.beta[i + 1] * (
+                        self.init_noise[i + 1 : i + 2] if p.do_add_noise else eps
+                    )
+            out_latent = denoised
+        return self._vae_decode(out_latent)
+
+    def _unet_step(
+        self, x: torch.Tensor, t: torch.Tensor, rows: slice
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        import torch
+
+        p = self.params
+        n = x.shape[0]
+        embeds = self.prompt_embeds.expand(n, -1, -1)
+        if self.full_cfg:
+            assert self.negative_embeds is not None
+            eps_uncond, eps_text = self.unet(
+                torch.cat([x, x]), torch.cat([t, t]),
+                encoder_hidden_states=torch.cat([self.negative_embeds.expand(n, -1, -1), embeds]),
+            ).sample.chunk(2)
+            eps = eps_uncond + p.guidance_scale * (eps_text - eps_uncond)
+        else:
+            eps_text = self.unet(x, t, encoder_hidden_states=embeds).sample
+            if p.guidance_scale > 1.0:
+                # Self-guidance: the residual noise, scaled by delta, stands in for the
+                # unconditional prediction (no second UNet pass).
+                eps_uncond = self.stock_noise[rows] * p.delta
+                eps = eps_uncond + p.guidance_scale * (eps_text - eps_uncond)
+            else:
+                eps = eps_text
+        alpha, beta = self.alpha[rows], self.beta[rows]
+        x0 = (x - beta * eps) / alpha
+        denoised = self.c_out[rows] * x0 + self.c_skip[rows] * x
+        return denoised, eps
+
+    def _advance(self, denoised: torch.Tensor, eps: torch.Tensor) -> None:
+        """Move every frame of the stream batch on by one step."""
+        import torch
+
+        p = self.params
+        if p.do_add_noise:
+            noise = self.init_noise[1:]
+        else:
+            noise = self.stock_noise[1:]
+        self.buffer = self.alpha[1:] * denoised[:-1] + self.beta[1:] * noise
+        # Residual noise for the next frame: shifted one step along the batch, with the fresh
+        # frame's slot refilled from the initial noise.
+        self.stock_noise = torch.cat([self.init_noise[0:1], eps[:-1]])
+
+    def _vae_encode(self, x: torch.Tensor) -> torch.Tensor:
+        encoded = self.vae.encode(x)
+        latents = encoded.latents if hasattr(encoded, "latents") else encoded.latent_dist.mean
+        return latents * self.vae.config.scaling_factor
+
+    def _vae_decode(self, latent: torch.Tensor) -> np.ndarray:
+        image = self.vae.decode(latent / self.vae.config.scaling_factor).sample
+        image = ((image[0].float().clamp(-1, 1) + 1) * 127.5).round().to(dtype=_uint8())
+        return image.permute(1, 2, 0).contiguous().cpu().numpy()
+
+
+def _uint8():  # type: ignore[no-untyped-def]
+    import torch
+
+    return torch.uint8
+
+
+def _schedule_key(p: StreamDiffusionParams) -> tuple[Any, ...]:
+    return (p.num_inference_steps, tuple(p.t_index_list), p.seed, p.seed_interpolation_method,
+            p.normalize_seed_weights)
+
+
+def _count_unet_call(module: Any, args: Any) -> None:
+    StreamDiffusionPipeline.unet_calls += 1

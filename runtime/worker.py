@@ -1,0 +1,80 @@
+"""One inference worker per device: a single thread that owns the device's models.
+
+Live frames and batch jobs both submit work here, so the policy between them lives in one place:
+live work first, batch work in between. It is a `concurrent.futures.Executor`, so async code
+uses it with `loop.run_in_executor(worker, fn, *args)` (live priority), or `submit_batch`.
+Keeping it behind "submit, get a future" lets it move to a child process later.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from concurrent.futures import Executor, Future
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+LIVE = 0
+BATCH = 10
+
+
+class InferenceWorker(Executor):
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._queue: queue.PriorityQueue[tuple[int, int, Any]] = queue.PriorityQueue()
+        self._order = itertools.count()
+        self._closed = False
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name=f"infer-{name}", daemon=True)
+        self._thread.start()
+        self.done_live = 0
+        self.done_batch = 0
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        return self._submit(LIVE, fn, args, kwargs)
+
+    def submit_batch(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        return self._submit(BATCH, fn, args, kwargs)
+
+    def _submit(
+        self, priority: int, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Future[Any]:
+        future: Future[Any] = Future()
+        with self._lock:
+            if self._closed:
+                raise RuntimeError(f"inference worker {self.name} is shut down")
+            self._queue.put((priority, next(self._order), (future, fn, args, kwargs)))
+        return future
+
+    def _run(self) -> None:
+        while True:
+            priority, _, item = self._queue.get()
+            if item is None:
+                return
+            future, fn, args, kwargs = item
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                result = fn(*args, **kwargs)
+            except BaseException as exc:
+                future.set_exception(exc)
+            else:
+                future.set_result(result)
+            if priority == LIVE:
+                self.done_live += 1
+            else:
+                self.done_batch += 1
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            # Sorts after every queued item, so work already submitted still runs.
+            self._queue.put((BATCH + 1, next(self._order), None))
+        if wait:
+            self._thread.join()
