@@ -8,6 +8,7 @@ import logging
 import signal
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from aiohttp import web
 
@@ -26,7 +27,48 @@ def build_parser() -> argparse.ArgumentParser:
         "serve", help="run the service", description="Run the service until SIGINT or SIGTERM."
     )
     add_arguments(serve)
+    models = commands.add_parser("models", help="list, fetch or build models")
+    model_commands = models.add_subparsers(dest="models_command", metavar="ACTION", required=True)
+    listing = model_commands.add_parser("list", help="models present here, with their sizes")
+    pull = model_commands.add_parser("pull", help="download a model from the Hugging Face hub")
+    pull.add_argument("model_id", help="e.g. stabilityai/sd-turbo")
+    tiny = model_commands.add_parser(
+        "tiny", help="write tiny random-weight models under the real ids (smoke tests)"
+    )
+    tiny.add_argument("dir", type=Path, help="models directory to write into")
+    for sub in (listing, pull):
+        sub.add_argument("--models-dir", type=Path, default=None,
+                         help="models directory [env LIVE_V2V_MODELS_DIR; default models]")
     return parser
+
+
+def run_models(args: argparse.Namespace) -> int:
+    from runtime.models import list_models, pull_model
+
+    command = args.models_command
+    if command == "tiny":
+        from runtime.tiny import write_tiny_models
+
+        for path in write_tiny_models(args.dir):
+            print(f"wrote {path}")
+        print(f"use them with: live-v2v serve --models-dir {args.dir} --device cpu")
+        return 0
+    settings = load_settings(args)
+    if command == "list":
+        found = list_models(settings.models_dir)
+        if not found:
+            print(f"no models in {settings.models_dir} or the Hugging Face cache")
+        for info in found:
+            print(f"{info.model_id:40s} {info.size_bytes / 2**20:10.1f} MiB  {info.source}  "
+                  f"{info.path}")
+        return 0
+    try:
+        path = pull_model(args.model_id, settings.models_dir)
+    except ConnectionError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"downloaded {args.model_id} to {path}")
+    return 0
 
 
 def configure_logging(level: str) -> None:
@@ -70,6 +112,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         # `live-v2v` (or `python -m live --port 9000`) serves, like `live-v2v serve`.
         argv.insert(0, "serve")
     args = parser.parse_args(argv)
+    if args.command == "models":
+        configure_logging("WARNING")
+        return run_models(args)
     try:
         settings = load_settings(args)
     except ValueError as exc:

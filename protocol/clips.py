@@ -34,10 +34,13 @@ def read_index(image: np.ndarray) -> int | None:
     """The index painted by `numbered_frame`, or None if the band does not hold one."""
     width = image.shape[1]
     block = width // BITS
+    if block < 6 or image.shape[0] < BAND:
+        return None  # too small to carry an index
+    margin = min(4, block // 3)
     band = image[4 : BAND - 4].mean(axis=2)
     index = 0
     for bit in range(BITS):
-        value = band[:, bit * block + 4 : (bit + 1) * block - 4].mean()
+        value = band[:, bit * block + margin : (bit + 1) * block - margin].mean()
         if 60 < value < 190:
             return None  # neither black nor white: not a numbered frame
         if value >= 190:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import tempfile
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
@@ -13,8 +14,9 @@ from aiohttp.test_utils import TestServer
 
 from protocol.trickle import TrickleConfig, TrickleServer, create_trickle_app
 
-# Never reach a model hub from tests.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Never reach a model hub from tests, and keep the Hugging Face cache out of the user's home.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("HF_HOME", tempfile.mkdtemp(prefix="hf-home-"))
 
 
 @dataclass
@@ -67,3 +69,15 @@ async def no_leaked_tasks() -> AsyncIterator[None]:
         await asyncio.sleep(0.05)
     names = sorted(t.get_name() for t in leaked)
     pytest.fail(f"tasks left running after the test: {names}")
+
+
+@pytest.fixture(scope="session")
+def tiny_models_dir(tmp_path_factory: pytest.TempPathFactory):
+    """Tiny random-weight models under the real ids, built once and loaded back by the same
+    code users run (torch and diffusers are imported only by tests that ask for this)."""
+    from runtime.tiny import build_tiny_sd, write_tiny_models
+
+    models = tmp_path_factory.mktemp("models")
+    write_tiny_models(models)
+    build_tiny_sd(models / "test" / "other-sd", seed=1)
+    return models

@@ -182,10 +182,12 @@ class StreamDiffusionPipeline(LivePipeline):
             )
 
     def keeps_serving_during_reload(self, new: PipelineParams) -> bool:
-        # The old pipeline keeps serving while the new one loads beside it, if both fit.
-        spec = self._spec
-        free = free_gpu_memory(spec)
-        return free is None or free > 2 * self._weights_bytes
+        # The old pipeline keeps serving while the new one loads beside it, when the GPU
+        # can hold both; elsewhere (CPU, MPS: free memory unknown) the loading frame shows.
+        if not self._loaded:
+            return False
+        free = free_gpu_memory(self._spec)
+        return free is not None and free > 2 * self._weights_bytes
 
     def load(self) -> None:
         import torch

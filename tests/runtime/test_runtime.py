@@ -1,0 +1,89 @@
+"""The model runtime: finding models, devices, the inference worker, the models CLI."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from runtime.device import choose_device
+from runtime.models import ModelNotFound, list_models, resolve_model
+from runtime.worker import InferenceWorker
+
+
+def test_missing_model_names_the_command_that_fetches_it(tmp_path: Path) -> None:
+    with pytest.raises(ModelNotFound) as missing:
+        resolve_model("stabilityai/sd-turbo", tmp_path)
+    message = str(missing.value)
+    assert "live-v2v models pull stabilityai/sd-turbo" in message
+    assert str(tmp_path) in message
+
+
+def test_models_dir_is_searched_and_listed(tiny_models_dir: Path) -> None:
+    assert resolve_model("stabilityai/sd-turbo", tiny_models_dir) == (
+        tiny_models_dir / "stabilityai" / "sd-turbo"
+    )
+    listed = {info.model_id: info for info in list_models(tiny_models_dir)}
+    assert {"stabilityai/sd-turbo", "madebyollin/taesd"} <= set(listed)
+    assert listed["stabilityai/sd-turbo"].size_bytes > 100_000
+
+
+def test_device_choice_on_this_machine() -> None:
+    spec = choose_device("cpu")
+    assert (spec.device, spec.dtype_name) == ("cpu", "float32")
+    assert choose_device("cpu", "bfloat16").dtype_name == "bfloat16"
+    import torch
+
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA"):
+            choose_device("cuda")
+    with pytest.raises(ValueError, match="dtype"):
+        choose_device("cpu", "int3")
+
+
+def test_worker_runs_live_work_before_queued_batch_work() -> None:
+    worker = InferenceWorker("test")
+    gate = threading.Event()
+    order: list[str] = []
+    try:
+        blocker = worker.submit(gate.wait)
+        batch = [worker.submit_batch(order.append, f"batch{i}") for i in range(3)]
+        live = [worker.submit(order.append, f"live{i}") for i in range(2)]
+        time.sleep(0.05)
+        gate.set()
+        for future in [blocker, *batch, *live]:
+            future.result(timeout=5)
+    finally:
+        worker.shutdown()
+    assert order == ["live0", "live1", "batch0", "batch1", "batch2"]
+    with pytest.raises(RuntimeError, match="shut down"):
+        worker.submit(print)
+
+
+def test_worker_passes_errors_back() -> None:
+    worker = InferenceWorker("test")
+    try:
+        with pytest.raises(ZeroDivisionError):
+            worker.submit(lambda: 1 / 0).result(timeout=5)
+        assert worker.submit(lambda: 2).result(timeout=5) == 2
+    finally:
+        worker.shutdown()
+
+
+def test_models_cli_tiny_then_list(tmp_path: Path) -> None:
+    run = [sys.executable, "-m", "live", "models"]
+    out = subprocess.run([*run, "tiny", str(tmp_path)], capture_output=True, text=True,
+                         check=True).stdout
+    assert "stabilityai/sd-turbo" in out
+    out = subprocess.run([*run, "list", "--models-dir", str(tmp_path)], capture_output=True,
+                         text=True, check=True).stdout
+    assert "stabilityai/sd-turbo" in out and "madebyollin/taesd" in out
+    pulled = subprocess.run([*run, "pull", "someone/model", "--models-dir", str(tmp_path)],
+                            capture_output=True, text=True)
+    assert pulled.returncode == 2
+    assert "cannot download someone/model" in pulled.stderr
+    assert "Traceback" not in pulled.stderr
