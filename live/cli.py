@@ -37,8 +37,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tiny.add_argument("dir", type=Path, help="models directory to write into")
     for sub in (listing, pull):
-        sub.add_argument("--models-dir", type=Path, default=None,
-                         help="models directory [env LIVE_V2V_MODELS_DIR; default models]")
+        sub.add_argument(
+            "--models-dir",
+            type=Path,
+            default=None,
+            help="models directory [env LIVE_V2V_MODELS_DIR; default models]",
+        )
     return parser
 
 
@@ -59,8 +63,10 @@ def run_models(args: argparse.Namespace) -> int:
         if not found:
             print(f"no models in {settings.models_dir} or the Hugging Face cache")
         for info in found:
-            print(f"{info.model_id:40s} {info.size_bytes / 2**20:10.1f} MiB  {info.source}  "
-                  f"{info.path}")
+            print(
+                f"{info.model_id:40s} {info.size_bytes / 2**20:10.1f} MiB  {info.source}  "
+                f"{info.path}"
+            )
         return 0
     try:
         path = pull_model(args.model_id, settings.models_dir)
@@ -88,7 +94,11 @@ async def serve(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    runner = web.AppRunner(create_app(settings), access_log=None, shutdown_timeout=5.0)
+    # handler_cancellation: a request whose client left is cancelled at once (a GET parked at
+    # the live edge, a publisher gone mid-segment), as under aiohttp's test server.
+    runner = web.AppRunner(
+        create_app(settings), access_log=None, shutdown_timeout=5.0, handler_cancellation=True
+    )
     await runner.setup()
     try:
         site = web.TCPSite(runner, settings.host, settings.port)

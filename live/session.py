@@ -331,7 +331,9 @@ class LiveSession:
                     self._outputs.put(_Processed(image, frame.pts, frame.arrived, True))
                     continue
                 try:
-                    image = await loop.run_in_executor(self._infer_pool, pipeline.process, frame.image)
+                    image = await loop.run_in_executor(
+                        self._infer_pool, pipeline.process, frame.image
+                    )
                 except Exception as exc:
                     self._failed(exc)
                     continue

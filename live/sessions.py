@@ -14,10 +14,9 @@ from protocol.trickle import (
     TrickleServer,
     TrickleSubscriber,
 )
-
-from .errors import InvalidRequest, NotFound, Unavailable
 from runtime.worker import InferenceWorker
 
+from .errors import InvalidRequest, NotFound, Unavailable
 from .pipelines.base import LivePipeline, PipelineContext, PipelineParams
 from .session import LiveSession, SessionChannels, SessionConfig
 from .settings import Settings
@@ -60,9 +59,10 @@ class SessionManager:
         if name != "auto":
             return name
         diffusion = self.pipelines.get("streamdiffusion")
-        if diffusion is not None and self.unavailable_reason(
-            diffusion, diffusion.parse_params({})
-        ) is None:
+        if (
+            diffusion is not None
+            and self.unavailable_reason(diffusion, diffusion.parse_params({})) is None
+        ):
             return "streamdiffusion"
         return "cartoon" if "cartoon" in self.pipelines else sorted(self.pipelines)[0]
 

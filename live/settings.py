@@ -39,7 +39,9 @@ class Settings(BaseModel):
         "(auto: streamdiffusion when its model and a GPU are there, else cartoon)",
     )
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N or mps")
-    dtype: str = Field("auto", description="auto (fp16 on GPU, fp32 on CPU), float16, bfloat16, float32")
+    dtype: str = Field(
+        "auto", description="auto (fp16 on GPU, fp32 on CPU), float16, bfloat16, float32"
+    )
     compile: bool = Field(False, description="torch.compile the UNet and decoder on GPU")
     max_sessions: int = Field(4, ge=1, description="live sessions at once (503 beyond)")
     input_timeout_s: float = Field(

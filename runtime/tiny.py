@@ -54,25 +54,44 @@ def build_tiny_sd(folder: Path, seed: int = 0) -> Path:
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
-            hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
-            vocab_size=1000, max_position_embeddings=77, projection_dim=32,
-            bos_token_id=bos, eos_token_id=eos, pad_token_id=eos,
+            hidden_size=32,
+            intermediate_size=37,
+            num_attention_heads=4,
+            num_hidden_layers=2,
+            vocab_size=1000,
+            max_position_embeddings=77,
+            projection_dim=32,
+            bos_token_id=bos,
+            eos_token_id=eos,
+            pad_token_id=eos,
         )
     )
     unet = UNet2DConditionModel(
-        block_out_channels=(32, 64), layers_per_block=1, sample_size=8, in_channels=4,
-        out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
-        norm_num_groups=32, attention_head_dim=8,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+        norm_num_groups=32,
+        attention_head_dim=8,
     )
     vae = AutoencoderKL(
-        block_out_channels=(16, 16, 32, 32), layers_per_block=1, norm_num_groups=8,
-        latent_channels=4, down_block_types=("DownEncoderBlock2D",) * 4,
+        block_out_channels=(16, 16, 32, 32),
+        layers_per_block=1,
+        norm_num_groups=8,
+        latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4,
     )
     scheduler = EulerDiscreteScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-        timestep_spacing="trailing", steps_offset=1,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        timestep_spacing="trailing",
+        steps_offset=1,
     )
     unet.save_pretrained(folder / "unet")
     vae.save_pretrained(folder / "vae")

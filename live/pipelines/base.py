@@ -57,6 +57,7 @@ class LivePipeline(ABC):
     def check_available(cls, params: PipelineParams, context: PipelineContext) -> None:
         """Raise LookupError (or RuntimeError) with a user-facing reason when this pipeline
         cannot run here (weights missing, no suitable device). Cheap: no loading."""
+        return
 
     def keeps_serving_during_reload(self, new: PipelineParams) -> bool:
         """Whether this (old) pipeline may go on processing while `new` loads beside it."""

@@ -12,6 +12,7 @@ torch and diffusers are imported inside methods: importing this module stays che
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from pathlib import Path
@@ -50,7 +51,9 @@ class StreamDiffusionParams(PipelineParams):
     guidance_scale: float = 1.0
     delta: float = 0.7
     num_inference_steps: int = Field(50, ge=1, le=100)
-    t_index_list: list[int] = Field(default_factory=lambda: [12, 20, 32], min_length=1, max_length=4)
+    t_index_list: list[int] = Field(
+        default_factory=lambda: [12, 20, 32], min_length=1, max_length=4
+    )
     seed: int | list[tuple[int, float]] = 789
     seed_interpolation_method: Literal["linear", "slerp"] = "linear"
     normalize_seed_weights: bool = True
@@ -80,7 +83,7 @@ class StreamDiffusionParams(PipelineParams):
     @field_validator("t_index_list")
     @classmethod
     def _non_decreasing(cls, value: list[int]) -> list[int]:
-        if any(b < a for a, b in zip(value, value[1:], strict=False)) or min(value) < 0:
+        if any(b < a for a, b in itertools.pairwise(value)) or min(value) < 0:
             raise ValueError("t_index_list must be non-negative and non-decreasing")
         return value
 
@@ -95,8 +98,13 @@ class StreamDiffusionParams(PipelineParams):
             unsupported.append("ip_adapter")
         if self.lora_dict:
             unsupported.append("lora_dict")
-        for name in ("image_preprocessing", "image_postprocessing", "latent_preprocessing",
-                     "latent_postprocessing", "cached_attention"):
+        for name in (
+            "image_preprocessing",
+            "image_postprocessing",
+            "latent_preprocessing",
+            "latent_postprocessing",
+            "cached_attention",
+        ):
             value = getattr(self, name)
             if value and value.get("enabled", True):
                 unsupported.append(name)
@@ -107,14 +115,32 @@ class StreamDiffusionParams(PipelineParams):
 
 LIVE_PARAMS = frozenset(
     {
-        "prompt", "prompt_interpolation_method", "normalize_prompt_weights", "negative_prompt",
-        "guidance_scale", "delta", "num_inference_steps", "t_index_list", "seed",
-        "seed_interpolation_method", "normalize_seed_weights", "skip_diffusion",
-        "enable_similar_image_filter", "similar_image_filter_threshold",
-        "similar_image_filter_max_skip_frame", "use_safety_checker", "safety_checker_threshold",
-        "controlnets", "ip_adapter", "ip_adapter_style_image_url", "image_preprocessing",
-        "image_postprocessing", "latent_preprocessing", "latent_postprocessing",
-        "cached_attention", "do_add_noise",
+        "prompt",
+        "prompt_interpolation_method",
+        "normalize_prompt_weights",
+        "negative_prompt",
+        "guidance_scale",
+        "delta",
+        "num_inference_steps",
+        "t_index_list",
+        "seed",
+        "seed_interpolation_method",
+        "normalize_seed_weights",
+        "skip_diffusion",
+        "enable_similar_image_filter",
+        "similar_image_filter_threshold",
+        "similar_image_filter_max_skip_frame",
+        "use_safety_checker",
+        "safety_checker_threshold",
+        "controlnets",
+        "ip_adapter",
+        "ip_adapter_style_image_url",
+        "image_preprocessing",
+        "image_postprocessing",
+        "latent_preprocessing",
+        "latent_postprocessing",
+        "cached_attention",
+        "do_add_noise",
     }
 )
 
@@ -162,7 +188,9 @@ class StreamDiffusionPipeline(LivePipeline):
 
     unet_calls: ClassVar[int] = 0  # counted across instances: tests read it
 
-    def __init__(self, params: StreamDiffusionParams, context: PipelineContext | None = None) -> None:  # type: ignore[override]
+    def __init__(
+        self, params: StreamDiffusionParams, context: PipelineContext | None = None
+    ) -> None:  # type: ignore[override]
         super().__init__(params, context)
         self.params: StreamDiffusionParams = params
         self.skipped = 0
@@ -190,7 +218,6 @@ class StreamDiffusionPipeline(LivePipeline):
         return free is not None and free > 2 * self._weights_bytes
 
     def load(self) -> None:
-        import torch
         from diffusers import (
             AutoencoderKL,
             AutoencoderTiny,
@@ -215,17 +242,36 @@ class StreamDiffusionPipeline(LivePipeline):
             )
         started = time.monotonic()
         logger.info("loading model=%s device=%s", p.model_id, spec)
-        dtype = spec.dtype
-        self.tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
-        self.text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder")
-        self.unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet")
-        self.vae: Any
         vae_path = self._vae_path()
-        if vae_path is not None:
-            self.vae = AutoencoderTiny.from_pretrained(vae_path)
-        else:
-            self.vae = AutoencoderKL.from_pretrained(path, subfolder="vae")
-        self.scheduler = LCMScheduler.from_pretrained(path, subfolder="scheduler")
+        self.attach(
+            tokenizer=CLIPTokenizer.from_pretrained(path, subfolder="tokenizer"),
+            text_encoder=CLIPTextModel.from_pretrained(path, subfolder="text_encoder"),
+            unet=UNet2DConditionModel.from_pretrained(path, subfolder="unet"),
+            vae=AutoencoderTiny.from_pretrained(vae_path)
+            if vae_path is not None
+            else AutoencoderKL.from_pretrained(path, subfolder="vae"),
+            scheduler=LCMScheduler.from_pretrained(path, subfolder="scheduler"),
+        )
+        logger.info("model ready model=%s seconds=%.1f", p.model_id, time.monotonic() - started)
+
+    def attach(
+        self, *, tokenizer: Any, text_encoder: Any, unet: Any, vae: Any, scheduler: Any
+    ) -> None:
+        """Take loaded components (from `load`, or built in memory by bench/diffusion.py),
+        move them to the device, precompute, and warm up."""
+        import torch
+
+        p = self.params
+        if not hasattr(self, "_spec"):
+            self._spec = choose_device(self.context.device, self.context.dtype)
+            self._weights_bytes = 0
+        spec = self._spec
+        dtype = spec.dtype
+        self.tokenizer = tokenizer
+        self.text_encoder = text_encoder
+        self.unet = unet
+        self.vae = vae
+        self.scheduler = scheduler
         for module in (self.text_encoder, self.unet, self.vae):
             module.to(spec.device, dtype).eval().requires_grad_(False)
         self.unet.register_forward_pre_hook(_count_unet_call)
@@ -242,7 +288,6 @@ class StreamDiffusionPipeline(LivePipeline):
             self.process(warm)
         self._prepare(p)  # forget the warm-up frames in the stream batch
         self._loaded = True
-        logger.info("model ready model=%s seconds=%.1f", p.model_id, time.monotonic() - started)
 
     def _vae_path(self) -> Path | None:
         vae_id = self.params.vae_id
@@ -276,8 +321,11 @@ class StreamDiffusionPipeline(LivePipeline):
 
     def _encode_prompt(self, text: str) -> torch.Tensor:
         ids = self.tokenizer(
-            text, padding="max_length", max_length=self.tokenizer.model_max_length,
-            truncation=True, return_tensors="pt",
+            text,
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
         ).input_ids.to(self.device)
         return self.text_encoder(ids)[0].to(self.dtype)
 
@@ -290,9 +338,7 @@ class StreamDiffusionPipeline(LivePipeline):
             weights = _weights(pairs, p.normalize_prompt_weights)
             self.prompt_embeds = _blend(embeds, weights, p.prompt_interpolation_method)
             self.full_cfg = p.guidance_scale > 1.0 and bool(p.negative_prompt)
-            self.negative_embeds = (
-                self._encode_prompt(p.negative_prompt) if self.full_cfg else None
-            )
+            self.negative_embeds = self._encode_prompt(p.negative_prompt) if self.full_cfg else None
 
     def _prepare(self, p: StreamDiffusionParams) -> None:
         """Everything per-frame work needs: embeddings, timesteps, scalings, noise, buffers."""
@@ -313,11 +359,11 @@ class StreamDiffusionPipeline(LivePipeline):
             *(self.scheduler.get_scalings_for_boundary_condition_discrete(t) for t in sub),
             strict=True,
         )
-        self.c_skip = torch.stack([torch.as_tensor(s) for s in skips]).view(shape).to(
-            self.device, self.dtype
+        self.c_skip = (
+            torch.stack([torch.as_tensor(s) for s in skips]).view(shape).to(self.device, self.dtype)
         )
-        self.c_out = torch.stack([torch.as_tensor(o) for o in outs]).view(shape).to(
-            self.device, self.dtype
+        self.c_out = (
+            torch.stack([torch.as_tensor(o) for o in outs]).view(shape).to(self.device, self.dtype)
         )
         steps = len(p.t_index_list)
         seeds = [(p.seed, 1.0)] if isinstance(p.seed, int) else list(p.seed)
@@ -327,14 +373,14 @@ class StreamDiffusionPipeline(LivePipeline):
             )
             for s, _ in seeds
         ]
-        noise = _blend(noises, _weights(seeds, p.normalize_seed_weights),
-                       p.seed_interpolation_method)
+        noise = _blend(
+            noises, _weights(seeds, p.normalize_seed_weights), p.seed_interpolation_method
+        )
         self.init_noise = noise.to(self.device, self.dtype)
         # The residual-noise trick: what re-noises a latent for its next step is the noise
         # the UNet actually removed, not fresh noise, so the stream stays temporally stable.
         self.stock_noise = self.init_noise.clone()
-        self.buffer = torch.zeros((steps - 1, *latent_shape), device=self.device,
-                                  dtype=self.dtype)
+        self.buffer = torch.zeros((steps - 1, *latent_shape), device=self.device, dtype=self.dtype)
         self._last_input: np.ndarray | None = None
         self._last_output: np.ndarray | None = None
         self.skipped = 0
@@ -389,8 +435,7 @@ class StreamDiffusionPipeline(LivePipeline):
         else:
             current = x_t
             for i in range(steps):
-                denoised, eps = self._unet_step(current, self.timesteps[i : i + 1],
-                                                slice(i, i + 1))
+                denoised, eps = self._unet_step(current, self.timesteps[i : i + 1], slice(i, i + 1))
                 if i + 1 < steps:
                     current = self.alpha[i + 1] * denoised + self.beta[i + 1] * (
                         self.init_noise[i + 1 : i + 2] if p.do_add_noise else eps
@@ -409,7 +454,8 @@ class StreamDiffusionPipeline(LivePipeline):
         if self.full_cfg:
             assert self.negative_embeds is not None
             eps_uncond, eps_text = self.unet(
-                torch.cat([x, x]), torch.cat([t, t]),
+                torch.cat([x, x]),
+                torch.cat([t, t]),
                 encoder_hidden_states=torch.cat([self.negative_embeds.expand(n, -1, -1), embeds]),
             ).sample.chunk(2)
             eps = eps_uncond + p.guidance_scale * (eps_text - eps_uncond)
@@ -459,8 +505,13 @@ def _uint8():  # type: ignore[no-untyped-def]
 
 
 def _schedule_key(p: StreamDiffusionParams) -> tuple[Any, ...]:
-    return (p.num_inference_steps, tuple(p.t_index_list), p.seed, p.seed_interpolation_method,
-            p.normalize_seed_weights)
+    return (
+        p.num_inference_steps,
+        tuple(p.t_index_list),
+        p.seed,
+        p.seed_interpolation_method,
+        p.normalize_seed_weights,
+    )
 
 
 def _count_unet_call(module: Any, args: Any) -> None:

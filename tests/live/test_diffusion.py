@@ -75,7 +75,9 @@ def test_prompt_and_seed_apply_live(context) -> None:
 
 def test_similar_image_filter_skips_up_to_the_limit(context) -> None:
     pipeline = loaded(
-        context, t_index_list=[20], enable_similar_image_filter=True,
+        context,
+        t_index_list=[20],
+        enable_similar_image_filter=True,
         similar_image_filter_max_skip_frame=3,
     )
     frame = numbered_frame(5, 64, 64)

@@ -76,14 +76,19 @@ def test_worker_passes_errors_back() -> None:
 
 def test_models_cli_tiny_then_list(tmp_path: Path) -> None:
     run = [sys.executable, "-m", "live", "models"]
-    out = subprocess.run([*run, "tiny", str(tmp_path)], capture_output=True, text=True,
-                         check=True).stdout
+    out = subprocess.run(
+        [*run, "tiny", str(tmp_path)], capture_output=True, text=True, check=True
+    ).stdout
     assert "stabilityai/sd-turbo" in out
-    out = subprocess.run([*run, "list", "--models-dir", str(tmp_path)], capture_output=True,
-                         text=True, check=True).stdout
+    out = subprocess.run(
+        [*run, "list", "--models-dir", str(tmp_path)], capture_output=True, text=True, check=True
+    ).stdout
     assert "stabilityai/sd-turbo" in out and "madebyollin/taesd" in out
-    pulled = subprocess.run([*run, "pull", "someone/model", "--models-dir", str(tmp_path)],
-                            capture_output=True, text=True)
+    pulled = subprocess.run(
+        [*run, "pull", "someone/model", "--models-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+    )
     assert pulled.returncode == 2
     assert "cannot download someone/model" in pulled.stderr
     assert "Traceback" not in pulled.stderr
