@@ -34,8 +34,9 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, Protocol
 
 import aiohttp
@@ -92,34 +93,43 @@ def live_service(port: int) -> Iterator[subprocess.Popen[bytes]]:
     """The service, as deployed: `python -m live serve` with channel creation over HTTP."""
     cmd = [sys.executable, "-m", "live", "serve", "--host", HOST, "--port", str(port)]
     cmd += ["--trickle-autocreate", "--log-level", "WARNING"]
-    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
-    try:
-        wait_listening(port, lambda: proc.poll() is None, "trickle service")
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+    # Its log (start-up warnings about models, say) is kept aside and shown only on failure.
+    with tempfile.TemporaryFile() as log:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+        ok = False
+        try:
+            wait_listening(port, lambda: proc.poll() is None, "trickle service")
+            yield proc
+            ok = True
+        finally:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(STOP_TIMEOUT_S)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+            if not ok:
+                log.seek(0)
+                sys.stderr.write(log.read().decode(errors="replace")[-4000:])
 
 
 def _raw_server_main(port: int, size: int) -> None:
     """Child process: GET /blob streams one in-memory payload (chunked, like a trickle GET)."""
-    payload = os.urandom(size)
+    payload, small = os.urandom(size), os.urandom(1024)
 
-    async def blob(request: web.Request) -> web.StreamResponse:
+    async def stream(request: web.Request, body: bytes) -> web.StreamResponse:
         response = web.StreamResponse()
-        await response.prepare(request)
-        await response.write(payload)
-        await response.write_eof()
+        with contextlib.suppress(ConnectionError):  # clients are cancelled mid-body at the end
+            await response.prepare(request)
+            await response.write(body)
+            await response.write_eof()
         return response
 
     async def main() -> None:
         app = web.Application()
-        app.router.add_get("/blob", blob)
+        app.router.add_get("/blob", lambda request: stream(request, payload))
+        app.router.add_get("/small", lambda request: stream(request, small))
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         await web.TCPSite(runner, HOST, port).start()
@@ -173,9 +183,11 @@ class Window:
     def result(self, n: int, **extra: Any) -> dict[str, Any]:
         elapsed = self.t1 - self.t0
         total = (self.b1 - self.b0) / elapsed / MB
-        server_cpu = None
+        server_cpu = cost = None
         if self.s0 is not None and self.s1 is not None:
             server_cpu = round(100 * (self.s1 - self.s0) / elapsed)
+            if self.b1 > self.b0:
+                cost = round(1000 * (self.s1 - self.s0) / ((self.b1 - self.b0) / MB), 2)
         return {
             "subscribers": n,
             "seconds": round(elapsed, 2),
@@ -183,14 +195,9 @@ class Window:
             "per_subscriber_mb_s": round(total / n, 1),
             "server_cpu_pct": server_cpu,
             "client_cpu_pct": round(100 * (self.c1 - self.c0) / elapsed),
+            "server_cpu_ms_per_mb": cost,
             **extra,
         }
-
-
-class _Segment(Protocol):
-    seq: int
-
-    def __aiter__(self) -> AsyncIterator[bytes]: ...
 
 
 class _Subscriber(Protocol):
@@ -253,6 +260,8 @@ async def fanout(
                 started = True
                 window.start(sum(received))
                 deadline = window.t0 + seconds
+            elif not started and publisher.seq > args.warmup + 20:
+                raise RuntimeError(f"subscribers got no segment: done {done_seq}")
             if started and (
                 time.perf_counter() >= deadline or (args.segments and segments >= args.segments)
             ):
@@ -319,7 +328,6 @@ async def first_byte(
     arrived: asyncio.Future[float] = loop.create_future()
 
     async def read() -> None:
-        nonlocal arrived
         async for segment in subscriber:
             first = True
             async for _chunk in segment:
@@ -346,14 +354,7 @@ async def first_byte(
     finally:
         reader.cancel()
         await asyncio.gather(reader, return_exceptions=True)
-    samples.sort()
-    return {
-        "segments": len(samples),
-        "segment_bytes": size,
-        "p50_ms": round(statistics.median(samples), 3),
-        "p90_ms": round(samples[int(0.9 * (len(samples) - 1))], 3),
-        "max_ms": round(samples[-1], 3),
-    }
+    return _percentiles(samples, segment_bytes=size)
 
 
 # -- the runs ------------------------------------------------------------------------------------
@@ -371,19 +372,22 @@ async def run_http(
     results: dict[str, Any] = {"fanout": [], "first_byte": None}
     async with aiohttp.ClientSession() as session:
         for n in args.subscribers:
-            url = f"{base}/bench-{n}-{secrets.token_hex(4)}"
-            await create_channel(session, url)
-            results["fanout"].append(
-                await fanout(
-                    lambda url=url: TricklePublisher(url),
-                    lambda url=url: TrickleSubscriber(url, start_seq=h.NEXT_SEQ),
-                    n,
-                    data,
-                    args,
-                    server_pid,
-                    args.seconds,
+            runs = []
+            for _ in range(args.repeat):
+                url = f"{base}/bench-{n}-{secrets.token_hex(4)}"
+                await create_channel(session, url)
+                runs.append(
+                    await fanout(
+                        lambda url=url: TricklePublisher(url),
+                        lambda url=url: TrickleSubscriber(url, start_seq=h.NEXT_SEQ),
+                        n,
+                        data,
+                        args,
+                        server_pid,
+                        args.seconds,
+                    )
                 )
-            )
+            results["fanout"].append(_best(runs))
         url = f"{base}/bench-latency-{secrets.token_hex(4)}"
         await create_channel(session, url)
     publisher = TricklePublisher(url)
@@ -398,10 +402,52 @@ async def run_http(
     return results
 
 
-async def run_raw(base: str, server_pid: int, args: argparse.Namespace) -> list[dict[str, Any]]:
-    return [
-        await fanout_raw(f"{base}/blob", n, args.seconds, 0.5, server_pid) for n in args.subscribers
-    ]
+async def round_trip(url: str, count: int) -> dict[str, Any]:
+    """Latency from a small GET's start to its first body chunk, on one kept-alive connection:
+    the raw counterpart of the trickle first byte (one hop up, one hop down)."""
+    samples: list[float] = []
+    async with aiohttp.ClientSession() as session:
+        for i in range(count + 10):
+            t0 = time.perf_counter()
+            async with session.get(url) as response:
+                await response.content.readany()
+                t1 = time.perf_counter()
+                await response.read()
+            if i >= 10:
+                samples.append((t1 - t0) * 1000)
+    return _percentiles(samples, segment_bytes=1024)
+
+
+def _percentiles(samples: list[float], **extra: Any) -> dict[str, Any]:
+    samples = sorted(samples)
+    return {
+        "segments": len(samples),
+        **extra,
+        "p50_ms": round(statistics.median(samples), 3),
+        "p90_ms": round(samples[int(0.9 * (len(samples) - 1))], 3),
+        "max_ms": round(samples[-1], 3),
+    }
+
+
+def _best(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    best = max(runs, key=lambda r: r["total_mb_s"])
+    if len(runs) > 1:
+        best["runs_mb_s"] = [r["total_mb_s"] for r in runs]
+    return best
+
+
+async def run_raw(base: str, server_pid: int, args: argparse.Namespace) -> dict[str, Any]:
+    fanouts = []
+    for n in args.subscribers:
+        runs = [
+            await fanout_raw(f"{base}/blob", n, args.seconds, 0.5, server_pid)
+            for _ in range(args.repeat)
+        ]
+        fanouts.append(_best(runs))
+    return {
+        "fanout": fanouts,
+        "first_byte": await round_trip(f"{base}/small", args.latency_segments),
+    }
 
 
 async def run_local(data: bytes, args: argparse.Namespace) -> dict[str, Any]:
@@ -464,7 +510,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     if "http" in out and "raw" in out:
         out["ratio"] = {
             str(t["subscribers"]): round(t["total_mb_s"] / r["total_mb_s"], 2)
-            for t, r in zip(out["http"]["fanout"], out["raw"], strict=True)
+            for t, r in zip(out["http"]["fanout"], out["raw"]["fanout"], strict=True)
             if r["total_mb_s"]
         }
     if "local" in args.only:
@@ -485,6 +531,8 @@ def _fanout_row(label: str, r: dict[str, Any]) -> str:
         f"  per sub {r['per_subscriber_mb_s']:9.1f} MB/s"
         f"  cpu server {_pct(r['server_cpu_pct'])} client {_pct(r['client_cpu_pct'])}"
     )
+    if r["server_cpu_ms_per_mb"] is not None:
+        row += f"  server {r['server_cpu_ms_per_mb']:.2f} ms/MB"
     if "segments" in r:
         row += f"  {r['segments'] / r['seconds']:7.0f} seg/s"
         if r["skipped"] or r["stalls"]:
@@ -512,15 +560,18 @@ def report(out: dict[str, Any]) -> str:
         by_n: dict[int, list[str]] = {}
         for r in http["fanout"] if http else []:
             by_n.setdefault(r["subscribers"], []).append(_fanout_row("trickle", r))
-        for r in raw or []:
+        for r in raw["fanout"] if raw else []:
             by_n.setdefault(r["subscribers"], []).append(_fanout_row("raw", r))
         for n, rows in by_n.items():
             lines += rows
             if str(n) in ratio:
                 lines.append(f"  {'ratio':<8} N={n:<2} trickle/raw {ratio[str(n)]:.2f}")
-    if http:
+    if http or raw:
         lines.append("2. first byte to an attached subscriber (HTTP)")
+    if http:
         lines.append(_latency_row("trickle", http["first_byte"]))
+    if raw:
+        lines.append(_latency_row("raw GET", raw["first_byte"]) + ", request to first chunk")
     if "local" in out:
         lines.append("3. in-process LocalPublisher/LocalSubscriber (no HTTP)")
         lines += [_fanout_row("local", r) for r in out["local"]["fanout"]]
@@ -540,17 +591,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--segments", type=int, default=0, help="also stop a fan-out after this many segments"
     )
+    parser.add_argument(
+        "--repeat", type=int, default=1, help="runs per HTTP fan-out, best kept (noisy hosts)"
+    )
     parser.add_argument("--window", type=int, default=3, help="segments the publisher may lead")
     parser.add_argument("--warmup", type=int, default=3, help="segments before measuring")
     parser.add_argument("--local-seconds", type=float, default=1.0, help="per local fan-out")
-    parser.add_argument("--latency-segments", type=int, default=200)
-    parser.add_argument("--latency-bytes", type=int, default=1024)
+    parser.add_argument(
+        "--latency-segments", type=int, default=200, help="first-byte samples (default 200)"
+    )
+    parser.add_argument(
+        "--latency-bytes", type=int, default=1024, help="first-byte segment size (default 1024)"
+    )
     parser.add_argument("--gap", type=float, default=0.005, help="seconds between latency writes")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead")
     parser.add_argument(
         "--trickle-url",
-        help="bench a trickle server already running at this base URL (e.g. "
-        "http://127.0.0.1:8935/trickle, go-livepeer's) instead of starting the service",
+        help="bench a trickle server already running at this base URL, with channel "
+        "autocreation (e.g. http://127.0.0.1:8935/trickle), instead of starting the service",
     )
     parser.add_argument(
         "--only", default="http,raw,local", help="parts to run (default http,raw,local)"
@@ -563,13 +621,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.subscribers = [int(n) for n in args.subscribers.split(",") if n.strip()]
     if not args.subscribers or min(args.subscribers) < 1:
         parser.error("--subscribers needs positive counts")
+    if args.repeat < 1:
+        parser.error("--repeat must be at least 1")
     if args.window < 1 or args.window > 4:
         parser.error("--window must be 1-4: the ring holds 5 segments")
     return args
 
 
+def _terminate(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)  # unwinds the context managers that stop the servers
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _terminate)
     out = measure(args)
     print(json.dumps(out, indent=2) if args.json else report(out))
     return 0
