@@ -29,7 +29,7 @@ def build_components(seed: int = 0) -> dict[str, object]:
     from diffusers import AutoencoderTiny, LCMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from runtime.tiny import _tokenizer
+    from runtime.tiny import SCHEDULER_CONFIG, _tokenizer
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(  # stabilityai/sd-turbo (SD 2.1) unet/config.json
@@ -55,13 +55,7 @@ def build_components(seed: int = 0) -> dict[str, object]:
     )
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = _tokenizer(Path(tmp))
-    scheduler = LCMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        timestep_spacing="trailing",
-        steps_offset=1,
-    )
+    scheduler = LCMScheduler(**SCHEDULER_CONFIG)
     return {
         "tokenizer": tokenizer,
         "text_encoder": text_encoder,

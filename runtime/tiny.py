@@ -13,6 +13,15 @@ from pathlib import Path
 SD_TURBO = "stabilityai/sd-turbo"
 TAESD = "madebyollin/taesd"
 
+# sd-turbo's scheduler_config.json, the part that matters.
+SCHEDULER_CONFIG = {
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "timestep_spacing": "trailing",
+    "steps_offset": 1,
+}
+
 # CLIP's byte-level alphabet plus a few merges: a real BPE tokenizer, tiny.
 _MERGES = ["c a", "ca t</w>", "d o", "do g</w>", "r e", "re d</w>"]
 
@@ -86,13 +95,7 @@ def build_tiny_sd(folder: Path, seed: int = 0) -> Path:
         down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4,
     )
-    scheduler = EulerDiscreteScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        timestep_spacing="trailing",
-        steps_offset=1,
-    )
+    scheduler = EulerDiscreteScheduler(**SCHEDULER_CONFIG)
     unet.save_pretrained(folder / "unet")
     vae.save_pretrained(folder / "vae")
     text_encoder.save_pretrained(folder / "text_encoder")
