@@ -126,9 +126,10 @@ async def in_process(clip: Clip, pipeline_cls: type, realtime: bool) -> dict[str
                         session.frames_in - session.frames_out - session.frames_dropped > 2
                     ):
                         await asyncio.sleep(0.0002)
-                while seen < len(session.latencies):
-                    delays.append((time.monotonic() - start, session.latencies[seen]))
-                    seen += 1
+                # The session keeps the last 300 delays; sample the newest as frames leave.
+                if session.frames_out > seen and session.latencies:
+                    delays.append((time.monotonic() - start, session.latencies[-1]))
+                    seen = session.frames_out
     # Let the last frames out before the input ends (a closed channel drops what it holds).
     for _ in range(2000):
         if session.frames_out + session.frames_dropped >= session.frames_in:
