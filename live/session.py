@@ -191,11 +191,6 @@ class LiveSession:
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
 
-    async def wait(self) -> None:
-        if self._task is not None:
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.shield(self._task)
-
     @property
     def running(self) -> bool:
         return self._task is not None and not self._task.done()
@@ -208,9 +203,7 @@ class LiveSession:
                 side = [group.create_task(self._report(), name=f"{self.id}/status")]
                 if self.channels.control is not None:
                     side.append(group.create_task(self._control(), name=f"{self.id}/control"))
-                self._loading = group.create_task(
-                    self._load(self.params, restart=False), name=f"{self.id}/load"
-                )
+                self._loading = group.create_task(self._load(self.params), name=f"{self.id}/load")
                 try:
                     await self._media()
                 except _OutputGone:
@@ -369,7 +362,7 @@ class LiveSession:
                 )
             )
             self.log.warning("pipeline restart count=%d", self.restart_count)
-            self._loading = asyncio.create_task(self._load(self.params, restart=True))
+            self._loading = asyncio.create_task(self._load(self.params))
 
     async def _encode(self) -> None:
         loop = asyncio.get_running_loop()
@@ -441,7 +434,7 @@ class LiveSession:
 
     # -- params, reloads, control ---------------------------------------------------------------
 
-    async def _load(self, params: PipelineParams, restart: bool) -> None:
+    async def _load(self, params: PipelineParams) -> None:
         loop = asyncio.get_running_loop()
         self._set_state("LOADING")
         pipeline = self.pipeline_cls(params, self.config.context)
@@ -480,7 +473,7 @@ class LiveSession:
             self._serve_old = old_pipeline is not None and old_pipeline.keeps_serving_during_reload(
                 new
             )
-            self._loading = asyncio.create_task(self._load(new, restart=False))
+            self._loading = asyncio.create_task(self._load(new))
             self.log.info("params need a reload serve_old=%s", self._serve_old)
             return "reload"
         pipeline = self._pipeline
