@@ -212,7 +212,7 @@ class LiveSession:
                     task.cancel()
                 if self._loading is not None:
                     self._loading.cancel()
-                self.emit(self.status())
+                self.emit(self.status(for_event=True))
                 self._events.put_nowait(None)
                 await events
         finally:
@@ -525,7 +525,7 @@ class LiveSession:
 
     async def _report(self) -> None:
         while True:
-            self.emit(self.status())
+            self.emit(self.status(for_event=True))
             await asyncio.sleep(self.config.status_interval_s)
 
     def _set_state(self, state: State) -> None:
@@ -561,7 +561,10 @@ class LiveSession:
             self._fps_marks = (now, self.frames_in, self.frames_out)
         return self._fps
 
-    def status(self) -> StatusEvent:
+    def status(self, *, for_event: bool = False) -> StatusEvent:
+        """The status now. `for_event`: the status event's form, where last_params and
+        last_restart_logs are sent once after they change, then null; a status read over HTTP
+        always carries them and does not use them up."""
         fps_in, fps_out = self._measure_fps()
         params = self.params.model_dump(mode="json")
         latencies = sorted(self.latencies)
@@ -571,9 +574,12 @@ class LiveSession:
             latency.p95_ms = round(latencies[int(len(latencies) * 0.95)] * 1000, 1)
         # livepeer-compat: last_params and last_restart_logs are sent once after they change,
         # then null (protocol/trickle.md §3.6).
-        last_params = None if self._params_sent else params
-        self._params_sent = True
-        restart_logs, self._restart_logs = self._restart_logs, None
+        last_params: dict[str, Any] | None = params
+        restart_logs = self._restart_logs
+        if for_event:
+            last_params = None if self._params_sent else params
+            self._params_sent = True
+            self._restart_logs = None
         return StatusEvent(
             pipeline=self.pipeline_cls.name,
             start_time=self.start_time,

@@ -63,6 +63,11 @@ class Segment:
         """Wait until the first byte arrived or the segment was closed."""
         await self.wait_beyond(0)
 
+    async def wait_closed(self) -> None:
+        """Wait until the segment is closed, however many bytes arrive meanwhile."""
+        while not self.closed:
+            await self.wait_beyond(len(self.chunks))
+
     async def iter_chunks(self) -> AsyncIterator[bytes]:
         """Every chunk from byte 0, then each new one as it is appended, until closed.
 

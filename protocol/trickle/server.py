@@ -306,7 +306,7 @@ class _Routes:
         """The first chunk of the body, or b"" when the body is empty or the segment was closed
         before any byte arrived. Sends interim 100 Continue keepalives while waiting."""
         read = asyncio.ensure_future(request.content.readany())
-        closed = asyncio.ensure_future(_wait_closed(segment))
+        closed = asyncio.ensure_future(segment.wait_closed())
         try:
             while True:
                 done, _ = await asyncio.wait(
@@ -416,11 +416,6 @@ class _Routes:
             return _text(400, "Nonexistent segment")
         segment.close()
         return web.Response(status=200)
-
-
-async def _wait_closed(segment: Segment) -> None:
-    while not segment.closed:
-        await segment.wait_beyond(len(segment.chunks))
 
 
 def _abort(request: web.Request) -> None:
