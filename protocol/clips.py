@@ -1,15 +1,28 @@
 """Numbered test clips: frames that carry their index painted in pixels, so that whoever receives
-them (tests, benchmarks, a deployment smoke test) can match each output frame to its input."""
+them (tests, benchmarks, a deployment smoke test) can match each output frame to its input.
+
+Also inputs we refuse (MPEG-2, VP9, audio only), so tests can check what a publisher is told."""
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 from fractions import Fraction
+from typing import Literal
 
 import av
 import numpy as np
 
-from .media import AUDIO_LEAD, CLOCK, AudioPacket, EncoderSettings, SegmentEncoder
+from .media import (
+    AUDIO_LEAD,
+    CLOCK,
+    TIME_BASE,
+    AudioPacket,
+    EncoderSettings,
+    SegmentEncoder,
+    h264_encoder,
+)
+from .mpegts import TSMuxer
 
 BITS = 12
 BAND = 16  # rows at the top that carry the index
@@ -102,8 +115,13 @@ def adts_header(payload_size: int, rate_index: int = 3, channels: int = 1) -> by
     )
 
 
-def tone(seconds: float, first_pts: int = 0, hz: float = 440.0) -> list[AudioPacket]:
-    """A sine tone as AAC-LC ADTS packets, 48 kHz mono, timestamps on the 90 kHz clock."""
+def tone(
+    seconds: float, first_pts: int = 0, hz: float = 440.0, codec: str = "aac"
+) -> list[AudioPacket]:
+    """A sine tone, 48 kHz, timestamps on the 90 kHz clock: AAC-LC ADTS packets (mono), or
+    Opus packets of 20 ms (stereo, as WebRTC sends it)."""
+    if codec == "opus":
+        return _opus_tone(seconds, first_pts, hz)
     rate = 48_000
     ctx = av.CodecContext.create("aac", "w")
     ctx.sample_rate = rate
@@ -132,6 +150,37 @@ def tone(seconds: float, first_pts: int = 0, hz: float = 440.0) -> list[AudioPac
     ]
 
 
+OPUS_FRAME = 960  # 20 ms at 48 kHz
+
+
+def _opus_tone(seconds: float, first_pts: int, hz: float) -> list[AudioPacket]:
+    rate = 48_000
+    # The wheel has both; "opus" is FFmpeg's experimental native encoder, libopus the real one.
+    ctx = av.CodecContext.create("libopus", "w")
+    ctx.sample_rate = rate
+    ctx.layout = "stereo"
+    ctx.format = "flt"
+    ctx.time_base = Fraction(1, rate)
+    ctx.options = {"frame_duration": "20", "application": "lowdelay"}
+    packets = []
+    for start in range(0, int(seconds * rate) // OPUS_FRAME * OPUS_FRAME, OPUS_FRAME):
+        t = (np.arange(start, start + OPUS_FRAME) / rate).astype(np.float32)
+        wave = 0.3 * np.sin(2 * np.pi * hz * t)
+        frame = av.AudioFrame.from_ndarray(
+            np.repeat(wave, 2)[None, :], format="flt", layout="stereo"
+        )
+        frame.sample_rate = rate
+        frame.pts = start
+        packets.extend(ctx.encode(frame))
+    packets.extend(ctx.encode(None))
+    # Packets are numbered 20 ms apart from first_pts: the encoder's pre-skip (a negative
+    # first pts) is the decoder's business, not the timeline's.
+    return [
+        AudioPacket("opus", first_pts + i * OPUS_FRAME * CLOCK // rate, bytes(p))
+        for i, p in enumerate(packets)
+    ]
+
+
 def make_clip(
     frames: int,
     fps: float = 30.0,
@@ -139,20 +188,96 @@ def make_clip(
     height: int = 128,
     segment_s: float = 1.0,
     first_pts: int = 0,
-    audio: bool = False,
+    audio: bool | Literal["aac", "opus"] = False,
+    bframes: int = 0,
 ) -> Clip:
-    """Encode `frames` numbered frames as MPEG-TS segments, keeping each frame's bytes apart;
-    with `audio`, a tone in AAC is muxed alongside, in sync."""
-    sink = _FrameSink()
-    encoder = SegmentEncoder(sink, EncoderSettings(segment_s=segment_s), on_frame=sink.frame_done)
+    """Encode `frames` numbered frames as MPEG-TS segments, keeping each frame's bytes apart.
+
+    `audio` muxes a tone alongside, in sync: True or "aac" for AAC, "opus" for Opus. `bframes`
+    > 0 encodes with that many B-frames (the SegmentEncoder never does): then the frames of a
+    segment are in decode order and carry a DTS apart from their PTS.
+    """
+    codec = "aac" if audio is True else (audio or None)
     pts = [first_pts + round(i * CLOCK / fps) for i in range(frames)]
-    pending = tone(frames / fps, first_pts) if audio else []
+    pending = tone(frames / fps, first_pts, codec=codec) if codec else []
     audio_pts = [packet.pts for packet in pending]
-    for i, frame_pts in enumerate(pts):
-        batch = []
-        while pending and pending[0].pts <= frame_pts + AUDIO_LEAD:
-            batch.append(pending.pop(0))
-        encoder.encode(numbered_frame(i, width, height), frame_pts, batch)
-    encoder.close()
+    if bframes:
+        segments = _bframe_segments(pts, width, height, segment_s, pending, bframes)
+    else:
+        sink = _FrameSink()
+        settings = EncoderSettings(segment_s=segment_s)
+        encoder = SegmentEncoder(sink, settings, on_frame=sink.frame_done)
+        for i, frame_pts in enumerate(pts):
+            batch = []
+            while pending and pending[0].pts <= frame_pts + AUDIO_LEAD:
+                batch.append(pending.pop(0))
+            encoder.encode(numbered_frame(i, width, height), frame_pts, batch)
+        encoder.close()
+        segments = sink.segments
     sent = len(audio_pts) - len(pending)
-    return Clip(sink.segments, pts, fps, audio_pts[:sent])
+    return Clip(segments, pts, fps, audio_pts[:sent])
+
+
+def _bframe_segments(
+    pts: list[int],
+    width: int,
+    height: int,
+    segment_s: float,
+    pending: list[AudioPacket],
+    bframes: int,
+) -> list[list[bytes]]:
+    """Segments of an H.264 stream with B-frames: one encoder (one GOP) per segment, each
+    packet muxed as it would be live, audio up to AUDIO_LEAD ahead of each packet's DTS."""
+    settings = EncoderSettings(preset="veryfast", threads=1)
+    codec = pending[0].codec if pending else None
+    bounds = [0]  # the first frame of each segment
+    for i, frame_pts in enumerate(pts):
+        if frame_pts - pts[bounds[-1]] >= segment_s * CLOCK:
+            bounds.append(i)
+    segments = []
+    for n, first in enumerate(bounds):
+        last = bounds[n + 1] if n + 1 < len(bounds) else len(pts)
+        encoder = h264_encoder(width, height, settings, bframes=bframes)
+        muxer = TSMuxer("h264", codec)
+        packets = []
+        for i in range(first, last):
+            frame = av.VideoFrame.from_ndarray(numbered_frame(i, width, height), format="rgb24")
+            frame.pts = pts[i]
+            frame.time_base = TIME_BASE
+            packets.extend(encoder.encode(frame))
+        packets.extend(encoder.encode(None))
+        out = []
+        for k, packet in enumerate(packets):
+            data = muxer.tables() if k == 0 else b""
+            data += muxer.video(bytes(packet), packet.pts, packet.dts, packet.is_keyframe)
+            horizon = (packet.dts if k + 1 < len(packets) else pts[last - 1]) + AUDIO_LEAD
+            while pending and pending[0].pts <= horizon:
+                data += muxer.audio(pending[0].data, pending.pop(0).pts)
+            out.append(data)
+        segments.append(out)
+    return segments
+
+
+def foreign_clip(codec: Literal["mpeg2video", "vp9"], frames: int = 5, size: int = 64) -> bytes:
+    """One MPEG-TS segment of numbered frames in a codec we do not decode, as FFmpeg muxes it
+    (MPEG-2 as stream type 0x02; VP9 as private data 0x06 with no descriptor)."""
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="mpegts") as container:
+        stream = container.add_stream("libvpx-vp9" if codec == "vp9" else codec, rate=30)
+        stream.width = stream.height = size
+        stream.pix_fmt = "yuv420p"
+        for i in range(frames):
+            frame = av.VideoFrame.from_ndarray(numbered_frame(i, size, size), format="rgb24")
+            frame.pts = i
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+    return buf.getvalue()
+
+
+def audio_only_clip(seconds: float = 1.0, codec: str = "aac") -> bytes:
+    """One MPEG-TS segment carrying a tone and no video at all."""
+    muxer = TSMuxer(None, codec)
+    data = bytearray(muxer.tables())
+    for packet in tone(seconds, codec=codec):
+        data += muxer.audio(packet.data, packet.pts)
+    return bytes(data)

@@ -326,7 +326,9 @@ def h264_encoder(
     ctx.thread_count = settings.threads
     options = {"preset": settings.preset, "crf": str(settings.crf), "forced-idr": "1"}
     if bframes:
-        options["bf"] = str(bframes)  # zerolatency would turn B-frames off
+        # zerolatency would turn B-frames off; b-adapt=0 keeps a fixed pattern, so a stream
+        # asked to have B-frames (a test clip) really has them.
+        options.update({"bf": str(bframes), "x264-params": "b-adapt=0"})
     else:
         options.update({"tune": "zerolatency", "bf": "0"})
     ctx.options = options

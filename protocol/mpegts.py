@@ -101,7 +101,8 @@ class TSDemuxer:
         # Private-data streams with no registration we know: their first PES tells whether
         # they are video (FFmpeg writes VP9 this way, with no descriptor at all).
         self._probing: set[int] = set()
-        self._unsupported: list[str] = []
+        self._unsupported: dict[int, str] = {}  # pid -> codec name, for the error
+        self._pmt = b""
         self._has_audio = False
 
     def feed(self, data: bytes) -> list[PES]:
@@ -204,13 +205,14 @@ class TSDemuxer:
 
     def _parse_pmt(self, payload: bytes) -> None:
         section = self._section(payload)
-        if section is None or len(section) < 12:
-            return
+        if section is None or len(section) < 12 or section == self._pmt:
+            return  # muxers repeat the PMT: only a new one changes anything
+        self._pmt = section
         info_len = ((section[10] & 0x0F) << 8) | section[11]
         pos = 12 + info_len
         body_end = len(section) - 4
         streams: dict[int, tuple[str, str]] = {}
-        unsupported: list[str] = []
+        unsupported: dict[int, str] = {}
         probing: set[int] = set()
         while pos + 5 <= body_end:
             stream_type = section[pos]
@@ -225,9 +227,9 @@ class TSDemuxer:
             elif stream_type == STREAM_PRIVATE and registration == b"Opus":
                 streams[pid] = ("audio", "opus")
             elif stream_type in UNSUPPORTED_VIDEO:
-                unsupported.append(UNSUPPORTED_VIDEO[stream_type])
+                unsupported[pid] = UNSUPPORTED_VIDEO[stream_type]
             elif stream_type == STREAM_PRIVATE and registration in REGISTERED_VIDEO:
-                unsupported.append(REGISTERED_VIDEO[registration])
+                unsupported[pid] = REGISTERED_VIDEO[registration]
             elif stream_type == STREAM_PRIVATE and registration is None:
                 probing.add(pid)
             pos += 5 + es_len
@@ -246,7 +248,7 @@ class TSDemuxer:
         if any(kind == "video" for kind, _ in self.streams.values()):
             self.problem = None
         elif self._unsupported:
-            self.problem = unsupported_video(self._unsupported[0])
+            self.problem = unsupported_video(next(iter(self._unsupported.values())))
         elif self._probing:
             self.problem = None  # not known until a private stream's first PES arrives
         elif self._has_audio:
@@ -255,13 +257,18 @@ class TSDemuxer:
             self.problem = "the input has no video stream: send H.264 or HEVC video"
 
     def _probe(self, pid: int, payload: bytes) -> None:
-        self._probing.discard(pid)
         if len(payload) >= 9 and payload[:3] == b"\x00\x00\x01" and 0xE0 <= payload[3] <= 0xEF:
             # A video stream_id: the publisher's muxer knows it is video but gave no codec.
-            # A VP9 frame header carries the sync code 49 83 42 within its first bytes.
+            # A VP9 key frame's header carries the sync code 49 83 42 within its first bytes;
+            # other frames do not, so later PES are looked at until one does.
             body = payload[9 + payload[8] :]
-            name = "VP9" if b"\x49\x83\x42" in body[:4] else "video of stream type 0x06"
-            self._unsupported.append(name)
+            if b"\x49\x83\x42" in body[:4]:
+                self._unsupported[pid] = "VP9"
+                self._probing.discard(pid)
+            else:
+                self._unsupported.setdefault(pid, "video of stream type 0x06")
+        else:
+            self._probing.discard(pid)  # not video: data or audio we do not carry
         self._judge()
 
     def _pes_payload(
