@@ -16,6 +16,7 @@ resynchronising on the 0x47 sync byte, and counted.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 TS_PACKET = 188
@@ -516,12 +517,16 @@ class TSMuxer:
         pes = _pes_header(0xE0, len(data), pts, dts, video=True) + data
         return self._packetize(self.video_pid, pes, pcr=dts, random_access=keyframe)
 
-    def audio(self, data: bytes, pts: int) -> bytes:
+    def audio(self, data: bytes | Sequence[bytes], pts: int) -> bytes:
+        """One audio PES: an ADTS frame (or several), or Opus packets, each of which gets its
+        control header; several Opus packets (a sequence) share the PES and its pts."""
         assert self.audio_pid is not None, "this muxer has no audio stream"
         if self.audio_codec == "opus":
-            data = opus_control_header(len(data)) + data
+            packets = [data] if isinstance(data, bytes | bytearray) else data
+            data = b"".join(opus_control_header(len(p)) + p for p in packets)
             stream_id = 0xBD  # private_stream_1, as for other stream type 0x06 payloads
         else:
+            data = data if isinstance(data, bytes | bytearray) else b"".join(data)
             stream_id = 0xC0  # ADTS AAC goes in as it came
         pes = _pes_header(stream_id, len(data), pts, pts, video=False) + data
         pcr = pts if self.pcr_pid == self.audio_pid else None
