@@ -13,6 +13,7 @@ from pathlib import Path
 from aiohttp import web
 
 from .app import create_app
+from .logs import configure_logging
 from .settings import Settings, add_arguments, load_settings
 
 logger = logging.getLogger("live")
@@ -75,16 +76,6 @@ def run_models(args: argparse.Namespace) -> int:
         return 2
     print(f"downloaded {args.model_id} to {path}")
     return 0
-
-
-def configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    for noisy in ("aiohttp.access", "aioice", "aiortc", "libav"):
-        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
 
 
 async def serve(settings: Settings) -> None:

@@ -1,14 +1,14 @@
-"""One live session: input segments -> decode -> newest-frame slot -> pipeline -> encode -> output.
+"""One live session: lifecycle, params, pipeline, control and events around a `FrameLoop`.
 
-Every arrow is a task the session owns; decode, inference and encode run on threads of their
-own. The only buffer between camera and model is a `LatestSlot`, so when the model is slower than
-the camera old frames are dropped (and counted), never queued: latency stays flat over time.
+The session owns one TaskGroup: the frame loop (source -> slot -> pipeline -> sinks), the loader
+(loads and reloads, newest params win), the control reader, the status reporter and the events
+publisher. It knows its transports only as a `FrameSource`, `FrameSink`s, and the trickle
+interfaces of its control and events channels.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import hashlib
 import json
@@ -22,14 +22,7 @@ from typing import Any
 import numpy as np
 from pydantic import ValidationError
 
-from protocol.media import (
-    AUDIO_LEAD,
-    AudioPacket,
-    EncoderSettings,
-    SegmentEncoder,
-    StreamDecoder,
-    VideoFrame,
-)
+from protocol.media import EncoderSettings, VideoFrame
 from protocol.messages import (
     ErrorEvent,
     Event,
@@ -47,13 +40,22 @@ from protocol.messages import (
 from protocol.trickle import EndOfStream, StreamNotFound, TrickleError
 from protocol.trickle.interface import Publisher, Subscriber
 
+from .edges import FrameSink, FrameSource, InputFailed, MediaContext, OutputFrame
+from .frame_loop import FrameLoop
 from .loading import LoadingFrames
+from .logs import SESSION_ID
 from .pipelines.base import LivePipeline, PipelineContext, PipelineParams
-from .slot import LatestSlot
+from .stats import SessionStats, percentiles
+from .threads import run_in
 
 logger = logging.getLogger(__name__)
 
 CONTROL_MAX_BYTES = 1024 * 1024
+STOP_GRACE_S = 5.0  # a stopped session drains its in-flight frames for at most this long
+INPUT_STALE_MS = 2000
+RESTART_DEGRADED_MS = 60_000
+
+NORMAL_ENDS = {"input ended", "no input", "stopped", "shutdown", "output closed"}
 
 
 @dataclass
@@ -61,52 +63,12 @@ class SessionConfig:
     input_timeout_s: float = 60.0
     status_interval_s: float = 10.0
     max_consecutive_failures: int = 3
+    pace: bool = True
+    """Release input frames at their presentation times (see `Pacer`)."""
     encoder: EncoderSettings = field(default_factory=EncoderSettings)
     context: PipelineContext = field(default_factory=PipelineContext)
     device_worker: Executor | None = None
     """The device's shared inference worker, for pipelines that declare `uses_device`."""
-
-
-@dataclass
-class SessionChannels:
-    """Where the session reads and writes; control and events are optional (runner mode)."""
-
-    input: Subscriber
-    output: Publisher
-    control: Subscriber | None = None
-    events: Publisher | None = None
-
-
-@dataclass(slots=True)
-class _Processed:
-    image: np.ndarray
-    pts: int
-    arrived: float
-    loading: bool
-
-
-class _OutputGone(Exception):
-    """The output channel was closed or removed: nobody can receive this session any more."""
-
-
-class _Sink:
-    """SegmentEncoder sink: hands each event to the event loop, in order (encoder thread)."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[Any]) -> None:
-        self._loop = loop
-        self._queue = queue
-
-    def _send(self, item: tuple[str, Any]) -> None:
-        self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
-
-    def start(self) -> None:
-        self._send(("start", None))
-
-    def write(self, data: bytes) -> None:
-        self._send(("data", data))
-
-    def end(self) -> None:
-        self._send(("end", None))
 
 
 class LiveSession:
@@ -117,63 +79,68 @@ class LiveSession:
         session_id: str,
         pipeline_cls: type[LivePipeline],
         params: PipelineParams,
-        channels: SessionChannels,
+        source: FrameSource,
+        sinks: list[FrameSink],
         config: SessionConfig | None = None,
+        *,
+        control: Subscriber | None = None,
+        events: Publisher | None = None,
         on_close: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.id = session_id
         self.pipeline_cls = pipeline_cls
         self.params = params
-        self.channels = channels
         self.config = config or SessionConfig()
+        self.control = control
+        self.events = events
         self._on_close = on_close
         self.log = logging.LoggerAdapter(logger, {"session": session_id})
 
+        self.stats = SessionStats()
         self.start_time = now_ms()
         self.state: State = "LOADING"
         self.state_time = self.start_time
-        self.frames_in = 0
-        self.frames_out = 0
         self.restart_count = 0
         self.last_error: str | None = None
         self.last_error_time: int | None = None
         self.last_restart_time: int | None = None
-        self.last_input_time: int | None = None
-        self.last_output_time: int | None = None
         self.params_time = self.start_time
-        self.latencies: collections.deque[float] = collections.deque(maxlen=300)
         self.ended: str | None = None
 
-        self._frames: LatestSlot[VideoFrame] = LatestSlot()
-        self._outputs: LatestSlot[_Processed] = LatestSlot()
-        # Audio bypasses the slot and the model; it waits here until the video frame at its
-        # time is encoded, then is muxed right after it (bounded: a stalled video drops audio).
-        self._audio: collections.deque[AudioPacket] = collections.deque(maxlen=500)
-        self._segments: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        context = MediaContext(error=self.error, stats=self.stats, log=self.log)
+        self.loop = FrameLoop(
+            source,
+            sinks,
+            self._process,
+            context,
+            input_timeout_s=self.config.input_timeout_s,
+            pace=self.config.pace,
+            on_first_input=lambda: self.emit(
+                TraceEvent(type="runner_receive_first_ingest_segment")
+            ),
+            on_first_output=lambda: self.emit(
+                TraceEvent(type="runner_send_first_processed_segment")
+            ),
+        )
         self._events: asyncio.Queue[Event | None] = asyncio.Queue()
         self._pipeline: LivePipeline | None = None
-        self._loading: asyncio.Task[None] | None = None
+        self._reload = asyncio.Event()
+        self._reload.set()  # the first load
+        self._loading = True
+        self._serve_old = False
         self._loading_frames = LoadingFrames()
         self._last_output: np.ndarray | None = None
-        self._output_size: tuple[int, int] | None = None
+        self._input_size: tuple[int, int] | None = None
         self._failures = 0
-        self._fps_marks = (time.monotonic(), 0, 0)
-        self._fps = (0.0, 0.0)
         self._params_sent = False
         self._restart_logs: list[str] | None = None
         self._task: asyncio.Task[None] | None = None
 
-        prefix = f"{session_id[:8]}"
-        self._decode_thread = ThreadPoolExecutor(1, thread_name_prefix=f"decode-{prefix}")
-        self._infer_thread = ThreadPoolExecutor(1, thread_name_prefix=f"infer-{prefix}")
-        self._encode_thread = ThreadPoolExecutor(1, thread_name_prefix=f"encode-{prefix}")
-        self._load_thread = ThreadPoolExecutor(1, thread_name_prefix=f"load-{prefix}")
+        self._infer_thread = ThreadPoolExecutor(1, thread_name_prefix="infer")
+        self._load_thread = ThreadPoolExecutor(1, thread_name_prefix="load")
         self._infer_pool: Executor = self._infer_thread
         if pipeline_cls.uses_device and self.config.device_worker is not None:
             self._infer_pool = self.config.device_worker
-        self._serve_old = False
-        size = (params.width, params.height) if params.width and params.height else None
-        self._decoder = StreamDecoder(size)
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -181,13 +148,18 @@ class LiveSession:
         self._task = asyncio.create_task(self.run(), name=f"session-{self.id}")
         return self._task
 
-    async def stop(self) -> None:
-        """Stop now (DELETE or shutdown) and wait until everything is released."""
+    async def stop(self, reason: str = "stopped") -> None:
+        """End now (DELETE or shutdown): what is in flight drains, the final status is
+        published, everything is released; waits until it is."""
         if self._task is None:
             return
         if not self._task.done():
-            self.ended = self.ended or "stopped"
-            self._task.cancel()
+            self.loop.stop(reason)
+            try:
+                await asyncio.wait_for(asyncio.shield(self._task), STOP_GRACE_S)
+            except TimeoutError:
+                self.log.warning("session did not drain in %.0f s; cancelled", STOP_GRACE_S)
+                self._task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
 
@@ -195,161 +167,101 @@ class LiveSession:
     def running(self) -> bool:
         return self._task is not None and not self._task.done()
 
+    def add_sink(self, sink: FrameSink) -> None:
+        self.loop.add_sink(sink)
+
     async def run(self) -> None:
+        SESSION_ID.set(self.id)  # this task's context: every child task and thread inherits it
         self.emit(TraceEvent(type="runner_receive_stream_request"))
         try:
             async with asyncio.TaskGroup() as group:
-                events = group.create_task(self._publish_events(), name=f"{self.id}/events")
-                side = [group.create_task(self._report(), name=f"{self.id}/status")]
-                if self.channels.control is not None:
-                    side.append(group.create_task(self._control(), name=f"{self.id}/control"))
-                self._loading = group.create_task(self._load(self.params), name=f"{self.id}/load")
+                events = group.create_task(self._publish_events(), name="events")
+                side = [
+                    group.create_task(self._report(), name="status"),
+                    group.create_task(self._loader(), name="loader"),
+                ]
+                if self.control is not None:
+                    side.append(group.create_task(self._read_control(), name="control"))
                 try:
-                    await self._media()
-                except _OutputGone:
-                    self.ended = self.ended or "output closed"
+                    self.ended = await self.loop.run()
+                except* InputFailed as failed:
+                    message = str(failed.exceptions[0])
+                    self.error(message)
+                    self.ended = f"input failed: {message}"
+                except* Exception as failed:
+                    # A bug, not a stream problem: the traceback goes to the log, the event
+                    # says what happened, and the session still ends with a final status.
+                    self.log.error("frame loop failed", exc_info=failed.exceptions[0])
+                    self.error(f"internal error: {failed.exceptions[0]!r}")
+                    self.ended = "internal error"
                 for task in side:
                     task.cancel()
-                if self._loading is not None:
-                    self._loading.cancel()
+                self._set_state("OFFLINE" if self.ended in NORMAL_ENDS else "ERROR")
                 self.emit(self.status(for_event=True))
                 self._events.put_nowait(None)
                 await events
+        except* Exception as failed:
+            self.log.error("session failed", exc_info=failed.exceptions[0])
+            self.ended = f"internal error: {failed.exceptions[0]!r}"
         finally:
-            await self._close()
-
-    async def _close(self) -> None:
-        if self._loading is not None and not self._loading.done():
-            self._loading.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._loading
-        self.ended = self.ended or "ended"
-        self.state = "OFFLINE"
-        await asyncio.shield(self._release())
+            self.ended = self.ended or "ended"
+            if self.state != "ERROR":
+                self._set_state("OFFLINE")
+            await asyncio.shield(self._release())
 
     async def _release(self) -> None:
-        channels = [self.channels.input, self.channels.control]
-        for subscriber in channels:
-            if subscriber is not None:
+        for closing in (self.control, self.events):
+            if closing is not None:
                 with contextlib.suppress(Exception):
-                    await subscriber.close()
-        for publisher in (self.channels.output, self.channels.events):
-            if publisher is not None:
-                with contextlib.suppress(Exception):
-                    await publisher.close()
+                    await closing.close()
         pipeline, self._pipeline = self._pipeline, None
-        loop = asyncio.get_running_loop()
         if pipeline is not None:
             with contextlib.suppress(Exception):
-                await loop.run_in_executor(self._load_thread, pipeline.unload)
-        for pool in (
-            self._decode_thread,
-            self._infer_thread,
-            self._encode_thread,
-            self._load_thread,
-        ):
+                await run_in(self._load_thread, pipeline.unload)
+        loop = asyncio.get_running_loop()
+        for pool in (self._infer_thread, self._load_thread):
             await loop.run_in_executor(None, pool.shutdown, True)
         if self._on_close is not None:
             await self._on_close()
         self.log.info(
             "session ended reason=%s frames_in=%d frames_out=%d dropped=%d",
             self.ended,
-            self.frames_in,
-            self.frames_out,
-            self.frames_dropped,
+            self.stats.frames_in,
+            self.stats.frames_out,
+            self.stats.frames_dropped,
         )
 
-    # -- the media path -------------------------------------------------------------------------
+    # -- frames ---------------------------------------------------------------------------------
 
-    async def _media(self) -> None:
-        async with asyncio.TaskGroup() as group:
-            group.create_task(self._ingest(), name=f"{self.id}/ingest")
-            group.create_task(self._infer(), name=f"{self.id}/infer")
-            group.create_task(self._encode(), name=f"{self.id}/encode")
-            group.create_task(self._egress(), name=f"{self.id}/egress")
-
-    async def _ingest(self) -> None:
-        loop = asyncio.get_running_loop()
-        decoder = self._decoder
-        first = True
+    async def _process(self, frame: VideoFrame) -> OutputFrame | None:
+        height, width = frame.image.shape[:2]
+        self._input_size = (width, height)
+        pipeline = self._pipeline
+        if pipeline is None or (self._loading and not self._serve_old):
+            return OutputFrame(self._loading_frame(frame), frame.pts, frame.arrived, True)
+        started = time.perf_counter()
         try:
-            while True:
-                try:
-                    async with asyncio.timeout(self.config.input_timeout_s):
-                        segment = await self.channels.input.next()
-                except TimeoutError:
-                    self.ended = "no input"
-                    self.log.info("no input for %.0f s", self.config.input_timeout_s)
-                    return
-                if segment is None:
-                    self.ended = "input ended"
-                    return
-                await loop.run_in_executor(self._decode_thread, decoder.begin_segment)
-                try:
-                    async with asyncio.timeout(self.config.input_timeout_s):
-                        async for chunk in segment:
-                            items = await loop.run_in_executor(
-                                self._decode_thread, decoder.feed, chunk
-                            )
-                            self._route(items)
-                except (TrickleError, OSError, TimeoutError) as exc:
-                    # A publisher that vanished mid-segment: keep what was decoded, go on.
-                    self.error(f"input segment {segment.seq} cut short: {exc!r}")
-                self._route(await loop.run_in_executor(self._decode_thread, decoder.end_segment))
-                problem = decoder.take_error()
-                if problem:
-                    self.error(f"input segment {segment.seq}: {problem}")
-                if first:
-                    first = False
-                    self.emit(TraceEvent(type="runner_receive_first_ingest_segment"))
-        finally:
-            self._frames.close()
-
-    def _route(self, items: list[VideoFrame | AudioPacket]) -> None:
-        for item in items:
-            if isinstance(item, VideoFrame):
-                self.frames_in += 1
-                self.last_input_time = now_ms()
-                self._frames.put(item)
-            else:
-                self._audio.append(item)
-
-    async def _infer(self) -> None:
-        loop = asyncio.get_running_loop()
-        try:
-            while (frame := await self._frames.get()) is not None:
-                pipeline = self._pipeline
-                if pipeline is None or (self._is_loading() and not self._serve_old):
-                    image = self._loading_frame(frame)
-                    self._outputs.put(_Processed(image, frame.pts, frame.arrived, True))
-                    continue
-                try:
-                    image = await loop.run_in_executor(
-                        self._infer_pool, pipeline.process, frame.image
-                    )
-                except Exception as exc:
-                    self._failed(exc)
-                    continue
-                self._failures = 0
-                self._last_output = image
-                self._outputs.put(_Processed(image, frame.pts, frame.arrived, False))
-        finally:
-            self._outputs.close()
-
-    def _is_loading(self) -> bool:
-        return self._loading is not None and not self._loading.done()
+            image = await run_in(self._infer_pool, pipeline.process, frame.image)
+        except Exception as exc:
+            self._failed(exc)
+            return None
+        self.stats.stage("inference", time.perf_counter() - started)
+        self._failures = 0
+        self._last_output = image
+        return OutputFrame(image, frame.pts, frame.arrived, False)
 
     def _loading_frame(self, frame: VideoFrame) -> np.ndarray:
         height, width = frame.image.shape[:2]
-        size = self._output_size or (width, height)
-        if not self.params.show_reloading_frame and self._last_output is not None:
-            return self._last_output
-        return self._loading_frames.render(self._last_output, size)
+        if self._last_output is not None:
+            height, width = self._last_output.shape[:2]
+            if not self.params.show_reloading_frame:
+                return self._last_output
+        return self._loading_frames.render(self._last_output, (width, height))
 
     def _failed(self, exc: Exception) -> None:
         self._failures += 1
         self.error(f"pipeline failed on a frame: {exc!r}")
-        if self._failures >= self.config.max_consecutive_failures and not self._is_loading():
+        if self._failures >= self.config.max_consecutive_failures and not self._loading:
             self._restart_logs = [f"{self._failures} consecutive failures, last: {exc!r}"]
             self._failures = 0
             self.restart_count += 1
@@ -362,93 +274,45 @@ class LiveSession:
                 )
             )
             self.log.warning("pipeline restart count=%d", self.restart_count)
-            self._loading = asyncio.create_task(self._load(self.params))
+            self._request_load(serve_old=False)
 
-    async def _encode(self) -> None:
-        loop = asyncio.get_running_loop()
-        sink = _Sink(loop, self._segments)
-        encoder = SegmentEncoder(sink, self.config.encoder)
-        try:
-            while (item := await self._outputs.get()) is not None:
-                if self._output_size is None:
-                    height, width = item.image.shape[:2]
-                    self._output_size = (width, height)
-                audio = []
-                while self._audio and self._audio[0].pts <= item.pts + AUDIO_LEAD:
-                    audio.append(self._audio.popleft())
-                await loop.run_in_executor(
-                    self._encode_thread, encoder.encode, item.image, item.pts, audio
-                )
-                self._segments.put_nowait(("frame", item))
-        finally:
-            await loop.run_in_executor(self._encode_thread, encoder.close)
-            self._segments.put_nowait(("close", None))
+    # -- params, loads and reloads --------------------------------------------------------------
 
-    async def _egress(self) -> None:
-        first = True
-        output = self.channels.output
+    def _request_load(self, *, serve_old: bool) -> None:
+        self._serve_old = serve_old
+        self._loading = True
+        self._reload.set()
+
+    async def _loader(self) -> None:
+        """Loads the pipeline when asked; the newest params win over a load in progress."""
         while True:
-            kind, item = await self._segments.get()
-            if kind == "close":
-                return
-            if kind != "start":
-                continue
-            try:
-                async with output.segment() as writer:
-                    while True:
-                        kind, item = await self._segments.get()
-                        if kind == "data":
-                            await writer.write(item)
-                        elif kind == "frame":
-                            self._delivered(item)
-                            if first:
-                                first = False
-                                self.emit(TraceEvent(type="runner_send_first_processed_segment"))
-                        elif kind == "end":
-                            break
-                        elif kind == "close":
-                            return
-            except (EndOfStream, StreamNotFound) as exc:
-                raise _OutputGone() from exc
-            except (TrickleError, OSError) as exc:
-                self.error(f"output segment failed: {exc!r}")
-                await self._skip_segment()
-
-    async def _skip_segment(self) -> None:
-        # The failed segment's remaining bytes have nowhere to go; drop up to its end.
-        while True:
-            kind, item = await self._segments.get()
-            if kind == "frame":
-                self._delivered(item)
-            if kind in ("end", "close"):
-                if kind == "close":
-                    self._segments.put_nowait(("close", None))
-                return
-
-    def _delivered(self, item: _Processed) -> None:
-        if item.loading:
-            return
-        self.frames_out += 1
-        self.last_output_time = now_ms()
-        self.latencies.append(time.monotonic() - item.arrived)
-
-    # -- params, reloads, control ---------------------------------------------------------------
+            await self._reload.wait()
+            self._reload.clear()
+            await self._load(self.params)
 
     async def _load(self, params: PipelineParams) -> None:
-        loop = asyncio.get_running_loop()
         self._set_state("LOADING")
         pipeline = self.pipeline_cls(params, self.config.context)
         try:
-            await loop.run_in_executor(self._load_thread, pipeline.load)
+            await run_in(self._load_thread, pipeline.load)
         except Exception as exc:
             self.error(f"pipeline {self.pipeline_cls.name} failed to load: {exc!r}")
             self._set_state("ERROR")
+            self._loading = False
             return
+        if self._reload.is_set():
+            # Params that need another load came in meanwhile: this one is already stale.
+            await run_in(self._load_thread, pipeline.unload)
+            return
+        if self.params != params:
+            # Only live params changed during the load: apply them before the first frame.
+            await run_in(self._load_thread, pipeline.apply, self.params)
         old, self._pipeline = self._pipeline, pipeline
         self._serve_old = False
+        self._loading = False
         if old is not None:
             # Unloaded on the inference side, after any frame it is still processing.
-            await loop.run_in_executor(self._infer_pool, old.unload)
+            await run_in(self._infer_pool, old.unload)
         self._set_state("ONLINE")
         self.log.info("pipeline ready name=%s", self.pipeline_cls.name)
 
@@ -456,32 +320,38 @@ class LiveSession:
         """Apply a complete parameter set: "unchanged", "live" or "reload".
         Raises ValidationError for invalid params, ValueError for a refused change."""
         new = self.pipeline_cls.parse_params(raw)
+        ignored = self.pipeline_cls.unused_params(raw)
+        if ignored:
+            self.log.info(
+                "params %s do not apply to pipeline %s: ignored",
+                ", ".join(sorted(ignored)),
+                self.pipeline_cls.name,
+            )
         old = self.params
+        if (new.width, new.height) != (old.width, old.height):
+            current = (old.width, old.height) if old.width and old.height else self._input_size
+            if (new.width, new.height) != current:
+                raise ValueError("width and height cannot change during a stream")
+            new = new.model_copy(update={"width": old.width, "height": old.height})
         if new == old:
             return "unchanged"
-        if (new.width, new.height) != (old.width, old.height):
-            raise ValueError("width and height cannot change during a stream")
         self.params = new
         self.params_time = now_ms()
         self._params_sent = False
-        if self.pipeline_cls.needs_reload(old, new) or self._pipeline is None:
-            if self._loading is not None and not self._loading.done():
-                self._loading.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await self._loading
-            old_pipeline = self._pipeline
-            self._serve_old = old_pipeline is not None and old_pipeline.keeps_serving_during_reload(
+        if self.pipeline_cls.needs_reload(old, new):
+            serve_old = self._pipeline is not None and self._pipeline.keeps_serving_during_reload(
                 new
             )
-            self._loading = asyncio.create_task(self._load(new))
-            self.log.info("params need a reload serve_old=%s", self._serve_old)
+            self._request_load(serve_old=serve_old)
+            self.log.info("params need a reload serve_old=%s", serve_old)
             return "reload"
         pipeline = self._pipeline
-        await asyncio.get_running_loop().run_in_executor(self._infer_pool, pipeline.apply, new)
+        if pipeline is not None and not self._loading:
+            await run_in(self._infer_pool, pipeline.apply, new)
         return "live"
 
-    async def _control(self) -> None:
-        control = self.channels.control
+    async def _read_control(self) -> None:
+        control = self.control
         assert control is not None
         async for segment in control:
             try:
@@ -512,7 +382,7 @@ class LiveSession:
         self.emit(ErrorEvent(pipeline=self.pipeline_cls.name, message=message))
 
     async def _publish_events(self) -> None:
-        events = self.channels.events
+        events = self.events
         while (event := await self._events.get()) is not None:
             if events is None:
                 continue
@@ -533,45 +403,31 @@ class LiveSession:
             self.state = state
             self.state_time = now_ms()
 
-    @property
-    def frames_dropped(self) -> int:
-        return self._frames.replaced + self._outputs.replaced
-
     def current_state(self) -> State:
         if self.state in ("LOADING", "ERROR", "OFFLINE"):
             return self.state
+        stats = self.stats
         now = now_ms()
-        if self.last_input_time is None or now - self.last_input_time > 2000:
+        if stats.last_input_time is None or now - stats.last_input_time > INPUT_STALE_MS:
             return "DEGRADED_INPUT"
-        if self.last_error_time is not None and now - self.last_error_time < 15_000:
+        # A problem degrades the state until frames flow again after it.
+        out = stats.last_output_time or 0
+        if self.last_error_time is not None and out <= self.last_error_time:
             return "DEGRADED_INFERENCE"
-        if self.last_restart_time is not None and now - self.last_restart_time < 60_000:
+        if self.last_restart_time is not None and (
+            out <= self.last_restart_time or now - self.last_restart_time < RESTART_DEGRADED_MS
+        ):
             return "DEGRADED_INFERENCE"
         return "ONLINE"
-
-    def _measure_fps(self) -> tuple[float, float]:
-        now = time.monotonic()
-        since, frames_in, frames_out = self._fps_marks
-        if now - since >= 1.0:
-            elapsed = now - since
-            self._fps = (
-                (self.frames_in - frames_in) / elapsed,
-                (self.frames_out - frames_out) / elapsed,
-            )
-            self._fps_marks = (now, self.frames_in, self.frames_out)
-        return self._fps
 
     def status(self, *, for_event: bool = False) -> StatusEvent:
         """The status now. `for_event`: the status event's form, where last_params and
         last_restart_logs are sent once after they change, then null; a status read over HTTP
         always carries them and does not use them up."""
-        fps_in, fps_out = self._measure_fps()
+        stats = self.stats
+        fps_in, fps_out = stats.fps()
         params = self.params.model_dump(mode="json")
-        latencies = sorted(self.latencies)
-        latency = LatencyStatus(frames=len(latencies))
-        if latencies:
-            latency.p50_ms = round(latencies[len(latencies) // 2] * 1000, 1)
-            latency.p95_ms = round(latencies[int(len(latencies) * 0.95)] * 1000, 1)
+        delay = percentiles(stats.latencies)
         # livepeer-compat: last_params and last_restart_logs are sent once after they change,
         # then null (protocol/trickle.md §3.6).
         last_params: dict[str, Any] | None = params
@@ -585,10 +441,10 @@ class LiveSession:
             start_time=self.start_time,
             state=self.current_state(),
             last_state_update_time=self.state_time,
-            input_status=InputStatus(last_input_time=self.last_input_time, fps=round(fps_in, 2)),
+            input_status=InputStatus(last_input_time=stats.last_input_time, fps=fps_in),
             inference_status=InferenceStatus(
-                last_output_time=self.last_output_time,
-                fps=round(fps_out, 2),
+                last_output_time=stats.last_output_time,
+                fps=fps_out,
                 last_params_update_time=self.params_time,
                 last_params=last_params,
                 last_params_hash=hashlib.md5(
@@ -600,10 +456,13 @@ class LiveSession:
                 last_restart_logs=restart_logs,
                 restart_count=self.restart_count,
             ),
-            latency=latency,
-            frames_in=self.frames_in,
-            frames_out=self.frames_out,
-            frames_dropped=self.frames_dropped,
+            latency=LatencyStatus(p50_ms=delay.p50_ms, p95_ms=delay.p95_ms, frames=delay.frames),
+            frames_in=stats.frames_in,
+            frames_out=stats.frames_out,
+            frames_dropped=stats.frames_dropped,
+            stages=stats.stage_percentiles(),
+            sinks=stats.sink_status(),
+            end_reason=self.ended,
         )
 
 

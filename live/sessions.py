@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 from protocol.api import LiveVideoToVideoParams, LiveVideoToVideoResponse
 from protocol.trickle import (
@@ -14,16 +16,36 @@ from protocol.trickle import (
     TrickleServer,
     TrickleSubscriber,
 )
+from protocol.trickle.interface import Publisher, Subscriber
 from runtime.worker import InferenceWorker
 
 from .errors import InvalidRequest, NotFound, Unavailable
 from .pipelines.base import LivePipeline, PipelineContext, PipelineParams
-from .session import LiveSession, SessionChannels, SessionConfig
+from .session import LiveSession, SessionConfig
 from .settings import Settings
+from .trickle_io import TrickleSink, TrickleSource
 
 logger = logging.getLogger(__name__)
 
 SUFFIXES = ("", "-out", "-control", "-events")
+
+
+@dataclass
+class SessionChannels:
+    """Where a session reads and writes; control and events are optional (runner mode)."""
+
+    input: Subscriber
+    output: Publisher
+    control: Subscriber | None = None
+    events: Publisher | None = None
+
+
+def check_remote_url(name: str, url: str) -> None:
+    """A runner-mode URL must be an absolute http(s) URL; anything else is the caller's
+    mistake, answered before the session starts rather than discovered after."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise InvalidRequest(f"{name} must be an http:// or https:// URL with a host, not {url!r}")
 
 
 class SessionManager:
@@ -109,6 +131,10 @@ class SessionManager:
             raise InvalidRequest(
                 "give both subscribe_url and publish_url (runner mode) or neither (standalone)"
             )
+        for name in ("subscribe_url", "publish_url", "control_url", "events_url"):
+            url = getattr(request, name)
+            if url:
+                check_remote_url(name, url)
         session_id = secrets.token_hex(16)
         standalone = not request.subscribe_url
         if standalone:
@@ -122,8 +148,18 @@ class SessionManager:
                 for suffix in SUFFIXES:
                     self.trickle.delete_channel(session_id + suffix)
 
+        config = self.session_config()
+        size = (params.width, params.height) if params.width and params.height else None
         session = LiveSession(
-            session_id, pipeline_cls, params, channels, self.session_config(), on_close=on_close
+            session_id,
+            pipeline_cls,
+            params,
+            TrickleSource(channels.input, size),
+            [TrickleSink(channels.output, config.encoder)],
+            config,
+            control=channels.control,
+            events=channels.events,
+            on_close=on_close,
         )
         self.sessions[session_id] = session
         session.start()
@@ -195,7 +231,7 @@ class SessionManager:
 
     async def close(self) -> None:
         sessions = list(self.sessions.values())
-        await asyncio.gather(*(session.stop() for session in sessions))
+        await asyncio.gather(*(session.stop("shutdown") for session in sessions))
         if self._device_worker is not None:
             worker, self._device_worker = self._device_worker, None
             await asyncio.get_running_loop().run_in_executor(None, worker.shutdown)

@@ -21,13 +21,16 @@ class LatestSlot(Generic[T]):
         self._closed = False
         self.replaced = 0
 
-    def put(self, item: T) -> None:
+    def put(self, item: T) -> bool:
+        """Hold `item`; True when it replaced one the consumer never took."""
         if self._closed:
-            return
-        if self._full.is_set():
+            return False
+        replaced = self._full.is_set()
+        if replaced:
             self.replaced += 1
         self._item = item
         self._full.set()
+        return replaced
 
     async def get(self) -> T | None:
         """The newest item, or None once the slot is closed and empty."""
@@ -37,6 +40,8 @@ class LatestSlot(Generic[T]):
             await self._full.wait()
         self._full.clear()
         item, self._item = self._item, None
+        if item is None and self._closed:
+            return None
         return item
 
     def close(self) -> None:

@@ -48,6 +48,22 @@ class LatencyStatus(BaseModel):
     frames: int = 0
 
 
+class StagePercentiles(BaseModel):
+    """Ours: time one stage of the frame loop took, over recent frames."""
+
+    p50_ms: float | None = None
+    p95_ms: float | None = None
+    frames: int = 0
+
+
+class SinkStatus(BaseModel):
+    """Ours: one receiver of the session's output, what it sent and what it had to drop."""
+
+    name: str
+    sent: int = 0
+    dropped: int = 0
+
+
 class StatusEvent(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -62,6 +78,11 @@ class StatusEvent(BaseModel):
     frames_in: int = 0
     frames_out: int = 0
     frames_dropped: int = 0
+    stages: dict[str, StagePercentiles] = Field(default_factory=dict)
+    """Ours: decode, pace, slot, inference, encode, egress."""
+    sinks: list[SinkStatus] = Field(default_factory=list)
+    end_reason: str | None = None
+    """Ours: set in the final status of a session, why it ended."""
     last_status_timestamp: int | None = None
     timestamp: int = Field(default_factory=now_ms)
 

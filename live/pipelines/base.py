@@ -22,10 +22,18 @@ class PipelineParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     width: int | None = Field(
-        None, ge=16, le=4096, description="output width (default: the input's); fixed per stream"
+        None,
+        ge=16,
+        le=4096,
+        multiple_of=2,
+        description="output width, even (default: the input's); fixed per stream",
     )
     height: int | None = Field(
-        None, ge=16, le=4096, description="output height (default: the input's); fixed per stream"
+        None,
+        ge=16,
+        le=4096,
+        multiple_of=2,
+        description="output height, even (default: the input's); fixed per stream",
     )
     show_reloading_frame: bool = Field(True, description="show the loading frame while reloading")
 
@@ -68,6 +76,12 @@ class LivePipeline(ABC):
         """A complete parameter set; missing fields take their defaults (Livepeer semantics).
         Raises pydantic.ValidationError."""
         return cls.Params.model_validate(raw)
+
+    @classmethod
+    def unused_params(cls, raw: dict[str, object]) -> set[str]:
+        """Fields of `raw` this pipeline does not have (only a pipeline whose Params ignore
+        extra fields accepts them; the others refuse them in `parse_params`)."""
+        return set(raw) - set(cls.Params.model_fields)
 
     @classmethod
     def needs_reload(cls, old: PipelineParams, new: PipelineParams) -> bool:

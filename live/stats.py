@@ -1,0 +1,118 @@
+"""One stats object per session: counters and per-stage timings of the frame loop.
+
+Writers are the frame loop's stages (each on the event loop); readers are status events, the
+GET route and, later, Prometheus. Reading changes nothing: fps come from timestamps of recent
+frames, percentiles from bounded windows, so two readers at once see the same figures.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from dataclasses import dataclass, field
+
+from protocol.messages import SinkStatus, StagePercentiles
+
+WINDOW = 300  # frames kept per timing window: 10 s at 30 fps
+FPS_WINDOW_S = 2.0
+
+STAGES = ("decode", "pace", "slot", "inference", "encode", "egress")
+"""decode: bytes to RGB; pace: held until the frame's presentation time; slot: waiting for the
+pipeline; inference: the pipeline; encode: RGB to bytes (per sink); egress: handing the bytes on."""
+
+
+def percentiles(values: collections.deque[float] | list[float]) -> StagePercentiles:
+    ordered = sorted(values)
+    if not ordered:
+        return StagePercentiles()
+    return StagePercentiles(
+        p50_ms=round(ordered[len(ordered) // 2] * 1000, 2),
+        p95_ms=round(ordered[min(len(ordered) - 1, int(len(ordered) * 0.95))] * 1000, 2),
+        frames=len(ordered),
+    )
+
+
+@dataclass
+class SinkStats:
+    name: str
+    sent: int = 0
+    dropped: int = 0
+
+
+@dataclass
+class SessionStats:
+    frames_in: int = 0
+    """Video frames decoded from the input."""
+    frames_out: int = 0
+    """Processed frames the primary output actually sent."""
+    input_dropped: int = 0
+    """Frames dropped before the pipeline: it was busy when a newer one came."""
+    last_input_time: int | None = None  # ms since the epoch, as Livepeer's status has them
+    last_output_time: int | None = None
+    stages: dict[str, collections.deque[float]] = field(
+        default_factory=lambda: {name: collections.deque(maxlen=WINDOW) for name in STAGES}
+    )
+    latencies: collections.deque[float] = field(
+        default_factory=lambda: collections.deque(maxlen=WINDOW)
+    )
+    """Ingest-to-output delay of recent frames (seconds): last input byte to sent."""
+    sinks: dict[str, SinkStats] = field(default_factory=dict)
+    primary: str | None = None
+    """The sink whose deliveries are `frames_out` (the session's own output)."""
+    _in_times: collections.deque[float] = field(
+        default_factory=lambda: collections.deque(maxlen=WINDOW)
+    )
+    _out_times: collections.deque[float] = field(
+        default_factory=lambda: collections.deque(maxlen=WINDOW)
+    )
+
+    def frame_in(self) -> None:
+        self.frames_in += 1
+        self.last_input_time = _now_ms()
+        self._in_times.append(time.monotonic())
+
+    def frame_out(self, arrived: float) -> None:
+        now = time.monotonic()
+        self.frames_out += 1
+        self.last_output_time = _now_ms()
+        self._out_times.append(now)
+        self.latencies.append(now - arrived)
+
+    def stage(self, name: str, seconds: float) -> None:
+        self.stages[name].append(seconds)
+
+    def sink(self, name: str) -> SinkStats:
+        found = self.sinks.get(name)
+        if found is None:
+            found = self.sinks[name] = SinkStats(name)
+        return found
+
+    @property
+    def frames_dropped(self) -> int:
+        """Dropped before the pipeline, plus what the primary output could not take."""
+        primary = self.sinks.get(self.primary) if self.primary else None
+        return self.input_dropped + (primary.dropped if primary else 0)
+
+    def fps(self) -> tuple[float, float]:
+        now = time.monotonic()
+        return _rate(self._in_times, now), _rate(self._out_times, now)
+
+    def stage_percentiles(self) -> dict[str, StagePercentiles]:
+        return {name: percentiles(values) for name, values in self.stages.items() if values}
+
+    def sink_status(self) -> list[SinkStatus]:
+        return [
+            SinkStatus(name=s.name, sent=s.sent, dropped=s.dropped) for s in self.sinks.values()
+        ]
+
+
+def _rate(times: collections.deque[float], now: float) -> float:
+    recent = [t for t in times if now - t <= FPS_WINDOW_S]
+    if len(recent) < 2:
+        return 0.0
+    # Frames per second over the window, counting the gap up to now so a stalled stream decays.
+    return round((len(recent) - 1) / max(now - recent[0], recent[-1] - recent[0], 1e-3), 2)
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
