@@ -38,12 +38,19 @@ def create_app(
         )
     app[SESSIONS] = SessionManager(settings, trickle, available)
     app.cleanup_ctx.append(_sessions_ctx)
+    # Registered before the trickle sub-app's own shutdown (which ends every channel), so that
+    # sessions end first and their final status still reaches the events channel.
+    app.on_shutdown.append(_stop_sessions)
     add_health_routes(app)
     add_live_routes(app)
     # The JSON error middleware leaves the trickle sub-app alone: it answers in go-livepeer's
     # plain-text dialect (404/400/470), which Livepeer clients depend on.
     app.add_subapp(trickle_config.base_path.rstrip("/"), create_trickle_app(trickle))
     return app
+
+
+async def _stop_sessions(app: web.Application) -> None:
+    await app[SESSIONS].close()
 
 
 async def _sessions_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -126,6 +126,7 @@ class LiveSession:
         self._pipeline: LivePipeline | None = None
         self._reload = asyncio.Event()
         self._reload.set()  # the first load
+        self._ready = asyncio.Event()
         self._loading = True
         self._serve_old = False
         self._loading_frames = LoadingFrames()
@@ -162,6 +163,16 @@ class LiveSession:
                 self._task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
+
+    async def wait_ready(self) -> None:
+        """Until the pipeline has loaded for the first time."""
+        await self._ready.wait()
+
+    async def wait(self) -> None:
+        """Until the session has ended and released everything."""
+        if self._task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.shield(self._task)
 
     @property
     def running(self) -> bool:
@@ -314,6 +325,7 @@ class LiveSession:
             # Unloaded on the inference side, after any frame it is still processing.
             await run_in(self._infer_pool, old.unload)
         self._set_state("ONLINE")
+        self._ready.set()
         self.log.info("pipeline ready name=%s", self.pipeline_cls.name)
 
     async def update_params(self, raw: dict[str, Any]) -> str:

@@ -1,10 +1,16 @@
-"""Helpers that act as the streamer and the viewer of a live session, over real trickle."""
+"""Helpers that act as the streamer and the viewer of a live session, over real trickle.
+
+Publishers keep a camera's timing (each frame's bytes at its presentation time, or each whole
+segment when its last frame is due); viewers and event readers let a test wait on what they
+have seen (`wait_frames`, `wait_event`) instead of sleeping.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -13,20 +19,39 @@ from protocol.clips import Clip, read_index
 from protocol.media import AudioPacket, StreamDecoder
 from protocol.trickle import TricklePublisher, TrickleSubscriber
 
+WAIT_S = 30.0  # generous: only a hung test ever reaches it
 
-async def publish_clip(url: str, clip: Clip, realtime: bool = True, close: bool = True) -> None:
-    """Publish a clip one segment per trickle segment, each frame's bytes at its own time."""
+
+async def publish_clip(
+    url: str,
+    clip: Clip,
+    realtime: bool = True,
+    close: bool = True,
+    whole_segments: bool = False,
+) -> None:
+    """Publish a clip one segment per trickle segment. By default each frame's bytes go at the
+    frame's own time; `whole_segments` sends each segment in one write once its last frame is
+    due (an encoder that flushes per GOP, or a client cutting a file)."""
     publisher = TricklePublisher(url)
     start = time.monotonic()
     first_pts = clip.pts[0]
     index = 0
+
+    async def until(pts: int) -> None:
+        if realtime:
+            due = start + (pts - first_pts) / 90_000
+            await asyncio.sleep(max(0.0, due - time.monotonic()))
+
     try:
         for frames in clip.segments:
+            if whole_segments:
+                index += len(frames)
+                await until(clip.pts[index - 1])
+                await publisher.write(b"".join(frames))
+                continue
             async with publisher.segment() as writer:
                 for data in frames:
-                    if realtime:
-                        due = start + (clip.pts[index] - first_pts) / 90_000
-                        await asyncio.sleep(max(0.0, due - time.monotonic()))
+                    await until(clip.pts[index])
                     await writer.write(data)
                     index += 1
     finally:
@@ -49,24 +74,39 @@ class Viewer:
     frames: list[Received] = field(default_factory=list)
     audio: list[AudioPacket] = field(default_factory=list)
     segments: int = 0
+    _changed: asyncio.Condition = field(default_factory=asyncio.Condition)
+    _done: bool = False
 
     async def run(self) -> None:
         decoder = StreamDecoder()
-        async with TrickleSubscriber(self.url, start_seq=0) as subscriber:
-            async for segment in subscriber:
-                self.segments += 1
-                decoder.begin_segment()
-                async for chunk in segment:
-                    self._take(decoder.feed(chunk))
-                self._take(decoder.end_segment())
+        try:
+            async with TrickleSubscriber(self.url, start_seq=0) as subscriber:
+                async for segment in subscriber:
+                    self.segments += 1
+                    decoder.begin_segment()
+                    async for chunk in segment:
+                        await self._take(decoder.feed(chunk))
+                    await self._take(decoder.end_segment())
+        finally:
+            self._done = True
+            async with self._changed:
+                self._changed.notify_all()
 
-    def _take(self, items: list) -> None:
+    async def _take(self, items: list) -> None:
         now = time.monotonic()
         for item in items:
             if isinstance(item, AudioPacket):
                 self.audio.append(item)
             else:
                 self.frames.append(Received(item.image, item.pts, read_index(item.image), now))
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def wait_frames(self, count: int) -> None:
+        """Until `count` frames arrived (fails if the stream ends first)."""
+        async with asyncio.timeout(WAIT_S), self._changed:
+            await self._changed.wait_for(lambda: len(self.frames) >= count or self._done)
+        assert len(self.frames) >= count, f"stream ended after {len(self.frames)} frames"
 
     @property
     def indices(self) -> list[int | None]:
@@ -77,11 +117,26 @@ class Viewer:
 class EventLog:
     url: str
     events: list[dict] = field(default_factory=list)
+    _changed: asyncio.Condition = field(default_factory=asyncio.Condition)
 
     async def run(self) -> None:
         async with TrickleSubscriber(self.url, start_seq=0) as subscriber:
             async for segment in subscriber:
                 self.events.append(json.loads(await segment.read()))
+                async with self._changed:
+                    self._changed.notify_all()
 
     def of_type(self, kind: str) -> list[dict]:
         return [e["event"] for e in self.events if e["event"]["type"] == kind]
+
+    async def wait_event(self, match: Callable[[dict], bool], after: int = 0) -> dict:
+        """The first event from position `after` on that `match` accepts, once it arrives."""
+
+        def found() -> dict | None:
+            return next((e["event"] for e in self.events[after:] if match(e["event"])), None)
+
+        async with asyncio.timeout(WAIT_S), self._changed:
+            await self._changed.wait_for(lambda: found() is not None)
+        event = found()
+        assert event is not None
+        return event

@@ -10,6 +10,7 @@ import pytest
 from aiohttp.test_utils import TestServer
 
 from live.app import create_app
+from live.keys import SESSIONS
 from live.pipelines import builtin_pipelines
 from live.pipelines.effects import CartoonPipeline
 from live.pipelines.passthrough import NoopPipeline
@@ -18,13 +19,15 @@ from protocol.clips import make_clip, numbered_frame
 from tests.live.streams import EventLog, Viewer, publish_clip
 
 
-class SlowPipeline(NoopPipeline):
-    """Five times slower than a 30 fps camera."""
+SLOW_FRAME_S = 5 / 30  # five times slower than a 30 fps camera
+SLOW_LOAD_S = 0.6
 
+
+class SlowPipeline(NoopPipeline):
     name = "slow"
 
     def process(self, image: np.ndarray) -> np.ndarray:
-        time.sleep(5 / 30)
+        time.sleep(SLOW_FRAME_S)  # a model's compute time, not a wait for an event
         return image
 
 
@@ -32,7 +35,7 @@ class SlowLoadingCartoon(CartoonPipeline):
     name = "slow-cartoon"
 
     def load(self) -> None:
-        time.sleep(0.6)
+        time.sleep(SLOW_LOAD_S)
         super().load()
 
 
@@ -48,6 +51,8 @@ class FlakyPipeline(NoopPipeline):
             raise RuntimeError("boom")
         return image
 
+
+FRAME_S = 1 / 30
 
 PIPELINES = {
     **builtin_pipelines(),
@@ -72,21 +77,23 @@ async def start_session(client, **body) -> dict:
 
 
 async def wait_gone(client, session_id: str) -> None:
-    for _ in range(50):
-        if (await client.get(f"/live-video-to-video/{session_id}")).status == 404:
-            return
-        await asyncio.sleep(0.05)
-    pytest.fail("session still listed after its end")
+    """Until the session has ended and released everything; then it is no longer listed."""
+    session = client.app[SESSIONS].sessions.get(session_id)
+    if session is not None:
+        await asyncio.wait_for(session.wait(), 20)
+    assert (await client.get(f"/live-video-to-video/{session_id}")).status == 404
 
 
-async def run_stream(client, clip, *, body=None, during=None, realtime=True):
+async def run_stream(client, clip, *, body=None, during=None, realtime=True, **publish):
     info = await start_session(client, **(body or {}))
     viewer = Viewer(info["subscribe_url"])
     events = EventLog(info["events_url"])
     tasks = [asyncio.create_task(viewer.run()), asyncio.create_task(events.run())]
-    publishing = asyncio.create_task(publish_clip(info["publish_url"], clip, realtime))
+    publishing = asyncio.create_task(
+        publish_clip(info["publish_url"], clip, realtime, **publish)
+    )
     if during is not None:
-        await during(info)
+        await during(info, viewer, events)
     await asyncio.wait_for(publishing, 60)
     await asyncio.wait_for(asyncio.gather(*tasks), 20)
     return info, viewer, events
@@ -152,22 +159,20 @@ async def test_slow_pipeline_drops_frames_and_latency_stays_flat(service) -> Non
     final = events.of_type("status")[-1]
     assert final["frames_dropped"] > 500
     assert 100 < len(viewer.frames) < 400  # about 6 fps out of 30
-    sent_at = {}
     # Delay = arrival of an output frame minus the time its input was published.
     start = viewer.frames[0].at - (viewer.frames[0].pts - clip.pts[0]) / 90_000
     delays = [f.at - start - (f.pts - clip.pts[0]) / 90_000 for f in viewer.frames]
     early = sorted(delays[5:25])[10]
     late = sorted(delays[-20:])[10]
     assert late <= early + 0.15, (early, late)
-    del sent_at
 
 
 async def test_live_param_change_applies_without_reload(service) -> None:
     client = await service()
     clip = make_clip(90)
 
-    async def change(info) -> None:
-        await asyncio.sleep(1.5)
+    async def change(info, viewer, events) -> None:
+        await viewer.wait_frames(30)
         response = await client.post(
             f"/live-video-to-video/{info['session_id']}/params", json={"strength": 0.0}
         )
@@ -188,8 +193,8 @@ async def test_reload_param_shows_loading_frames_then_resumes(service) -> None:
     client = await service()
     clip = make_clip(120)
 
-    async def change(info) -> None:
-        await asyncio.sleep(1.5)
+    async def change(info, viewer, events) -> None:
+        await viewer.wait_frames(30)
         response = await client.post(
             f"/live-video-to-video/{info['session_id']}/params", json={"levels": 3}
         )
@@ -211,16 +216,18 @@ async def test_control_channel_update_and_invalid_messages(service) -> None:
     client = await service()
     clip = make_clip(90)
 
-    async def control(info) -> None:
+    async def control(info, viewer, events) -> None:
         from protocol.trickle import TricklePublisher
 
         async with TricklePublisher(info["control_url"], "application/json") as publisher:
-            await asyncio.sleep(1.0)
+            await viewer.wait_frames(20)
             await publisher.write(b'{"keep":"alive"}')
             await publisher.write(b"{not json")
             await publisher.write(b'{"strength": "very"}')
             await publisher.write(b'{"strength": 0.0}')
-            await asyncio.sleep(0.5)
+            # The last message is read once the one after it is on its way (trickle reads
+            # ahead); wait until the change shows rather than for a time.
+            await events.wait_event(lambda e: "strength" in e.get("message", ""))
 
     _, viewer, events = await run_stream(client, clip, body={"model_id": "cartoon"}, during=control)
     errors = [e["message"] for e in events.of_type("error")]
@@ -254,7 +261,7 @@ async def test_bad_segments_are_reported_and_the_session_recovers(service) -> No
     async def paced(writer, frames) -> None:
         for data in frames:
             await writer.write(data)
-            await asyncio.sleep(1 / 30)
+            await asyncio.sleep(FRAME_S)  # a camera's frame interval
 
     async with TricklePublisher(info["publish_url"]) as publisher:
         async with publisher.segment() as writer:
@@ -365,8 +372,8 @@ async def test_session_ends_without_input(service) -> None:
     assert (await (await client.get("/health")).json()) == {"status": "IDLE"}
 
 
-async def test_shutdown_stops_running_sessions(aiohttp_server) -> None:
-    app = create_app(Settings(), PIPELINES)
+async def test_shutdown_stops_running_sessions(aiohttp_server, caplog) -> None:
+    app = create_app(Settings(status_interval_s=0.5), PIPELINES)
     server: TestServer = await aiohttp_server(app)
     from aiohttp import ClientSession
 
@@ -378,7 +385,16 @@ async def test_shutdown_stops_running_sessions(aiohttp_server) -> None:
         async with http.get(server.make_url("/health")) as response:
             assert (await response.json())["status"] in ("LOADING", "OK")
     viewer = Viewer(info["subscribe_url"])
-    watching = asyncio.create_task(viewer.run())
-    await asyncio.sleep(0.2)
-    await server.close()
-    await asyncio.wait_for(watching, 5)  # the viewer sees the end, nothing hangs
+    events = EventLog(info["events_url"])
+    watching = [asyncio.create_task(viewer.run()), asyncio.create_task(events.run())]
+    publishing = asyncio.create_task(publish_clip(info["publish_url"], make_clip(300)))
+    await viewer.wait_frames(10)
+    with caplog.at_level("INFO"):
+        await server.close()
+    # The viewer and the event reader see the end, nothing hangs, and the last event says why.
+    await asyncio.wait_for(asyncio.gather(*watching), 10)
+    final = events.of_type("status")[-1]
+    assert final["state"] == "OFFLINE" and final["end_reason"] == "shutdown"
+    assert "reason=shutdown" in caplog.text
+    publishing.cancel()
+    await asyncio.gather(publishing, return_exceptions=True)

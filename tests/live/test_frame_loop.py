@@ -1,0 +1,206 @@
+"""The frame loop through its seam: in-process sources and sinks, pacing, several sinks."""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+
+import numpy as np
+
+from live.frame_loop import Pacer
+from live.memory_io import MemorySink, MemorySource
+from live.pipelines.passthrough import NoopPipeline
+from live.session import LiveSession, SessionConfig
+from live.trickle_io import TrickleSink
+from protocol.clips import numbered_frame, read_index
+from protocol.media import CLOCK
+from protocol.trickle import LocalPublisher, TrickleServer
+
+FPS = 30
+STEP = CLOCK // FPS
+FRAME_S = 1 / FPS
+WAIT_S = 60.0
+SIZE = 96  # the smallest size that carries a painted index
+
+
+def session_with(source, sinks, **config) -> LiveSession:
+    return LiveSession(
+        "loop-test",
+        NoopPipeline,
+        NoopPipeline.parse_params({}),
+        source,
+        sinks,
+        SessionConfig(status_interval_s=3600, **config),
+    )
+
+
+async def feed_realtime(source: MemorySource, frames: int, size: int = SIZE) -> None:
+    """A camera: one frame every frame interval, each at its own time."""
+    start = time.monotonic()
+    for i in range(frames):
+        await asyncio.sleep(max(0.0, start + i * FRAME_S - time.monotonic()))
+        source.put_image(numbered_frame(i, size, size), i * STEP)
+    source.end()
+
+
+def indices(sink: MemorySink) -> list[int | None]:
+    return [read_index(d.frame.image) for d in sink.delivered]
+
+
+def test_pacer_releases_a_burst_at_the_frame_rate_and_never_holds_a_late_frame() -> None:
+    pacer = Pacer(speed=1.0)
+    now = 100.0
+    # Thirty frames that all arrived at once are spread over one second.
+    releases = []
+    for i in range(30):
+        releases.append(now + pacer.hold(i * STEP, now))
+    gaps = np.diff(releases)
+    assert np.allclose(gaps, FRAME_S, atol=1e-6)
+    # The next segment arrives late: its first frame goes at once and anchors the rest.
+    late = releases[-1] + 0.5
+    assert pacer.hold(30 * STEP, late) == 0
+    assert abs(pacer.hold(31 * STEP, late) - FRAME_S) < 1e-6
+    # A jump in timestamps (a gap in the stream) is not a reason to wait.
+    assert pacer.hold(31 * STEP + 10 * CLOCK, late) == 0
+
+
+async def test_a_burst_of_frames_is_paced_not_dropped() -> None:
+    source = MemorySource()
+    sink = MemorySink(primary=True)
+    session = session_with(source, [sink])
+    session.start()
+    await asyncio.wait_for(session.wait_ready(), WAIT_S)
+    for i in range(60):  # two seconds of frames in one go, as a whole-segment publisher does
+        source.put_image(numbered_frame(i, SIZE, SIZE), i * STEP)
+    source.end()
+    await asyncio.wait_for(session.wait(), WAIT_S)
+    assert indices(sink) == list(range(60))
+    assert [d.frame.pts for d in sink.delivered] == [i * STEP for i in range(60)]
+    assert session.stats.frames_dropped == 0
+    assert session.ended == "input ended"
+
+
+async def test_without_pacing_a_burst_keeps_only_what_the_pipeline_can_take() -> None:
+    source = MemorySource()
+    sink = MemorySink(primary=True)
+    session = session_with(source, [sink], pace=False)
+    session.start()
+    await asyncio.wait_for(session.wait_ready(), WAIT_S)
+    for i in range(60):
+        source.put_image(numbered_frame(i, SIZE, SIZE), i * STEP)
+    source.end()
+    await asyncio.wait_for(session.wait(), WAIT_S)
+    # The slot keeps the newest: what went out is in order and ends with the last frame.
+    got = indices(sink)
+    assert got == sorted(got) and got[-1] == 59
+    assert session.stats.frames_in == 60
+    assert session.stats.frames_out + session.stats.frames_dropped == 60
+
+
+class SlowPublisher:
+    """A trickle output that takes 50 ms to accept each chunk (a slow network)."""
+
+    def __init__(self, inner: LocalPublisher, delay_s: float = 0.05) -> None:
+        self.inner = inner
+        self.delay_s = delay_s
+        self.chunks = 0
+
+    def segment(self):
+        publisher = self
+
+        class _Segment:
+            async def __aenter__(self):
+                self.cm = publisher.inner.segment()
+                self.writer = await self.cm.__aenter__()
+                return self
+
+            async def write(self, chunk: bytes) -> None:
+                await asyncio.sleep(publisher.delay_s)
+                publisher.chunks += 1
+                await self.writer.write(chunk)
+
+            async def __aexit__(self, *exc):
+                return await self.cm.__aexit__(*exc)
+
+        return _Segment()
+
+    async def write(self, data: bytes) -> int:
+        async with self.segment() as segment:
+            await segment.write(data)
+        return 0
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
+async def test_a_slow_sink_drops_frames_without_adding_delay_or_slowing_a_fast_one() -> None:
+    server = TrickleServer()
+    server.create_channel("out")
+    slow_output = SlowPublisher(LocalPublisher(server, "out"))
+    slow = TrickleSink(slow_output)  # the session's own output, encoded and published
+    fast = MemorySink(name="fast")
+    source = MemorySource()
+    session = session_with(source, [slow, fast])
+    session.start()
+    await asyncio.wait_for(session.wait_ready(), WAIT_S)
+    frames = 10 * FPS
+    await feed_realtime(source, frames)
+    await asyncio.wait_for(session.wait(), WAIT_S)
+
+    # The fast sink kept the camera's frame rate.
+    got = indices(fast)
+    assert len(got) >= 0.95 * frames and got == sorted(got)
+    # The slow one sent what it could, dropped the rest, and counted both.
+    sinks = {s.name: s for s in session.stats.sink_status()}
+    assert sinks["fast"].sent == len(got)
+    assert sinks["trickle"].dropped > frames // 5
+    assert sinks["trickle"].sent + sinks["trickle"].dropped == frames
+    assert session.stats.frames_out == sinks["trickle"].sent == slow_output.chunks
+    assert session.stats.frames_dropped >= sinks["trickle"].dropped
+    # Its delay did not grow: the last five seconds are no worse than the first five.
+    delays = list(session.stats.latencies)  # in delivery order, all of them
+    per_5s = len(delays) // 2
+    early = statistics.median(delays[:per_5s])
+    late = statistics.median(delays[-per_5s:])
+    assert late <= early + FRAME_S, (early, late)
+    # A second sink cost no encode: only the trickle sink encodes.
+    assert "encode" in session.stats.stage_percentiles()
+
+
+async def test_a_sink_added_mid_stream_starts_at_the_live_edge() -> None:
+    source = MemorySource()
+    first = MemorySink(primary=True)
+    session = session_with(source, [first])
+    session.start()
+    await asyncio.wait_for(session.wait_ready(), WAIT_S)
+    feeding = asyncio.create_task(feed_realtime(source, 90))
+    await asyncio.wait_for(first.wait_for(30), WAIT_S)
+    late = MemorySink(name="late")
+    session.add_sink(late)
+    await feeding
+    await asyncio.wait_for(session.wait(), WAIT_S)
+    got = indices(late)
+    assert got and got[0] >= 30 and got == sorted(got) and got[-1] == 89
+    assert late.closed
+
+
+async def test_stats_reads_change_nothing() -> None:
+    source = MemorySource()
+    sink = MemorySink(primary=True)
+    session = session_with(source, [sink])
+    session.start()
+    await asyncio.wait_for(session.wait_ready(), WAIT_S)
+    feeding = asyncio.create_task(feed_realtime(source, 45))
+    await asyncio.wait_for(sink.wait_for(30), WAIT_S)
+    first = session.status().model_dump(exclude={"timestamp"})
+    second = session.status().model_dump(exclude={"timestamp"})
+    for volatile in ("input_status", "inference_status"):
+        first[volatile].pop("fps"), second[volatile].pop("fps")
+    assert first["frames_out"] <= second["frames_out"]
+    assert set(first["stages"]) >= {"pace", "slot", "inference"}
+    await feeding
+    await asyncio.wait_for(session.wait(), WAIT_S)
+    final = session.status()
+    assert final.frames_in == 45 and final.frames_out == len(sink.delivered)
+    assert final.end_reason == "input ended" and final.state == "OFFLINE"
