@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from live.keys import SESSIONS
 from protocol.clips import Clip, read_index
 from protocol.media import AudioPacket, StreamDecoder
 from protocol.trickle import TricklePublisher, TrickleSubscriber
@@ -140,3 +141,30 @@ class EventLog:
         event = found()
         assert event is not None
         return event
+
+
+async def start_session(client, **body) -> dict:
+    response = await client.post("/live-video-to-video", json=body)
+    assert response.status == 200, await response.text()
+    return await response.json()
+
+
+async def wait_gone(client, session_id: str) -> None:
+    """Until the session has ended and released everything; then it is no longer listed."""
+    session = client.app[SESSIONS].sessions.get(session_id)
+    if session is not None:
+        await asyncio.wait_for(session.wait(), WAIT_S)
+    assert (await client.get(f"/live-video-to-video/{session_id}")).status == 404
+
+
+async def run_stream(client, clip, *, body=None, during=None, realtime=True, **publish):
+    info = await start_session(client, **(body or {}))
+    viewer = Viewer(info["subscribe_url"])
+    events = EventLog(info["events_url"])
+    tasks = [asyncio.create_task(viewer.run()), asyncio.create_task(events.run())]
+    publishing = asyncio.create_task(publish_clip(info["publish_url"], clip, realtime, **publish))
+    if during is not None:
+        await during(info, viewer, events)
+    await asyncio.wait_for(publishing, 60)
+    await asyncio.wait_for(asyncio.gather(*tasks), 20)
+    return info, viewer, events
