@@ -279,6 +279,7 @@ class _Routes:
         channel.mark_written(seq)
         limit = self.config.max_segment_bytes
         chunk = first
+        closed = asyncio.ensure_future(segment.wait_closed())
         try:
             while chunk:
                 if segment.size + len(chunk) > limit:
@@ -287,7 +288,14 @@ class _Routes:
                     response.force_close()
                     return response
                 segment.append(chunk)
-                chunk = await request.content.readany()
+                chunk = await self._next_chunk(request, channel, closed)
+                if chunk is None:
+                    # The channel was deleted (or the server is shutting down) mid-upload:
+                    # answer now rather than read a body nobody will see; on shutdown aiohttp
+                    # stops reading, so waiting for the body's end would stall until timeout.
+                    response = web.Response(status=200, headers={h.SEQ: str(seq), h.CLOSED: ""})
+                    response.force_close()
+                    return response
         except Exception as exc:
             # livepeer-compat: an aborted upload leaves the segment open; readers stay blocked
             # until it is deleted, reset or evicted (§1.3.2 step 9, check 32).
@@ -299,8 +307,29 @@ class _Routes:
                 exc,
             )
             return _text(500, "Server error")
+        finally:
+            closed.cancel()
         segment.close()
         return web.Response(status=200, headers={h.SEQ: str(seq)})
+
+    @staticmethod
+    async def _next_chunk(
+        request: web.Request, channel: Channel, closed: asyncio.Future[None]
+    ) -> bytes | None:
+        """The next chunk of the body (b"" at its end), or None once the channel is closed.
+        A segment closed on its own (DELETE of the seq) keeps reading, as go-livepeer does."""
+        if closed.done() or channel.closed:
+            if channel.closed:
+                return None
+            return await request.content.readany()
+        read = asyncio.ensure_future(request.content.readany())
+        await asyncio.wait((read, closed), return_when=asyncio.FIRST_COMPLETED)
+        if read.done():
+            return read.result()
+        if channel.closed:
+            read.cancel()
+            return None
+        return await read
 
     async def _first_chunk(self, request: web.Request, segment: Segment) -> bytes:
         """The first chunk of the body, or b"" when the body is empty or the segment was closed

@@ -299,3 +299,19 @@ async def test_random_channel_names_are_unguessable() -> None:
     names = {server.create_channel().name for _ in range(50)}
     assert len(names) == 50
     assert all(len(name) >= 32 for name in names)
+
+
+async def test_deleting_a_channel_answers_an_upload_in_progress(trickle) -> None:
+    """The upload is answered with end of stream at once, not read to its end: on shutdown
+    aiohttp stops reading bodies, and an upload left waiting held shutdown up for 60 s."""
+    channel = trickle.server.create_channel("up")
+    publisher = TricklePublisher(trickle.url("up"))
+    with pytest.raises(EndOfStream):
+        async with publisher.segment() as writer:
+            await writer.write(b"x" * 100)
+            await asyncio.wait_for(channel.get_for_write(0).wait_started(), 10)
+            trickle.server.delete_channel("up")
+            async with asyncio.timeout(10):
+                while True:  # a live encoder keeps writing; it must be told the channel is gone
+                    await writer.write(b"y" * 100)
+    await publisher.close()
