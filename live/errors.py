@@ -4,6 +4,7 @@
     ├── InvalidRequest      400
     ├── Unauthorized        401
     ├── NotFound            404
+    ├── TooBusy             429 (trickle channel limit reached)
     └── Unavailable         503 (model absent, capacity reached)
 
 One middleware answers them as Livepeer does, `{"detail": {"msg": ...}}`; pydantic validation
@@ -45,6 +46,10 @@ class Unauthorized(ServiceError):
 
 class NotFound(ServiceError, LookupError):
     status = 404
+
+
+class TooBusy(ServiceError):
+    status = 429
 
 
 class Unavailable(ServiceError):

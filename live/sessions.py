@@ -17,9 +17,10 @@ from protocol.trickle import (
     TrickleSubscriber,
 )
 from protocol.trickle.interface import Publisher, Subscriber
+from protocol.trickle.server import ChannelRefused
 from runtime.worker import InferenceWorker
 
-from .errors import InvalidRequest, NotFound, Unavailable
+from .errors import InvalidRequest, NotFound, TooBusy, Unavailable
 from .pipelines.base import LivePipeline, PipelineContext, PipelineParams
 from .session import LiveSession, SessionConfig
 from .settings import Settings
@@ -27,7 +28,7 @@ from .trickle_io import TrickleSink, TrickleSource
 
 logger = logging.getLogger(__name__)
 
-SUFFIXES = ("", "-out", "-control", "-events")
+CONTROL_MAX_BYTES = 1024 * 1024  # control and events segments: JSON messages, never large
 
 
 @dataclass
@@ -137,16 +138,16 @@ class SessionManager:
                 check_remote_url(name, url)
         session_id = secrets.token_hex(16)
         standalone = not request.subscribe_url
+        owned: list[str] = []
         if standalone:
-            channels, response = self._local_channels(session_id, trickle_base_url)
+            channels, response = self._local_channels(session_id, trickle_base_url, owned)
         else:
             channels, response = self._remote_channels(request, session_id)
 
         async def on_close() -> None:
             self.sessions.pop(session_id, None)
-            if standalone:
-                for suffix in SUFFIXES:
-                    self.trickle.delete_channel(session_id + suffix)
+            for name in owned:
+                self.trickle.delete_channel(name)
 
         config = self.session_config()
         size = (params.width, params.height) if params.width and params.height else None
@@ -174,12 +175,26 @@ class SessionManager:
         return response
 
     def _local_channels(
-        self, session_id: str, base_url: str
+        self, session_id: str, base_url: str, owned: list[str]
     ) -> tuple[SessionChannels, LiveVideoToVideoResponse]:
-        names = [session_id + suffix for suffix in SUFFIXES]
-        mimes = ("video/MP2T", "video/MP2T", "application/json", "application/json")
-        for name, mime in zip(names, mimes, strict=True):
-            self.trickle.create_channel(name, mime)
+        """Four channels, each with its own random name: a URL handed out grants one thing
+        (publish input, read output, send control, read events), and none can be derived
+        from another or from the session id. Outside clients may not write what the session
+        writes, nor read what only the session reads."""
+        specs = (
+            ("video/MP2T", {"outside_reads": False}),
+            ("video/MP2T", {"outside_writes": False}),
+            ("application/json", {"outside_reads": False, "max_segment_bytes": CONTROL_MAX_BYTES}),
+            ("application/json", {"outside_writes": False, "max_segment_bytes": CONTROL_MAX_BYTES}),
+        )
+        try:
+            for mime, access in specs:
+                owned.append(self.trickle.create_channel(None, mime, **access).name)  # type: ignore[arg-type]
+        except ChannelRefused as exc:
+            for name in owned:
+                self.trickle.delete_channel(name)
+            raise TooBusy(f"cannot open the session's channels: {exc}") from exc
+        names = owned
         channels = SessionChannels(
             input=LocalSubscriber(self.trickle, names[0]),
             output=LocalPublisher(self.trickle, names[1]),

@@ -90,9 +90,23 @@ class Segment:
 class Channel:
     """A named pub/sub topic: the ring, `next_write` and the idle clock."""
 
-    def __init__(self, name: str, mime: str) -> None:
+    def __init__(
+        self,
+        name: str,
+        mime: str,
+        *,
+        outside_writes: bool = True,
+        outside_reads: bool = True,
+        max_segment_bytes: int | None = None,
+    ) -> None:
         self.name = name
         self.mime = mime
+        self.outside_writes = outside_writes
+        """False: only the service (in process) writes or deletes it; HTTP writes get 403."""
+        self.outside_reads = outside_reads
+        """False: only the service reads it; HTTP reads get 403."""
+        self.max_segment_bytes = max_segment_bytes
+        """None: the server's limit."""
         self.ring: list[Segment | None] = [None] * RING_SIZE
         self.next_write = 0
         self.write_time = time.monotonic()

@@ -71,9 +71,19 @@ class TrickleServer:
             return "Invalid channel name: use letters, digits, '.', '_' and '-'"
         return None
 
-    def create_channel(self, name: str | None = None, mime: str = "video/MP2T") -> Channel:
+    def create_channel(
+        self,
+        name: str | None = None,
+        mime: str = "video/MP2T",
+        *,
+        outside_writes: bool = True,
+        outside_reads: bool = True,
+        max_segment_bytes: int | None = None,
+    ) -> Channel:
         """Create a channel (a random, unguessable name when none is given); an existing name
-        returns the existing channel unchanged, as go-livepeer does."""
+        returns the existing channel unchanged, as go-livepeer does. `outside_writes` and
+        `outside_reads` False keep HTTP clients from writing or reading what only the service
+        should (a channel URL then grants exactly one thing)."""
         if name is None:
             # 128 random bits: standalone channel names act as capabilities.
             name = secrets.token_hex(16)
@@ -85,7 +95,13 @@ class TrickleServer:
             return existing
         if len(self.channels) >= self.config.max_channels:
             raise ChannelRefused(f"Too many channels: the limit is {self.config.max_channels}", 429)
-        channel = self.channels[name] = Channel(name, mime)
+        channel = self.channels[name] = Channel(
+            name,
+            mime,
+            outside_writes=outside_writes,
+            outside_reads=outside_reads,
+            max_segment_bytes=max_segment_bytes,
+        )
         logger.debug("channel created channel=%s mime=%s", name, mime)
         return channel
 
@@ -163,6 +179,11 @@ async def _wake_all(app: web.Application) -> None:
     app[TRICKLE_SERVER].close_all()
 
 
+def _forbidden(reason: str) -> web.Response:
+    # Ours: go-livepeer has no per-channel access; a URL here grants one direction only.
+    return _text(403, f"Forbidden: {reason}")
+
+
 def _text(status: int, body: str, **extra: str) -> web.Response:
     # livepeer-compat: Go's http.Error bodies, text/plain with a trailing newline (§1.12).
     return web.Response(
@@ -174,12 +195,22 @@ def _not_found() -> web.Response:
     return _text(404, "Stream not found")
 
 
-def _parse_seq(raw: str, lowest: int) -> int | None:
-    try:
-        seq = int(raw)
-    except ValueError:
+_SEQ = re.compile(r"-?[0-9]{1,19}")
+_INT64 = range(-(2**63), 2**63)
+
+
+def _int64(raw: str) -> int | None:
+    """ASCII digits within int64, as Go's strconv.Atoi takes them (`int()` would also take
+    `1_0` and other scripts' digits)."""
+    if not _SEQ.fullmatch(raw):
         return None
-    return seq if seq >= lowest else None
+    value = int(raw)
+    return value if value in _INT64 else None
+
+
+def _parse_seq(raw: str, lowest: int) -> int | None:
+    seq = _int64(raw)
+    return seq if seq is not None and seq >= lowest else None
 
 
 class _Routes:
@@ -189,7 +220,9 @@ class _Routes:
         self.server = server
         self.config = server.config
 
-    def _channel(self, request: web.Request) -> tuple[Channel | None, web.Response | None]:
+    def _channel(
+        self, request: web.Request, access: str = "read"
+    ) -> tuple[Channel | None, web.Response | None]:
         name = request.match_info["channel"]
         problem = self.server.check_name(name)
         if problem:
@@ -197,6 +230,10 @@ class _Routes:
         channel = self.server.get(name)
         if channel is None:
             return None, _not_found()
+        if access == "write" and not channel.outside_writes:
+            return None, _forbidden("this channel is written by the service only")
+        if access == "read" and not channel.outside_reads:
+            return None, _forbidden("this channel is read by the service only")
         return channel, None
 
     def _seq(self, request: web.Request, lowest: int) -> tuple[int | None, web.Response | None]:
@@ -204,9 +241,7 @@ class _Routes:
         seq = _parse_seq(raw, lowest)
         if seq is not None:
             return seq, None
-        try:
-            int(raw)
-        except ValueError:
+        if _int64(raw) is None:
             return None, _text(400, "Invalid idx")
         # go-livepeer panics on these (§7.1); we refuse them plainly.
         allowed = {0: "no negative seq", -1: "only -1", -2: "only -1 and -2"}[lowest]
@@ -235,6 +270,9 @@ class _Routes:
         problem = self.server.check_name(name)
         if problem:
             return _text(400, problem)
+        channel = self.server.get(name)
+        if channel is not None and not channel.outside_writes:
+            return _forbidden("this channel is written by the service only")
         if not self.server.delete_channel(name):
             # livepeer-compat: a missing channel is 400 here, not 404 (§1.3.5).
             return _text(400, "Invalid stream")
@@ -252,14 +290,20 @@ class _Routes:
     # -- POST {channel}/{seq} ------------------------------------------------------------------
 
     async def post_segment(self, request: web.Request) -> web.StreamResponse:
-        channel, error = self._channel(request)
+        channel, error = self._channel(request, "write")
         if channel is None:
             # livepeer-compat: answered at once, before the body, with Connection: close so a
             # preconnected publisher is released (§1.3.2 step 1).
             assert error is not None
-            if error.status == 404:
+            if error.status in (403, 404):
                 error.force_close()
             return error
+        limit = channel.max_segment_bytes or self.config.max_segment_bytes
+        if (request.content_length or 0) > limit:
+            # Refused at the header: nothing of the body is read or kept.
+            response = _text(413, f"Segment too large: the limit is {limit} bytes")
+            response.force_close()
+            return response
         raw_seq, error = self._seq(request, lowest=-1)
         if raw_seq is None:
             return error  # type: ignore[return-value]
@@ -277,7 +321,6 @@ class _Routes:
             return self._empty_write(channel, seq, segment)
 
         channel.mark_written(seq)
-        limit = self.config.max_segment_bytes
         chunk = first
         closed = asyncio.ensure_future(segment.wait_closed())
         try:
@@ -434,7 +477,7 @@ class _Routes:
     # -- DELETE {channel}/{seq} ----------------------------------------------------------------
 
     async def delete_segment(self, request: web.Request) -> web.Response:
-        channel, error = self._channel(request)
+        channel, error = self._channel(request, "write")
         if channel is None:
             return error  # type: ignore[return-value]
         seq, error = self._seq(request, lowest=0)

@@ -19,8 +19,6 @@ async def test_noop_session_delivers_every_frame_in_order_with_timestamps(servic
     client = await service()
     clip = make_clip(60)
     info, viewer, events = await run_stream(client, clip, body={"model_id": "noop"})
-    assert info["publish_url"].endswith(info["session_id"])
-    assert info["subscribe_url"].endswith(info["session_id"] + "-out")
     assert viewer.indices == list(range(60))
     assert [f.pts for f in viewer.frames] == clip.pts
     for received in viewer.frames[:5]:
