@@ -125,10 +125,10 @@ async def test_streamdiffusion_session_end_to_end(diffusion_service, tiny_models
 
     async def steer() -> None:
         url = f"/live-video-to-video/{info['session_id']}/params"
-        await asyncio.sleep(1.5)
+        await viewer.wait_frames(20)
         live = await client.post(url, json={**body["params"], "prompt": "a red dog"})
         assert (await live.json())["outcome"] == "live"
-        await asyncio.sleep(1.0)
+        await viewer.wait_frames(40)
         reload = await client.post(url, json={**body["params"], "model_id": "test/other-sd"})
         assert (await reload.json())["outcome"] == "reload"
 

@@ -97,11 +97,21 @@ async def test_cli_serves_and_stops_cleanly_on_sigterm(command: list[str]) -> No
                     await asyncio.sleep(0.1)
             else:
                 pytest.fail("service did not start")
-            # A reader parked at the live edge must not hold shutdown up.
-            async with session.get(f"http://127.0.0.1:{port}/trickle/none/0") as response:
-                assert response.status == 404
-        proc.send_signal(signal.SIGTERM)
-        _, stderr = await asyncio.wait_for(proc.communicate(), 10)
+            # A reader parked at the live edge must not hold shutdown up: open a session and
+            # park a GET on its output, which has no segment yet.
+            async with session.post(
+                f"http://127.0.0.1:{port}/live-video-to-video", json={"model_id": "noop"}
+            ) as response:
+                info = await response.json()
+            parked = asyncio.create_task(session.get(info["subscribe_url"] + "/0"))
+            # Parked once the service has answered something after it on the same loop.
+            async with session.get(f"http://127.0.0.1:{port}/health") as response:
+                assert response.status == 200
+            proc.send_signal(signal.SIGTERM)
+            _, stderr = await asyncio.wait_for(proc.communicate(), 10)
+            answer = await asyncio.wait_for(parked, 10)
+            assert answer.status == 200 and "Lp-Trickle-Closed" in answer.headers
+            answer.release()
     finally:
         if proc.returncode is None:
             proc.kill()
