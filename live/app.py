@@ -34,7 +34,8 @@ def create_app(
     available = builtin_pipelines() if pipelines is None else pipelines
     if settings.default_pipeline not in (*available, "auto"):
         raise ValueError(
-            f"default pipeline {settings.default_pipeline!r} is not one of {sorted(available)}"
+            f"--default-pipeline {settings.default_pipeline!r} is not a live pipeline; "
+            f"choose one of {', '.join(sorted(available))} or auto"
         )
     app[SESSIONS] = SessionManager(settings, trickle, available)
     app.cleanup_ctx.append(_sessions_ctx)
@@ -62,6 +63,13 @@ async def _sessions_ctx(app: web.Application) -> AsyncIterator[None]:
         if reason:
             logger.warning("streamdiffusion unavailable: %s", reason)
     logger.info("default live pipeline: %s", manager.default_pipeline())
+    settings = app[SETTINGS]
+    if settings.runner_host_set() and not settings.auth_token:
+        logger.warning(
+            "runner mode is on (--runner-hosts %s) but no --auth-token is set: anyone who "
+            "reaches this port can make the service connect to those hosts",
+            settings.runner_hosts,
+        )
     yield
     # Every session is stopped and awaited: its tasks, threads and channels are released.
     await app[SESSIONS].close()

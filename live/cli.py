@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from aiohttp import web
+from pydantic import ValidationError
 
 from .app import create_app
 from .logs import configure_logging
@@ -93,7 +94,13 @@ async def serve(settings: Settings) -> None:
     await runner.setup()
     try:
         site = web.TCPSite(runner, settings.host, settings.port)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:
+            raise StartupError(
+                f"cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}; "
+                "choose another --port (or --host), or stop what uses it"
+            ) from exc
         for sock in site._server.sockets if site._server else ():  # type: ignore[union-attr]
             host, port = sock.getsockname()[:2]
             logger.info("listening url=http://%s:%d", host, port)
@@ -104,6 +111,17 @@ async def serve(settings: Settings) -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
     logger.info("stopped")
+
+
+class StartupError(Exception):
+    """The service cannot start for a reason the operator can fix; said in one line."""
+
+
+def _one_line(exc: ValidationError) -> str:
+    return "; ".join(
+        f"--{'.'.join(str(p) for p in e['loc']).replace('_', '-')}: {e['msg']}"
+        for e in exc.errors()
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -118,10 +136,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_models(args)
     try:
         settings = load_settings(args)
-    except ValueError as exc:
-        parser.error(str(exc))
+    except ValidationError as exc:
+        parser.error(_one_line(exc))
     configure_logging(settings.log_level)
-    asyncio.run(serve(settings))
+    try:
+        asyncio.run(serve(settings))
+    except (StartupError, ValueError) as exc:
+        # A setting the operator must change: one line, no traceback.
+        parser.exit(2, f"{parser.prog}: error: {exc}\n")
     return 0
 
 

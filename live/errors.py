@@ -2,7 +2,8 @@
 
     ServiceError (status, msg)
     ├── InvalidRequest      400
-    ├── Unauthorized        401
+    ├── Unauthorized        401 (with WWW-Authenticate: Bearer)
+    ├── Forbidden           403
     ├── NotFound            404
     ├── TooBusy             429 (trickle channel limit reached)
     └── Unavailable         503 (model absent, capacity reached)
@@ -43,6 +44,29 @@ class InvalidRequest(ServiceError, ValueError):
 class Unauthorized(ServiceError):
     status = 401
 
+    def __init__(self, msg: str) -> None:
+        super().__init__(msg, headers={"WWW-Authenticate": "Bearer"})
+
+
+class Forbidden(ServiceError):
+    status = 403
+
+
+class InvalidFields(ServiceError, ValueError):
+    """422 in FastAPI's shape, as Livepeer's runner answers: `loc` starts at the request part
+    ("body"), then the field path."""
+
+    status = 422
+
+    def __init__(self, errors: list[dict[str, object]]) -> None:
+        super().__init__("; ".join(str(e.get("msg")) for e in errors))
+        self.errors = errors
+
+    @classmethod
+    def from_validation(cls, exc: ValidationError, *loc: str | int) -> InvalidFields:
+        errors = exc.errors(include_url=False, include_context=False, include_input=False)
+        return cls([{**e, "loc": [*loc, *e["loc"]]} for e in errors])
+
 
 class NotFound(ServiceError, LookupError):
     status = 404
@@ -72,6 +96,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except ValidationError as exc:
         detail = exc.errors(include_url=False, include_context=False, include_input=False)
         return web.json_response({"detail": detail}, status=422)
+    except InvalidFields as exc:
+        return web.json_response({"detail": exc.errors}, status=422)
     except ServiceError as exc:
         return web.json_response(error_body(exc.msg), status=exc.status, headers=exc.headers)
     except web.HTTPException as exc:

@@ -10,7 +10,7 @@ from pydantic import ValidationError
 
 from protocol.api import LiveVideoToVideoParams
 
-from .errors import InvalidRequest, Unauthorized
+from .errors import InvalidFields, InvalidRequest, Unauthorized
 from .keys import SESSIONS, SETTINGS
 
 
@@ -31,6 +31,8 @@ async def json_body(request: web.Request) -> object:
         return json.loads(await request.read())
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InvalidRequest(f"the body is not valid JSON: {exc}") from exc
+    except RecursionError as exc:
+        raise InvalidRequest("the body is not valid JSON: nested too deeply") from exc
 
 
 def trickle_base_url(request: web.Request) -> str:
@@ -45,7 +47,10 @@ def trickle_base_url(request: web.Request) -> str:
 
 async def post_live_video_to_video(request: web.Request) -> web.Response:
     check_auth(request)
-    body = LiveVideoToVideoParams.model_validate(await json_body(request))
+    try:
+        body = LiveVideoToVideoParams.model_validate(await json_body(request))
+    except ValidationError as exc:
+        raise InvalidFields.from_validation(exc, "body") from exc
     response = await request.app[SESSIONS].start(body, trickle_base_url(request))
     return web.json_response(response.model_dump())
 
@@ -101,6 +106,8 @@ async def get_pipelines(request: web.Request) -> web.Response:
 
 def add_live_routes(app: web.Application) -> None:
     app.router.add_post("/live-video-to-video", post_live_video_to_video)
+    # ai-runner (FastAPI) serves the route with a trailing slash too; gateways may use either.
+    app.router.add_post("/live-video-to-video/", post_live_video_to_video)
     app.router.add_get("/live-video-to-video/{id}", get_session)
     app.router.add_post("/live-video-to-video/{id}/params", post_session_params)
     app.router.add_delete("/live-video-to-video/{id}", delete_session)

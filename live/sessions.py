@@ -8,6 +8,8 @@ import secrets
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+from pydantic import ValidationError
+
 from protocol.api import LiveVideoToVideoParams, LiveVideoToVideoResponse
 from protocol.trickle import (
     LocalPublisher,
@@ -20,7 +22,7 @@ from protocol.trickle.interface import Publisher, Subscriber
 from protocol.trickle.server import ChannelRefused
 from runtime.worker import InferenceWorker
 
-from .errors import InvalidRequest, NotFound, TooBusy, Unavailable
+from .errors import Forbidden, InvalidFields, InvalidRequest, NotFound, TooBusy, Unavailable
 from .pipelines.base import LivePipeline, PipelineContext, PipelineParams
 from .session import LiveSession, SessionConfig
 from .settings import Settings
@@ -118,7 +120,10 @@ class SessionManager:
         """Start a session. Standalone when the request has no URLs (our own channels),
         runner mode when it names another trickle server's channels."""
         pipeline_cls = self.pipeline(request.model_id)
-        params = pipeline_cls.parse_params(request.params)
+        try:
+            params = pipeline_cls.parse_params(request.params)
+        except ValidationError as exc:
+            raise InvalidFields.from_validation(exc, "body", "params") from exc
         reason = self.unavailable_reason(pipeline_cls, params)
         if reason is not None:
             raise Unavailable(f"pipeline {pipeline_cls.name} is unavailable: {reason}")
@@ -128,14 +133,7 @@ class SessionManager:
                 "retry later",
                 headers={"Retry-After": "10"},
             )
-        if bool(request.subscribe_url) != bool(request.publish_url):
-            raise InvalidRequest(
-                "give both subscribe_url and publish_url (runner mode) or neither (standalone)"
-            )
-        for name in ("subscribe_url", "publish_url", "control_url", "events_url"):
-            url = getattr(request, name)
-            if url:
-                check_remote_url(name, url)
+        self.check_runner_urls(request)
         session_id = secrets.token_hex(16)
         standalone = not request.subscribe_url
         owned: list[str] = []
@@ -173,6 +171,39 @@ class SessionManager:
             request.gateway_request_id,
         )
         return response
+
+    def check_runner_urls(self, request: LiveVideoToVideoParams) -> None:
+        """Runner mode connects to URLs a client gave: only to hosts the operator allowed."""
+        urls = {
+            name: getattr(request, name)
+            for name in ("subscribe_url", "publish_url", "control_url", "events_url")
+            if getattr(request, name)
+        }
+        if not urls:
+            return  # standalone
+        for name in ("publish_url", "subscribe_url"):
+            if name not in urls:
+                # As the runner's spec: both are required once either is given.
+                raise InvalidFields(
+                    [{"loc": ["body", name], "msg": "Field required", "type": "missing"}]
+                )
+        for name, url in urls.items():
+            check_remote_url(name, url)
+        allowed = self.settings.runner_host_set()
+        if not allowed:
+            raise Forbidden(
+                "runner mode is off, so this service does not connect to URLs from a request; "
+                "the operator enables it with --runner-hosts HOST[:PORT],... (or '*' for any host)"
+            )
+        if "*" in allowed:
+            return
+        for name, url in urls.items():
+            parts = urlsplit(url)
+            host = (parts.hostname or "").lower()
+            if host not in allowed and f"{host}:{parts.port}" not in allowed:
+                raise Forbidden(
+                    f"{name}: host {host!r} is not an allowed trickle host (see --runner-hosts)"
+                )
 
     def _local_channels(
         self, session_id: str, base_url: str, owned: list[str]

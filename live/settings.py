@@ -11,8 +11,9 @@ import argparse
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from protocol.trickle import TrickleConfig
 
@@ -32,14 +33,20 @@ class Settings(BaseModel):
         None, description="bearer token required on API routes (env AUTH_TOKEN)"
     )
     models_dir: Path = Field(Path("models"), description="directory holding local models")
-    log_level: str = Field("INFO", description="DEBUG, INFO, WARNING or ERROR")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO", description="DEBUG, INFO, WARNING or ERROR"
+    )
     default_pipeline: str = Field(
         "auto",
         description="live pipeline used when a request names none "
         "(auto: streamdiffusion when its model and a GPU are there, else cartoon)",
     )
-    device: str = Field("auto", description="auto, cpu, cuda, cuda:N or mps")
-    dtype: str = Field(
+    device: str = Field(
+        "auto",
+        pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$",
+        description="auto, cpu, cuda, cuda:N or mps",
+    )
+    dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field(
         "auto", description="auto (fp16 on GPU, fp32 on CPU), float16, bfloat16, float32"
     )
     compile: bool = Field(False, description="torch.compile the UNet and decoder on GPU")
@@ -49,6 +56,11 @@ class Settings(BaseModel):
     )
     status_interval_s: float = Field(10.0, gt=0, description="period of status events")
     segment_s: float = Field(1.0, gt=0, le=10, description="output segment (GOP) length")
+    runner_hosts: str = Field(
+        "",
+        description="runner mode: the trickle hosts (HOST or HOST:PORT, comma-separated, or *) "
+        "whose URLs a start request may name; empty: runner mode off, only standalone sessions",
+    )
     trickle_base_path: str = Field(
         "/trickle/", description="where the trickle server is mounted (/ai/trickle/ for Livepeer)"
     )
@@ -61,6 +73,14 @@ class Settings(BaseModel):
         300.0, gt=0, description="idle trickle channels are removed after this"
     )
     trickle_sweep_interval_s: float = Field(60.0, gt=0, description="idle sweep period")
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
+    def runner_host_set(self) -> set[str]:
+        return {h.strip().lower() for h in self.runner_hosts.split(",") if h.strip()}
 
     def trickle(self) -> TrickleConfig:
         base = self.trickle_base_path

@@ -71,7 +71,10 @@ async def test_odd_size_params_are_refused_up_front(service) -> None:
     )
     assert response.status == 422
     detail = (await response.json())["detail"]
-    assert {tuple(d["loc"]) for d in detail} == {("width",), ("height",)}
+    assert {tuple(d["loc"]) for d in detail} == {
+        ("body", "params", "width"),
+        ("body", "params", "height"),
+    }
     assert "multiple of 2" in detail[0]["msg"]
 
 
@@ -135,7 +138,7 @@ def _closed_port() -> int:
 async def test_runner_mode_unreachable_input_is_an_error_and_a_true_end(
     service, trickle_factory
 ) -> None:
-    client = await service()
+    client = await service(runner_hosts="127.0.0.1")
     orchestrator = await trickle_factory(base_path="/ai/trickle/")
     for suffix in ("-out", "-events"):
         orchestrator.server.create_channel("gw" + suffix)
@@ -161,7 +164,7 @@ async def test_runner_mode_unreachable_input_is_an_error_and_a_true_end(
     "url", ["file:///etc/passwd", "gopher://127.0.0.1:70/x", "http://", "not a url"]
 )
 async def test_runner_mode_malformed_urls_are_refused_before_starting(service, url) -> None:
-    client = await service()
+    client = await service(runner_hosts="*")
     response = await client.post(
         "/live-video-to-video",
         json={"model_id": "noop", "subscribe_url": url, "publish_url": "http://127.0.0.1:1/o"},

@@ -205,7 +205,7 @@ async def test_bad_segments_are_reported_and_the_session_recovers(service) -> No
 
 
 async def test_runner_mode_against_another_trickle_server(service, trickle_factory) -> None:
-    client = await service()
+    client = await service(runner_hosts="127.0.0.1")
     orchestrator = await trickle_factory(base_path="/ai/trickle/")
     for suffix in ("", "-out", "-control", "-events"):
         orchestrator.server.create_channel("mid" + suffix)
@@ -239,7 +239,7 @@ async def test_start_request_errors(service) -> None:
     )
     assert response.status == 422
     detail = (await response.json())["detail"]
-    assert detail[0]["loc"] == ["strength"] and detail[0]["type"]
+    assert detail[0]["loc"] == ["body", "params", "strength"] and detail[0]["type"]
     response = await client.post(
         "/live-video-to-video", json={"model_id": "cartoon", "params": {"unknown": 1}}
     )
@@ -251,7 +251,8 @@ async def test_start_request_errors(service) -> None:
     response = await client.post("/live-video-to-video", data=b"model_id=noop")
     assert response.status == 415
     response = await client.post("/live-video-to-video", json={"subscribe_url": "http://x/a"})
-    assert response.status == 400
+    assert response.status == 422  # as the runner: publish_url is required once a URL is given
+    assert (await response.json())["detail"][0]["loc"] == ["body", "publish_url"]
     first = await start_session(client, model_id="noop")
     response = await client.post("/live-video-to-video", json={"model_id": "noop"})
     assert response.status == 503
