@@ -16,7 +16,14 @@ from live.pipelines.passthrough import NoopPipeline
 from protocol.clips import audio_only_clip, foreign_clip, make_clip
 from protocol.media import CLOCK
 from protocol.trickle import TricklePublisher
-from tests.live.streams import EventLog, Viewer, publish_clip, run_stream, start_session, wait_gone
+from tests.live.streams import (
+    EventLog,
+    Viewer,
+    publish_clip,
+    run_stream,
+    start_session,
+    wait_gone,
+)
 
 FRAME = CLOCK // 30
 
@@ -228,6 +235,8 @@ async def test_every_log_line_of_a_session_names_it_threads_included(service) ->
     try:
         runs = [run_stream(client, make_clip(15), body={"model_id": "logging"}) for _ in range(2)]
         results = await asyncio.gather(*runs)
+        for info, _, _ in results:
+            await wait_gone(client, info["session_id"])  # its last line is written by then
     finally:
         root.removeHandler(handler)
         root.setLevel(old_level)
