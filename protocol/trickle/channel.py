@@ -10,8 +10,9 @@ is shared by the HTTP handlers (server.py) and the in-process clients (local.py)
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 from .headers import LATEST_SEQ, NEXT_SEQ
 
@@ -111,6 +112,11 @@ class Channel:
         self.next_write = 0
         self.write_time = time.monotonic()
         self.closed = False
+        # Segments that HTTP requests are parked on (a preconnected POST before its first byte, a
+        # GET at the live edge), one entry per request, so that a channel DELETE can release
+        # every one of them and answer only after they have been answered.
+        self._parked: list[Segment] = []
+        self._unparked: asyncio.Event | None = None
 
     # -- seq resolution -------------------------------------------------------------------------
 
@@ -163,10 +169,22 @@ class Channel:
         """Record a first byte (or an empty completion) on `seq`.
 
         Deliberate difference from go-livepeer, which assigns `next_write = seq + 1`: we keep the
-        maximum, so segments arriving out of order cannot move the live edge backwards and make
-        subscribers reread history (protocol/trickle.md §7.2). No §6 check depends on it.
+        maximum, so segments arriving a little out of order cannot move the live edge backwards
+        and make subscribers reread history (protocol/trickle.md §7.2). No §6 check depends on it.
+
+        A write more than a ring behind the edge is no reordering, though: the edge was set by a
+        stray far-ahead seq (one POST to seq 10^12 would otherwise park every reader that
+        follows the channel there for good) or the publisher restarted its count. Then the edge
+        follows the publisher that is writing, as in go-livepeer, and the segments of the
+        abandoned timeline are closed so their waiting readers move on now.
         """
-        self.next_write = max(self.next_write, seq + 1)
+        if seq + 1 < self.next_write - RING_SIZE:
+            self.next_write = seq + 1
+            for found in self.ring:
+                if found is not None and found.seq >= self.next_write + RING_SIZE:
+                    found.close()
+        else:
+            self.next_write = max(self.next_write, seq + 1)
         self.write_time = time.monotonic()
 
     def reset_below(self, seq: int) -> None:
@@ -181,4 +199,34 @@ class Channel:
         for found in self.ring:
             if found is not None:
                 found.close()
+        # A request can be parked on a segment that left the ring without being closed (GET
+        # pre-creation replaces the occupant): release it too rather than leave it hanging.
+        for found in self._parked:
+            found.close()
         self.ring = [None] * RING_SIZE
+
+    # -- requests parked on a segment -------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def parked(self, segment: Segment) -> Iterator[None]:
+        """Count a request as parked on `segment` until the block ends; the block should end
+        only once the request's response is written, which `wait_unparked` then waits for."""
+        self._parked.append(segment)
+        try:
+            yield
+        finally:
+            self._parked.remove(segment)
+            if not self._parked and self._unparked is not None:
+                self._unparked.set()
+                self._unparked = None
+
+    @property
+    def parked_count(self) -> int:
+        return len(self._parked)
+
+    async def wait_unparked(self) -> None:
+        """Wait until no request is parked on this channel."""
+        while self._parked:
+            if self._unparked is None:
+                self._unparked = asyncio.Event()
+            await self._unparked.wait()

@@ -25,6 +25,8 @@ logger = logging.getLogger(__name__)
 NAME_PATTERN = re.compile(r"[A-Za-z0-9._-]+")
 INTERIM_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 DISCONNECT_POLL_S = 5.0
+PARKED_RELEASE_S = 1.0
+"""How long a channel DELETE waits for the requests it released to be answered."""
 
 
 class TrickleConfig(BaseModel):
@@ -276,6 +278,23 @@ class _Routes:
         if not self.server.delete_channel(name):
             # livepeer-compat: a missing channel is 400 here, not 404 (§1.3.5).
             return _text(400, "Invalid stream")
+        assert channel is not None
+        # Answer only once every request parked on the channel has its end-of-stream response
+        # written. go-livepeer releases them within microseconds of its 200; answering first
+        # lets a publisher that closes its HTTP session right after the DELETE (ai-runner's
+        # TricklePublisher.close()) tear down its own preconnected POST before that POST's
+        # answer arrives, which it logs as an error. Bounded, so a stuck handler cannot hold
+        # the DELETE.
+        if channel.parked_count:
+            try:
+                async with asyncio.timeout(PARKED_RELEASE_S):
+                    await channel.wait_unparked()
+            except TimeoutError:
+                logger.info(
+                    "channel deleted with requests still parked channel=%s count=%d",
+                    name,
+                    channel.parked_count,
+                )
         return web.Response(status=200)
 
     async def get_next(self, request: web.Request) -> web.Response:
@@ -312,13 +331,16 @@ class _Routes:
         if request.headers.get(h.RESET):
             channel.reset_below(seq)
 
-        try:
-            first = await self._first_chunk(request, segment)
-        except Exception as exc:  # the publisher went away before its first byte
-            logger.info("publish aborted channel=%s seq=%d error=%r", channel.name, seq, exc)
-            return _text(500, "Server error")
-        if not first:
-            return self._empty_write(channel, seq, segment)
+        with channel.parked(segment):
+            try:
+                first = await self._first_chunk(request, segment)
+            except Exception as exc:  # the publisher went away before its first byte
+                logger.info("publish aborted channel=%s seq=%d error=%r", channel.name, seq, exc)
+                return _text(500, "Server error")
+            if not first:
+                # Written while still counted as parked: a channel DELETE that released this
+                # POST answers after it (delete_channel).
+                return await _send_now(request, self._empty_write(channel, seq, segment))
 
         channel.mark_written(seq)
         chunk = first
@@ -336,7 +358,9 @@ class _Routes:
                     # The channel was deleted (or the server is shutting down) mid-upload:
                     # answer now rather than read a body nobody will see; on shutdown aiohttp
                     # stops reading, so waiting for the body's end would stall until timeout.
-                    response = web.Response(status=200, headers={h.SEQ: str(seq), h.CLOSED: ""})
+                    response = web.Response(
+                        status=200, headers={h.SEQ: str(seq), h.CLOSED: h.CLOSED_VALUE}
+                    )
                     response.force_close()
                     return response
         except Exception as exc:
@@ -432,13 +456,16 @@ class _Routes:
                 status=470, reason="Entry Not Found", text="Entry not found", headers=extra
             )
 
-        if not await self._wait_started(request, segment):
-            return web.Response(status=499, reason="Client Closed Request")
-        if not segment.has_data:
-            extra = {h.SEQ: str(seq), h.LATEST: str(channel.next_write)}
-            if channel.closed:
-                extra[h.CLOSED] = h.CLOSED_VALUE
-            return web.Response(status=200, headers=extra)
+        with channel.parked(segment):
+            if not await self._wait_started(request, segment):
+                return web.Response(status=499, reason="Client Closed Request")
+            if not segment.has_data:
+                extra = {h.SEQ: str(seq), h.LATEST: str(channel.next_write)}
+                if channel.closed:
+                    extra[h.CLOSED] = h.CLOSED_VALUE
+                # Written while still counted as parked, so a channel DELETE answers after
+                # this end-of-stream response (delete_channel).
+                return await _send_now(request, web.Response(status=200, headers=extra))
 
         extra = {h.SEQ: str(seq), "Content-Type": channel.mime}
         if seq != latest_at_request:
@@ -488,6 +515,17 @@ class _Routes:
             return _text(400, "Nonexistent segment")
         segment.close()
         return web.Response(status=200)
+
+
+async def _send_now(request: web.Request, response: web.Response) -> web.Response:
+    """Write `response` to the transport before the handler returns it (aiohttp then finds it
+    sent and does nothing more), so the caller knows it is out."""
+    try:
+        await response.prepare(request)
+        await response.write_eof()
+    except ConnectionError:
+        pass  # the client left; nothing to deliver
+    return response
 
 
 def _abort(request: web.Request) -> None:

@@ -1,6 +1,7 @@
 """The trickle server against protocol/trickle.md §6, check by check (1-35), over real HTTP on
 127.0.0.1. Expected values are go-livepeer's; where this server deliberately differs (§7.1
-negative seqs, §7.2 next_write kept as a maximum) no check below depends on it.
+negative seqs, §7.2 next_write kept as a maximum unless a write lands more than a ring behind it,
+a channel DELETE answered after the requests it releases) no check below depends on it.
 
 Requests that must stay open (preconnected or half-sent POSTs) use an aiohttp body fed from a
 queue; wire-level behaviour (early 404, interim 100 responses, a reset connection) uses raw

@@ -1,0 +1,59 @@
+"""Quiet logging of malformed requests for aiohttp servers.
+
+aiohttp answers a request it cannot parse (a request line over 8,190 bytes, a broken header,
+bad chunked framing, ...) with a 4xx itself, before any handler runs, and logs it on the
+`aiohttp.server` logger with `logger.exception("Error handling request from %s", ...)`
+(web_protocol.py `RequestHandler.handle_error`): an ERROR with a full traceback for what is the
+client's mistake, which anyone can trigger at will to flood the logs.
+
+`quiet_client_errors()` installs a filter on that logger that turns those records into one INFO
+line without traceback. Errors of our own (a handler raising, answered 500) stay ERROR records
+with their traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from aiohttp.http_exceptions import HttpProcessingError
+
+AIOHTTP_SERVER_LOGGER = "aiohttp.server"
+_MAX_DETAIL = 200
+"""Characters of the parser's message kept: it can quote the client's bytes."""
+
+
+class ClientErrorFilter(logging.Filter):
+    """Rewrites aiohttp's records of requests it refused as unparseable (4xx) into a one-line
+    INFO record without exc_info; lets every other record through unchanged."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if not isinstance(exc, HttpProcessingError) or not 400 <= exc.code < 500:
+            return True
+        remote = record.args[0] if isinstance(record.args, tuple) and record.args else "?"
+        # %r keeps the client's bytes on one line and escapes control characters, so a crafted
+        # request cannot forge log lines.
+        detail = exc.message[:_MAX_DETAIL]
+        record.msg = "bad request refused remote=%s status=%d error=%s detail=%r"
+        record.args = (remote, exc.code, type(exc).__name__, detail)
+        # Never raise the level: aiohttp already logs some of these (a bad method on a fresh
+        # connection, usually TLS or port scans) at DEBUG.
+        level = min(record.levelno, logging.INFO)
+        record.levelno = level
+        record.levelname = logging.getLevelName(level)
+        record.exc_info = None
+        record.exc_text = None
+        return True
+
+
+def quiet_client_errors(logger: logging.Logger | None = None) -> ClientErrorFilter:
+    """Install ClientErrorFilter on `logger` (default: aiohttp's `aiohttp.server`, where aiohttp
+    logs them; a filter on a parent logger would not see them). Idempotent; returns the filter
+    so that a caller can remove it."""
+    logger = logger or logging.getLogger(AIOHTTP_SERVER_LOGGER)
+    for existing in logger.filters:
+        if isinstance(existing, ClientErrorFilter):
+            return existing
+    installed = ClientErrorFilter()
+    logger.addFilter(installed)
+    return installed
