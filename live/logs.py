@@ -7,6 +7,8 @@ import contextvars
 import logging
 import sys
 
+from protocol.http_errors import quiet_client_errors
+
 SESSION_ID: contextvars.ContextVar[str] = contextvars.ContextVar("session_id", default="-")
 
 
@@ -30,3 +32,5 @@ def configure_logging(level: str) -> None:
     root.setLevel(level.upper())
     for noisy in ("aiohttp.access", "aioice", "aiortc", "libav"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+    # A request aiohttp cannot even parse (an 8 KiB path) is the client's mistake: one line.
+    quiet_client_errors()

@@ -50,6 +50,9 @@ class TrickleSource(FrameSource):
 
     async def items(self, context: MediaContext) -> AsyncIterator[MediaItem]:
         decoder = self.decoder
+        if hasattr(self.subscriber, "on_retry"):
+            # A remote input that fails is reported while it is retried, not only at the end.
+            self.subscriber.on_retry = lambda problem: context.error(f"input: {problem}")
         while True:
             try:
                 segment = await self.subscriber.next()

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import aiohttp
 
@@ -67,6 +67,7 @@ class TrickleSubscriber:
         session: aiohttp.ClientSession | None = None,
         max_retries: int = 5,
         retry_delay_s: float = 0.5,
+        max_retry_delay_s: float = 4.0,
         header_timeout_s: float = 20.0,
         read_timeout_s: float = 60.0,
     ) -> None:
@@ -74,6 +75,9 @@ class TrickleSubscriber:
         self.seq = start_seq
         self.max_retries = max_retries
         self.retry_delay_s = retry_delay_s
+        self.max_retry_delay_s = max_retry_delay_s
+        self.on_retry: Callable[[str], None] | None = None
+        """Told each failure that will be retried (the session turns it into an error event)."""
         self.header_timeout_s = header_timeout_s
         self.read_timeout_s = read_timeout_s
         self.ended: str | None = None
@@ -146,7 +150,7 @@ class TrickleSubscriber:
                 if failures > self.max_retries:
                     raise TrickleError(f"cannot read {self.url}/{self.seq}: {exc!r}") from exc
                 logger.info("segment read retry url=%s seq=%d error=%r", self.url, self.seq, exc)
-                await asyncio.sleep(self.retry_delay_s)
+                await self._back_off(failures, f"cannot reach {self.url}: {exc}")
                 continue
 
             if h.CLOSED in response.headers:
@@ -173,7 +177,7 @@ class TrickleSubscriber:
                 failures += 1
                 if failures > self.max_retries:
                     raise TrickleHTTPError(response.status, body, f"{self.url}/{self.seq}")
-                await asyncio.sleep(self.retry_delay_s)
+                await self._back_off(failures, f"{self.url} answered {response.status}")
                 continue
 
             seq = h.parse_int(response.headers.get(h.SEQ), self.seq)
@@ -182,6 +186,14 @@ class TrickleSubscriber:
                 self._pending = (self.seq, self._open(self.seq))
             self._current = HTTPSegment(seq, response, self.read_timeout_s)
             return self._current
+
+    async def _back_off(self, failures: int, problem: str) -> None:
+        # Doubling waits, capped: a remote that is down gets a bounded number of tries over a
+        # bounded time (0.5 + 1 + 2 + 4 + 4 s by default), not a tight loop.
+        delay = min(self.retry_delay_s * 2 ** (failures - 1), self.max_retry_delay_s)
+        if self.on_retry is not None:
+            self.on_retry(f"{problem}; retry {failures} of {self.max_retries} in {delay:.1f} s")
+        await asyncio.sleep(delay)
 
     async def close(self) -> None:
         if self._current is not None:

@@ -158,8 +158,10 @@ async def test_runner_mode_unreachable_input_is_an_error_and_a_true_end(
         publish_url=orchestrator.url("gw-out"),
         events_url=orchestrator.url("gw-events"),
     )
-    error = await events.wait_event(lambda e: e["type"] == "error")
-    assert "cannot read the input" in error["message"]
+    retry = await events.wait_event(lambda e: e["type"] == "error")
+    assert "cannot reach" in retry["message"] and "retry 1 of 5" in retry["message"]
+    error = await events.wait_event(lambda e: "cannot read the input" in e.get("message", ""))
+    assert "retry" not in error["message"]
     await wait_gone(client, info["session_id"])
     final = await events.wait_event(lambda e: e["type"] == "status" and e["end_reason"])
     assert final["state"] == "ERROR" and final["end_reason"].startswith("input failed")
