@@ -122,27 +122,17 @@ def tone(
     Opus packets of 20 ms (stereo, as WebRTC sends it)."""
     if codec == "opus":
         return _opus_tone(seconds, first_pts, hz)
-    rate = 48_000
-    ctx = av.CodecContext.create("aac", "w")
-    ctx.sample_rate = rate
-    ctx.layout = "mono"
-    ctx.format = "fltp"
-    ctx.time_base = Fraction(1, rate)
+    ctx = _audio_encoder("aac", "mono", "fltp")
     packets = []
-    samples = int(seconds * rate)
+    samples = int(seconds * RATE)
     for start in range(0, samples, 1024):
-        t = (np.arange(start, start + 1024) / rate).astype(np.float32)
-        frame = av.AudioFrame.from_ndarray(
-            (0.3 * np.sin(2 * np.pi * hz * t))[None, :], format="fltp", layout="mono"
-        )
-        frame.sample_rate = rate
-        frame.pts = start
+        frame = _sine(start, 1024, hz, "fltp", "mono")
         packets.extend(ctx.encode(frame))
     packets.extend(ctx.encode(None))
     return [
         AudioPacket(
             "aac",
-            first_pts + int(p.pts * CLOCK // rate),
+            first_pts + int(p.pts * CLOCK // RATE),
             adts_header(p.size) + bytes(p),
         )
         for p in packets
@@ -150,33 +140,46 @@ def tone(
     ]
 
 
+RATE = 48_000
+
+
+def _audio_encoder(name: str, layout: str, fmt: str) -> av.CodecContext:
+    ctx = av.CodecContext.create(name, "w")
+    ctx.sample_rate = RATE
+    ctx.layout = layout
+    ctx.format = fmt
+    ctx.time_base = Fraction(1, RATE)
+    return ctx
+
+
+def _sine(start: int, samples: int, hz: float, fmt: str, layout: str) -> av.AudioFrame:
+    """`samples` of a sine from sample `start`, in every channel of `layout`."""
+    t = (np.arange(start, start + samples) / RATE).astype(np.float32)
+    wave = 0.3 * np.sin(2 * np.pi * hz * t)
+    channels = 2 if layout == "stereo" else 1
+    # Packed formats interleave the channels in one plane; planar ones have a plane each.
+    data = np.repeat(wave, channels)[None, :] if fmt == "flt" else np.tile(wave, (channels, 1))
+    frame = av.AudioFrame.from_ndarray(data, format=fmt, layout=layout)
+    frame.sample_rate = RATE
+    frame.pts = start
+    return frame
+
+
 OPUS_FRAME = 960  # 20 ms at 48 kHz
 
 
 def _opus_tone(seconds: float, first_pts: int, hz: float) -> list[AudioPacket]:
-    rate = 48_000
     # The wheel has both; "opus" is FFmpeg's experimental native encoder, libopus the real one.
-    ctx = av.CodecContext.create("libopus", "w")
-    ctx.sample_rate = rate
-    ctx.layout = "stereo"
-    ctx.format = "flt"
-    ctx.time_base = Fraction(1, rate)
+    ctx = _audio_encoder("libopus", "stereo", "flt")
     ctx.options = {"frame_duration": "20", "application": "lowdelay"}
     packets = []
-    for start in range(0, int(seconds * rate) // OPUS_FRAME * OPUS_FRAME, OPUS_FRAME):
-        t = (np.arange(start, start + OPUS_FRAME) / rate).astype(np.float32)
-        wave = 0.3 * np.sin(2 * np.pi * hz * t)
-        frame = av.AudioFrame.from_ndarray(
-            np.repeat(wave, 2)[None, :], format="flt", layout="stereo"
-        )
-        frame.sample_rate = rate
-        frame.pts = start
-        packets.extend(ctx.encode(frame))
+    for start in range(0, int(seconds * RATE) // OPUS_FRAME * OPUS_FRAME, OPUS_FRAME):
+        packets.extend(ctx.encode(_sine(start, OPUS_FRAME, hz, "flt", "stereo")))
     packets.extend(ctx.encode(None))
     # Packets are numbered 20 ms apart from first_pts: the encoder's pre-skip (a negative
     # first pts) is the decoder's business, not the timeline's.
     return [
-        AudioPacket("opus", first_pts + i * OPUS_FRAME * CLOCK // rate, bytes(p))
+        AudioPacket("opus", first_pts + i * OPUS_FRAME * CLOCK // RATE, bytes(p))
         for i, p in enumerate(packets)
     ]
 

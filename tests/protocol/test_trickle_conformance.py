@@ -243,18 +243,7 @@ class RawHTTP:
 # -- fixtures -----------------------------------------------------------------------------------
 
 
-@pytest.fixture
-async def http(trickle_factory) -> AsyncIterator[aiohttp.ClientSession]:
-    # Depends on the factory so that it is torn down before the servers are.
-    async with aiohttp.ClientSession() as session:
-        yield session
-
-
-@pytest.fixture
-def c(trickle) -> str:
-    """URL of channel `c`, created in process with MIME video/MP2T."""
-    trickle.server.create_channel("c", "video/MP2T")
-    return trickle.url("c")
+# `http` and `c` are in conftest.py, shared with the hardening tests.
 
 
 async def publish(http: aiohttp.ClientSession, url: str, body: bytes, **kwargs) -> Reply:

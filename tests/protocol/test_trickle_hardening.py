@@ -8,7 +8,6 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import aiohttp
-import pytest
 
 from protocol.trickle import TrickleSubscriber
 from protocol.trickle import server as server_module
@@ -26,20 +25,6 @@ from .test_trickle_conformance import (
 )
 
 ROUNDS = 20
-
-
-@pytest.fixture
-async def http(trickle) -> AsyncIterator[aiohttp.ClientSession]:
-    # Depends on the server so that it is torn down before the server is.
-    async with aiohttp.ClientSession() as session:
-        yield session
-
-
-@pytest.fixture
-def c(trickle) -> str:
-    """URL of channel `c`, created in process with MIME video/MP2T."""
-    trickle.server.create_channel("c", "video/MP2T")
-    return trickle.url("c")
 
 
 async def preconnect(
