@@ -363,9 +363,12 @@ class _Routes:
                     )
                     response.force_close()
                     return response
+        except asyncio.CancelledError:
+            # The publisher's connection dropped (aiohttp cancels the handler).
+            self._aborted(channel, segment)
+            raise
         except Exception as exc:
-            # livepeer-compat: an aborted upload leaves the segment open; readers stay blocked
-            # until it is deleted, reset or evicted (§1.3.2 step 9, check 32).
+            self._aborted(channel, segment)
             logger.info(
                 "publish aborted channel=%s seq=%d bytes=%d error=%r",
                 channel.name,
@@ -378,6 +381,16 @@ class _Routes:
             closed.cancel()
         segment.close()
         return web.Response(status=200, headers={h.SEQ: str(seq)})
+
+    @staticmethod
+    def _aborted(channel: Channel, segment: Segment) -> None:
+        # livepeer-compat: an aborted upload leaves the segment open; readers stay blocked
+        # until it is deleted, reset or evicted (§1.3.2 step 9, check 32). Ours: on a channel
+        # only the service reads (a session's input), that rule protects no outside reader,
+        # and keeping the segment open would freeze the session's input until the segment
+        # leaves the ring (about 5 s): end it at once.
+        if not channel.outside_reads:
+            segment.close()
 
     @staticmethod
     async def _next_chunk(

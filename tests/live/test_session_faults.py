@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -296,3 +297,35 @@ async def test_a_rejected_control_message_degrades_only_until_frames_flow(servic
 
     _, viewer, events = await run_stream(client, clip, body={"model_id": "cartoon"}, during=bad)
     assert len(viewer.frames) == 120
+
+
+async def test_a_publisher_that_drops_mid_segment_does_not_freeze_the_input(service) -> None:
+    """A publisher whose connection drops mid-segment, then comes back with the next seq: the
+    session moves on at once (the dropped segment is ended) instead of waiting for it to fall
+    out of the ring, which lost the next four segments."""
+    client = await service()
+    info = await start_session(client, model_id="noop")
+    viewer = Viewer(info["subscribe_url"])
+    reading = asyncio.create_task(viewer.run())
+    clip = make_clip(90)
+    parts = urlsplit(info["publish_url"])
+    reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
+    writer.write(
+        f"POST {parts.path}/0 HTTP/1.1\r\nHost: {parts.netloc}\r\n"
+        "Transfer-Encoding: chunked\r\n\r\n".encode()
+    )
+    for data in clip.segments[0][:10]:
+        writer.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+    await writer.drain()
+    await viewer.wait_frames(5)
+    writer.transport.abort()  # the connection drops, no end of body, no DELETE
+    # It comes back with the next seq, as a reconnecting publisher does.
+    async with TricklePublisher(info["publish_url"], start_seq=1) as publisher:
+        for frames in clip.segments[1:]:
+            await publisher.write(b"".join(frames))
+        # Before it ends the stream (its close deletes the channel), what it sent gets out.
+        await viewer.wait_frames(70)
+    await asyncio.wait_for(reading, 30)
+    got = [i for i in viewer.indices if i is not None]
+    assert set(range(30, 90)) <= set(got), ("segments after the drop were lost", got)
+    assert got == sorted(got)
