@@ -14,7 +14,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -51,6 +51,7 @@ from .threads import run_in
 logger = logging.getLogger(__name__)
 
 CONTROL_MAX_BYTES = 1024 * 1024
+WATCH_BACKLOG = 100  # events an in-process reader may fall behind by
 STOP_GRACE_S = 5.0  # a stopped session drains its in-flight frames for at most this long
 INPUT_STALE_MS = 2000
 RESTART_DEGRADED_MS = 60_000
@@ -123,6 +124,7 @@ class LiveSession:
             ),
         )
         self._events: asyncio.Queue[Event | None] = asyncio.Queue()
+        self._watchers: set[asyncio.Queue[dict[str, Any] | None]] = set()
         self._pipeline: LivePipeline | None = None
         self._reload = asyncio.Event()
         self._reload.set()  # the first load
@@ -393,17 +395,43 @@ class LiveSession:
         self.log.warning("%s", message)
         self.emit(ErrorEvent(pipeline=self.pipeline_cls.name, message=message))
 
+    async def watch_events(self) -> AsyncIterator[dict[str, Any]]:
+        """Every event from now on, as the events channel carries them (`{"event": ...,
+        "queue_event_type": ...}`), until the session ends; for in-process readers such as
+        the page's event stream. A reader that falls behind loses its oldest events."""
+        queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue(maxsize=WATCH_BACKLOG)
+        if not self.running:
+            return
+        self._watchers.add(queue)
+        try:
+            while (message := await queue.get()) is not None:
+                yield message
+        finally:
+            self._watchers.discard(queue)
+
+    def _tell_watchers(self, message: dict[str, Any] | None) -> None:
+        for queue in self._watchers:
+            if queue.full():
+                queue.get_nowait()  # the oldest goes: a slow reader must not hold memory
+            queue.put_nowait(message)
+
     async def _publish_events(self) -> None:
         events = self.events
-        while (event := await self._events.get()) is not None:
-            if events is None:
-                continue
-            try:
-                await events.write(encode_event(event))
-            except (EndOfStream, StreamNotFound):
-                events = None  # nobody listens any more; the session itself goes on
-            except (TrickleError, OSError) as exc:
-                self.log.info("event not published error=%r", exc)
+        try:
+            while (event := await self._events.get()) is not None:
+                data = encode_event(event)
+                if self._watchers:
+                    self._tell_watchers(json.loads(data))
+                if events is None:
+                    continue
+                try:
+                    await events.write(data)
+                except (EndOfStream, StreamNotFound):
+                    events = None  # nobody listens any more; the session itself goes on
+                except (TrickleError, OSError) as exc:
+                    self.log.info("event not published error=%r", exc)
+        finally:
+            self._tell_watchers(None)
 
     async def _report(self) -> None:
         while True:
