@@ -10,8 +10,10 @@ from aiohttp import web
 from protocol.trickle import TrickleServer, create_trickle_app
 
 from .errors import error_middleware
+from .event_stream import add_event_stream_routes
 from .health import add_health_routes
 from .keys import SESSIONS, SETTINGS, TRICKLE
+from .page import add_page_routes
 from .pipelines import LivePipeline, builtin_pipelines
 from .routes import add_live_routes
 from .sessions import SessionManager
@@ -44,6 +46,8 @@ def create_app(
     app.on_shutdown.append(_stop_sessions)
     add_health_routes(app)
     add_live_routes(app)
+    add_event_stream_routes(app)
+    add_page_routes(app)
     # The JSON error middleware leaves the trickle sub-app alone: it answers in go-livepeer's
     # plain-text dialect (404/400/470), which Livepeer clients depend on.
     app.add_subapp(trickle_config.base_path.rstrip("/"), create_trickle_app(trickle))
