@@ -18,6 +18,8 @@ from .pipelines import LivePipeline, builtin_pipelines
 from .routes import add_live_routes
 from .sessions import SessionManager
 from .settings import Settings
+from .webrtc import restrict_host_addresses
+from .webrtc_routes import add_webrtc_routes
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +48,11 @@ def create_app(
     app.on_shutdown.append(_stop_sessions)
     add_health_routes(app)
     add_live_routes(app)
+    add_webrtc_routes(app)
+    if settings.ice_host_addresses:
+        restrict_host_addresses(
+            [a.strip() for a in settings.ice_host_addresses.split(",") if a.strip()]
+        )
     add_event_stream_routes(app)
     add_page_routes(app)
     # The JSON error middleware leaves the trickle sub-app alone: it answers in go-livepeer's

@@ -5,6 +5,7 @@
     ├── Unauthorized        401 (with WWW-Authenticate: Bearer)
     ├── Forbidden           403
     ├── NotFound            404
+    ├── Conflict            409
     ├── TooBusy             429 (trickle channel limit reached)
     └── Unavailable         503 (model absent, capacity reached)
 
@@ -70,6 +71,10 @@ class InvalidFields(ServiceError, ValueError):
 
 class NotFound(ServiceError, LookupError):
     status = 404
+
+
+class Conflict(ServiceError):
+    status = 409
 
 
 class TooBusy(ServiceError):

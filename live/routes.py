@@ -35,14 +35,12 @@ async def json_body(request: web.Request) -> object:
         raise InvalidRequest("the body is not valid JSON: nested too deeply") from exc
 
 
-def trickle_base_url(request: web.Request) -> str:
+def public_origin(request: web.Request) -> str:
+    """Where clients reach the service: --public-url, else what this request was sent to."""
     settings = request.app[SETTINGS]
-    origin = (
-        settings.public_url.rstrip("/")
-        if settings.public_url
-        else (f"{request.scheme}://{request.host}")
-    )
-    return origin + settings.trickle().base_path
+    if settings.public_url:
+        return settings.public_url.rstrip("/")
+    return f"{request.scheme}://{request.host}"
 
 
 async def post_live_video_to_video(request: web.Request) -> web.Response:
@@ -51,7 +49,7 @@ async def post_live_video_to_video(request: web.Request) -> web.Response:
         body = LiveVideoToVideoParams.model_validate(await json_body(request))
     except ValidationError as exc:
         raise InvalidFields.from_validation(exc, "body") from exc
-    response = await request.app[SESSIONS].start(body, trickle_base_url(request))
+    response = await request.app[SESSIONS].start(body, public_origin(request))
     return web.json_response(response.model_dump())
 
 

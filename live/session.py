@@ -50,6 +50,8 @@ from .threads import run_in
 
 logger = logging.getLogger(__name__)
 
+WhipSourceLike = Any  # live.webrtc.WhipSource; not imported here so aiortc loads only with it
+
 CONTROL_MAX_BYTES = 1024 * 1024
 WATCH_BACKLOG = 100  # events an in-process reader may fall behind by
 STOP_GRACE_S = 5.0  # a stopped session drains its in-flight frames for at most this long
@@ -94,6 +96,10 @@ class LiveSession:
         self.config = config or SessionConfig()
         self.control = control
         self.events = events
+        self.whip: WhipSourceLike | None = None
+        """Where a WHIP publisher's tracks go (standalone sessions), set by the manager."""
+        self.channels: dict[str, str] = {}
+        """Standalone: the names of its own trickle channels, by role (input, output, ...)."""
         self._on_close = on_close
         self.log = logging.LoggerAdapter(logger, {"session": session_id})
 
@@ -182,6 +188,10 @@ class LiveSession:
 
     def add_sink(self, sink: FrameSink) -> None:
         self.loop.add_sink(sink)
+
+    @property
+    def events_channel(self) -> str | None:
+        return self.channels.get("events")
 
     async def run(self) -> None:
         SESSION_ID.set(self.id)  # this task's context: every child task and thread inherits it

@@ -22,14 +22,18 @@ from protocol.trickle.interface import Publisher, Subscriber
 from protocol.trickle.server import ChannelRefused
 from runtime.worker import InferenceWorker
 
+from .edges import FrameSource
 from .errors import Forbidden, InvalidFields, InvalidRequest, NotFound, TooBusy, Unavailable
 from .pipelines.base import LivePipeline, PipelineContext, PipelineParams
 from .session import LiveSession, SessionConfig
 from .settings import Settings
+from .sources import FirstOfSource
 from .trickle_io import TrickleSink, TrickleSource
+from .webrtc import Peers, WhipSource
 
 logger = logging.getLogger(__name__)
 
+ROLES = ("input", "output", "control", "events")
 CONTROL_MAX_BYTES = 1024 * 1024  # control and events segments: JSON messages, never large
 
 
@@ -62,6 +66,7 @@ class SessionManager:
         self.trickle = trickle
         self.pipelines = pipelines
         self.sessions: dict[str, LiveSession] = {}
+        self.peers = Peers(settings.ice())
         self._device_worker: InferenceWorker | None = None
 
     @property
@@ -114,9 +119,7 @@ class SessionManager:
             self._device_worker = InferenceWorker(self.settings.device)
         return self._device_worker
 
-    async def start(
-        self, request: LiveVideoToVideoParams, trickle_base_url: str
-    ) -> LiveVideoToVideoResponse:
+    async def start(self, request: LiveVideoToVideoParams, origin: str) -> LiveVideoToVideoResponse:
         """Start a session. Standalone when the request has no URLs (our own channels),
         runner mode when it names another trickle server's channels."""
         pipeline_cls = self.pipeline(request.model_id)
@@ -138,28 +141,38 @@ class SessionManager:
         standalone = not request.subscribe_url
         owned: list[str] = []
         if standalone:
-            channels, response = self._local_channels(session_id, trickle_base_url, owned)
+            channels, response = self._local_channels(session_id, origin, owned)
         else:
             channels, response = self._remote_channels(request, session_id)
 
         async def on_close() -> None:
             self.sessions.pop(session_id, None)
+            await self.peers.close_session(session_id)
             for name in owned:
                 self.trickle.delete_channel(name)
 
         config = self.session_config()
         size = (params.width, params.height) if params.width and params.height else None
+        source: FrameSource = TrickleSource(channels.input, size)
+        whip = None
+        if standalone:
+            # Fed over trickle or WHIP, whichever the publisher uses first.
+            whip = WhipSource(size)
+            source = FirstOfSource([source, whip])
         session = LiveSession(
             session_id,
             pipeline_cls,
             params,
-            TrickleSource(channels.input, size),
+            source,
             [TrickleSink(channels.output, config.encoder)],
             config,
             control=channels.control,
             events=channels.events,
             on_close=on_close,
         )
+        session.whip = whip
+        if standalone:
+            session.channels = dict(zip(ROLES, owned, strict=True))
         self.sessions[session_id] = session
         session.start()
         logger.info(
@@ -206,7 +219,7 @@ class SessionManager:
                 )
 
     def _local_channels(
-        self, session_id: str, base_url: str, owned: list[str]
+        self, session_id: str, origin: str, owned: list[str]
     ) -> tuple[SessionChannels, LiveVideoToVideoResponse]:
         """Four channels, each with its own random name: a URL handed out grants one thing
         (publish input, read output, send control, read events), and none can be derived
@@ -226,6 +239,7 @@ class SessionManager:
                 self.trickle.delete_channel(name)
             raise TooBusy(f"cannot open the session's channels: {exc}") from exc
         names = owned
+        base_url = origin + self.settings.trickle().base_path
         channels = SessionChannels(
             input=LocalSubscriber(self.trickle, names[0]),
             output=LocalPublisher(self.trickle, names[1]),
@@ -237,6 +251,9 @@ class SessionManager:
             subscribe_url=base_url + names[1],
             control_url=base_url + names[2],
             events_url=base_url + names[3],
+            whip_url=f"{origin}/whip/{names[0]}",
+            whep_url=f"{origin}/whep/{names[1]}",
+            events_stream_url=f"{origin}/events/{names[3]}",
             request_id=session_id,
             manifest_id=session_id,
             session_id=session_id,
@@ -275,9 +292,17 @@ class SessionManager:
     async def stop(self, session_id: str) -> None:
         await self.get(session_id).stop()
 
+    def by_channel(self, role: str, name: str) -> LiveSession:
+        """The session whose `role` channel is `name` (the capability in a handed-out URL)."""
+        for session in self.sessions.values():
+            if session.channels.get(role) == name:
+                return session
+        raise NotFound("no live session has this URL (it ended, or it never existed)")
+
     async def close(self) -> None:
         sessions = list(self.sessions.values())
         await asyncio.gather(*(session.stop("shutdown") for session in sessions))
+        await self.peers.close_all()
         if self._device_worker is not None:
             worker, self._device_worker = self._device_worker, None
             await asyncio.get_running_loop().run_in_executor(None, worker.shutdown)

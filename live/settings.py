@@ -17,6 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from protocol.trickle import TrickleConfig
 
+from .ice import IceSettings
+
 ENV_PREFIX = "LIVE_V2V_"
 ENV_ALIASES = {"auth_token": "AUTH_TOKEN"}
 
@@ -61,6 +63,19 @@ class Settings(BaseModel):
         description="runner mode: the trickle hosts (HOST or HOST:PORT, comma-separated, or *) "
         "whose URLs a start request may name; empty: runner mode off, only standalone sessions",
     )
+    max_viewers: int = Field(4, ge=1, description="WHEP viewers per session (429 beyond)")
+    ice_servers: str = Field(
+        "",
+        description="STUN/TURN URLs for WebRTC, comma-separated (none: host candidates only, "
+        "no outside server contacted)",
+    )
+    turn_username: str | None = Field(None, description="username for the turn: servers")
+    turn_credential: str | None = Field(None, description="credential for the turn: servers")
+    ice_host_addresses: str = Field(
+        "",
+        description="gather WebRTC host candidates on these addresses only, comma-separated "
+        "(127.0.0.1 for a loopback-only service; default: every interface but loopback)",
+    )
     trickle_base_path: str = Field(
         "/trickle/", description="where the trickle server is mounted (/ai/trickle/ for Livepeer)"
     )
@@ -78,6 +93,13 @@ class Settings(BaseModel):
     @classmethod
     def _upper(cls, value: object) -> object:
         return value.upper() if isinstance(value, str) else value
+
+    def ice(self) -> IceSettings:
+        return IceSettings(
+            servers=[u.strip() for u in self.ice_servers.split(",") if u.strip()],
+            username=self.turn_username,
+            credential=self.turn_credential,
+        )
 
     def runner_host_set(self) -> set[str]:
         return {h.strip().lower() for h in self.runner_hosts.split(",") if h.strip()}

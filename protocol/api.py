@@ -38,8 +38,12 @@ class LiveVideoToVideoResponse(BaseModel):
     events_url: str = ""
     request_id: str = ""
     manifest_id: str = ""
-    # Ours, beyond the spec: the session id for the status/params/stop routes.
+    # Ours, beyond the spec: the session id for the status/params/stop routes, and (standalone)
+    # the WebRTC endpoints and the page's event stream, each a capability like the URLs above.
     session_id: str = ""
+    whip_url: str = ""
+    whep_url: str = ""
+    events_stream_url: str = ""
 
 
 class HTTPError(BaseModel):

@@ -240,22 +240,25 @@ class StreamDecoder:
             if frame.pts is None:
                 continue
             frames.append(
-                VideoFrame(self._to_rgb(frame), self.timeline.map(frame.pts), now, self.frames)
+                VideoFrame(to_rgb(frame, self.size), self.timeline.map(frame.pts), now, self.frames)
             )
             self.frames += 1
         return frames
 
-    def _to_rgb(self, frame: av.VideoFrame) -> np.ndarray:
-        if self.size is None or (frame.width, frame.height) == self.size:
-            return frame.to_ndarray(format="rgb24")
-        width, height = self.size
-        scale = max(width / frame.width, height / frame.height)
-        scaled_w = max(width, round(frame.width * scale))
-        scaled_h = max(height, round(frame.height * scale))
-        image = frame.reformat(scaled_w, scaled_h, format="rgb24").to_ndarray()
-        top = (scaled_h - height) // 2
-        left = (scaled_w - width) // 2
-        return np.ascontiguousarray(image[top : top + height, left : left + width])
+
+def to_rgb(frame: av.VideoFrame, size: tuple[int, int] | None = None) -> np.ndarray:
+    """A decoded frame as H x W x 3 RGB; with `size` (width, height), scaled to cover it and
+    centre-cropped, as ai-runner does (any transport's decoded frames go through here)."""
+    if size is None or (frame.width, frame.height) == size:
+        return frame.to_ndarray(format="rgb24")
+    width, height = size
+    scale = max(width / frame.width, height / frame.height)
+    scaled_w = max(width, round(frame.width * scale))
+    scaled_h = max(height, round(frame.height * scale))
+    image = frame.reformat(scaled_w, scaled_h, format="rgb24").to_ndarray()
+    top = (scaled_h - height) // 2
+    left = (scaled_w - width) // 2
+    return np.ascontiguousarray(image[top : top + height, left : left + width])
 
 
 def _video_decoder(codec: str) -> av.CodecContext:

@@ -67,7 +67,7 @@ async def no_leaked_tasks() -> AsyncIterator[None]:
         if not leaked:
             return
         await asyncio.sleep(0.05)
-    names = sorted(t.get_name() for t in leaked)
+    names = sorted(f"{t.get_name()} {t.get_coro()!r:.120}" for t in leaked)
     pytest.fail(f"tasks left running after the test: {names}")
 
 

@@ -1,0 +1,175 @@
+"""WHIP (RFC 9725) and WHEP routes: SDP offer in, 201 with the answer and a resource to DELETE.
+
+Two ways in, as for trickle: the API routes under `/live-video-to-video/{id}/` take the bearer
+token; `/whip/{channel}` and `/whep/{channel}`, handed out by a session start, are capabilities
+(the channel names are the session's random trickle names for input and output).
+`POST /live-video-to-video/whip` starts a session and publishes to it in one request, so a plain
+WHIP client (OBS, GStreamer, a browser) goes live with one URL.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable
+
+from aiohttp import web
+from pydantic import ValidationError
+
+from protocol.api import LiveVideoToVideoParams
+
+from .errors import Conflict, InvalidFields, InvalidRequest, NotFound, ServiceError, TooBusy
+from .keys import SESSIONS, SETTINGS
+from .routes import check_auth, public_origin
+from .session import LiveSession
+from .webrtc import Peer
+
+SDP = "application/sdp"
+MAX_SDP_BYTES = 64 * 1024
+
+
+class UnsupportedMediaType(ServiceError):
+    status = 415
+
+
+async def read_offer(request: web.Request) -> str:
+    if request.content_type != SDP:
+        raise UnsupportedMediaType(f"send the SDP offer as {SDP}")
+    if (request.content_length or 0) > MAX_SDP_BYTES:
+        raise InvalidRequest(f"an SDP offer over {MAX_SDP_BYTES} bytes")
+    body = await request.content.read(MAX_SDP_BYTES + 1)
+    if len(body) > MAX_SDP_BYTES:
+        raise InvalidRequest(f"an SDP offer over {MAX_SDP_BYTES} bytes")
+    offer = body.decode("utf-8", errors="replace")
+    if "v=0" not in offer or "m=" not in offer:
+        raise InvalidRequest("the body is not an SDP offer (no v= or m= line)")
+    return offer
+
+
+def _created(request: web.Request, answer: str, peer_id: str, links: list[str]) -> web.Response:
+    ice = request.app[SETTINGS].ice().link_headers()
+    response = web.Response(
+        status=201, text=answer, content_type=SDP, headers={"Location": f"/webrtc/{peer_id}"}
+    )
+    for link in [*ice, *links]:
+        response.headers.add("Link", link)
+    return response
+
+
+async def _publish(
+    request: web.Request, session: LiveSession, offer: str | None = None
+) -> web.Response:
+    whip = session.whip
+    if whip is None or whip.closed:
+        raise Conflict(
+            "this session is not fed over WHIP: its input is a trickle channel "
+            "(runner mode, or a trickle publisher came first)"
+        )
+    offer = offer if offer is not None else await read_offer(request)
+    peers = request.app[SESSIONS].peers
+    # A publisher that comes back replaces the one before it (one input per session).
+    for peer in [p for p in peers.peers.values() if p.session_id == session.id]:
+        if peer.kind == "whip":
+            await peers.close(peer.id)
+    peer, answer = await _negotiate(peers.publish(session.id, whip, offer))
+    whep = f"{public_origin(request)}/whep/{session.channels.get('output', '')}"
+    return _created(request, answer, peer.id, [f'<{whep}>; rel="urn:ietf:params:whep"'])
+
+
+async def _play(request: web.Request, session: LiveSession) -> web.Response:
+    settings = request.app[SETTINGS]
+    peers = request.app[SESSIONS].peers
+    if peers.count(session.id, "whep") >= settings.max_viewers:
+        raise TooBusy(
+            f"this session has its maximum of {settings.max_viewers} WHEP viewers",
+            headers={"Retry-After": "10"},
+        )
+    offer = await read_offer(request)
+    peer, answer = await _negotiate(peers.play(session.id, offer))
+    assert peer.sink is not None
+    session.add_sink(peer.sink)
+    return _created(request, answer, peer.id, [])
+
+
+async def _negotiate(negotiation: Awaitable[tuple[Peer, str]]) -> tuple[Peer, str]:
+    try:
+        return await negotiation
+    except ValueError as exc:
+        # aiortc refuses offers it cannot answer (no common codec, bad SDP) with ValueError.
+        raise InvalidRequest(f"cannot answer this SDP offer: {exc}") from exc
+
+
+async def post_whip_capability(request: web.Request) -> web.Response:
+    session = request.app[SESSIONS].by_channel("input", request.match_info["channel"])
+    return await _publish(request, session)
+
+
+async def post_whep_capability(request: web.Request) -> web.Response:
+    session = request.app[SESSIONS].by_channel("output", request.match_info["channel"])
+    return await _play(request, session)
+
+
+async def post_session_whip(request: web.Request) -> web.Response:
+    check_auth(request)
+    return await _publish(request, request.app[SESSIONS].get(request.match_info["id"]))
+
+
+async def post_session_whep(request: web.Request) -> web.Response:
+    check_auth(request)
+    return await _play(request, request.app[SESSIONS].get(request.match_info["id"]))
+
+
+async def post_whip_new_session(request: web.Request) -> web.Response:
+    """Start a session (pipeline and params from the query string) and publish to it."""
+    check_auth(request)
+    offer = await read_offer(request)  # a bad request is refused before a session starts
+    raw_params = request.query.get("params", "{}")
+    try:
+        params = json.loads(raw_params)
+    except json.JSONDecodeError as exc:
+        raise InvalidRequest(f"params must be a JSON object: {exc}") from exc
+    try:
+        body = LiveVideoToVideoParams(model_id=request.query.get("model_id", ""), params=params)
+    except ValidationError as exc:
+        raise InvalidFields.from_validation(exc, "query") from exc
+    manager = request.app[SESSIONS]
+    started = await manager.start(body, public_origin(request))
+    session = manager.get(started.session_id)
+    try:
+        response = await _publish(request, session, offer)
+    except BaseException:
+        await session.stop("stopped")
+        raise
+    response.headers["X-Session-Id"] = session.id
+    return response
+
+
+async def delete_peer(request: web.Request) -> web.Response:
+    if not await request.app[SESSIONS].peers.close(request.match_info["peer"]):
+        raise NotFound("no such WHIP or WHEP session")
+    return web.Response(status=200)
+
+
+async def options(request: web.Request) -> web.Response:
+    # RFC 9725 §4.4: OPTIONS may be used for CORS preflight and to learn the ICE servers.
+    response = web.Response(status=204, headers={"Accept-Post": SDP, "Allow": "OPTIONS, POST"})
+    for link in request.app[SETTINGS].ice().link_headers():
+        response.headers.add("Link", link)
+    return response
+
+
+def add_webrtc_routes(app: web.Application) -> None:
+    router = app.router
+    router.add_post("/live-video-to-video/whip", post_whip_new_session)
+    router.add_post("/live-video-to-video/{id}/whip", post_session_whip)
+    router.add_post("/live-video-to-video/{id}/whep", post_session_whep)
+    router.add_post("/whip/{channel}", post_whip_capability)
+    router.add_post("/whep/{channel}", post_whep_capability)
+    router.add_delete("/webrtc/{peer}", delete_peer)
+    for path in (
+        "/live-video-to-video/whip",
+        "/live-video-to-video/{id}/whip",
+        "/live-video-to-video/{id}/whep",
+        "/whip/{channel}",
+        "/whep/{channel}",
+    ):
+        router.add_route("OPTIONS", path, options)

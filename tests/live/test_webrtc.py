@@ -1,0 +1,270 @@
+"""WHIP in and WHEP out with real aiortc peers on 127.0.0.1, through real sessions."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import aiohttp
+import av
+import pytest
+from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription, VideoStreamTrack
+from aiortc.mediastreams import MediaStreamError
+
+from live.keys import SESSIONS
+from protocol.clips import make_clip, numbered_frame, read_index
+from tests.live.streams import WAIT_S, Viewer, publish_clip, start_session
+
+SIZE = 192
+
+
+class NumberedTrack(VideoStreamTrack):
+    """A camera at 30 fps whose frames carry their index in pixels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sent = 0
+
+    async def recv(self) -> av.VideoFrame:
+        pts, time_base = await self.next_timestamp()
+        frame = av.VideoFrame.from_ndarray(numbered_frame(self.sent, SIZE, SIZE), format="rgb24")
+        frame.pts, frame.time_base = pts, time_base
+        self.sent += 1
+        return frame
+
+
+def peer() -> RTCPeerConnection:
+    return RTCPeerConnection(RTCConfiguration(iceServers=[]))
+
+
+async def negotiate(pc: RTCPeerConnection, url: str, headers: dict | None = None):
+    await pc.setLocalDescription(await pc.createOffer())
+    async with aiohttp.ClientSession() as http:
+        async with http.post(
+            url,
+            data=pc.localDescription.sdp,
+            headers={"Content-Type": "application/sdp", **(headers or {})},
+        ) as response:
+            body = await response.text()
+            assert response.status == 201, body
+            location = response.headers["Location"]
+            links = response.headers.getall("Link", [])
+    await pc.setRemoteDescription(RTCSessionDescription(body, "answer"))
+    return location, links
+
+
+class Watcher:
+    """A WHEP viewer: keeps the painted index of every frame it receives."""
+
+    def __init__(self) -> None:
+        self.pc = peer()
+        self.pc.addTransceiver("video", direction="recvonly")
+        self.indices: list[int | None] = []
+        self.changed = asyncio.Condition()
+        self.tasks: list[asyncio.Task[None]] = []
+        self.pc.on("track", lambda track: self.tasks.append(asyncio.create_task(self._read(track))))
+        self.connected = asyncio.Event()
+
+        @self.pc.on("connectionstatechange")
+        def changed() -> None:
+            if self.pc.connectionState == "connected":
+                self.connected.set()
+
+    async def _read(self, track) -> None:
+        with contextlib.suppress(MediaStreamError):
+            while True:
+                frame = await track.recv()
+                self.indices.append(read_index(frame.to_ndarray(format="rgb24")))
+                async with self.changed:
+                    self.changed.notify_all()
+
+    async def wait_frames(self, count: int) -> None:
+        async with asyncio.timeout(WAIT_S), self.changed:
+            await self.changed.wait_for(lambda: len(self.indices) >= count)
+
+    async def close(self) -> None:
+        await self.pc.close()
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+
+@pytest.fixture
+async def rtc_service(service):
+    async def start(**overrides):
+        return await service(ice_host_addresses="127.0.0.1", **overrides)
+
+    return start
+
+
+def absolute(client, path: str) -> str:
+    return str(client.make_url(path))
+
+
+async def test_whip_in_whep_out_through_a_session(rtc_service) -> None:
+    client = await rtc_service()
+    info = await start_session(client, model_id="noop")
+    publisher = peer()
+    camera = NumberedTrack()
+    publisher.addTrack(camera)
+    location, links = await negotiate(publisher, info["whip_url"])
+    assert location.startswith("/webrtc/")
+    assert any("whep" in link and info["whep_url"] in link for link in links)
+    watchers = [Watcher(), Watcher()]  # two viewers at once
+    try:
+        for watcher in watchers:
+            await negotiate(watcher.pc, info["whep_url"])
+        for watcher in watchers:
+            await watcher.wait_frames(30)
+        for watcher in watchers:
+            seen = [i for i in watcher.indices if i is not None]
+            assert len(seen) >= 25 and seen == sorted(seen)
+            assert seen[-1] - seen[0] >= 20  # it follows the live stream
+        # A session fed by WHIP is also read over trickle.
+        viewer = Viewer(info["subscribe_url"])
+        reading = asyncio.create_task(viewer.run())
+        await viewer.wait_frames(10)
+        assert [i for i in viewer.indices if i is not None]
+        # The publisher leaves with DELETE: its peer connection is freed.
+        async with aiohttp.ClientSession() as http:
+            async with http.delete(absolute(client, location)) as response:
+                assert response.status == 200
+            async with http.delete(absolute(client, location)) as response:
+                assert response.status == 404
+        assert client.app[SESSIONS].peers.count(info["session_id"], "whip") == 0
+        await client.delete(f"/live-video-to-video/{info['session_id']}")
+        await asyncio.wait_for(reading, WAIT_S)
+    finally:
+        for watcher in watchers:
+            await watcher.close()
+        await publisher.close()
+
+
+async def test_a_trickle_fed_session_is_watched_over_whep(rtc_service) -> None:
+    client = await rtc_service()
+    info = await start_session(client, model_id="noop")
+    watcher = Watcher()
+    try:
+        await negotiate(watcher.pc, info["whep_url"])
+        publishing = asyncio.create_task(
+            publish_clip(info["publish_url"], make_clip(150, width=SIZE, height=SIZE))
+        )
+        await watcher.wait_frames(30)
+        seen = [i for i in watcher.indices if i is not None]
+        assert seen == sorted(seen) and len(seen) >= 25
+        # WHIP into it now is refused: it is fed over trickle.
+        publisher = peer()
+        publisher.addTrack(NumberedTrack())
+        await publisher.setLocalDescription(await publisher.createOffer())
+        async with aiohttp.ClientSession() as http:
+            async with http.post(
+                info["whip_url"],
+                data=publisher.localDescription.sdp,
+                headers={"Content-Type": "application/sdp"},
+            ) as response:
+                assert response.status == 409
+        await publisher.close()
+        await asyncio.wait_for(publishing, WAIT_S)
+    finally:
+        await watcher.close()
+
+
+async def test_whep_viewers_beyond_the_cap_get_429(rtc_service) -> None:
+    client = await rtc_service(max_viewers=1)
+    info = await start_session(client, model_id="noop")
+    first, second = Watcher(), Watcher()
+    try:
+        await negotiate(first.pc, info["whep_url"])
+        # Closed only once connected: aioice leaves its consent checks running on a
+        # connection closed while it was still connecting.
+        await asyncio.wait_for(first.connected.wait(), WAIT_S)
+        await second.pc.setLocalDescription(await second.pc.createOffer())
+        async with aiohttp.ClientSession() as http:
+            async with http.post(
+                info["whep_url"],
+                data=second.pc.localDescription.sdp,
+                headers={"Content-Type": "application/sdp"},
+            ) as response:
+                assert response.status == 429
+                assert response.headers["Retry-After"]
+    finally:
+        await first.close()
+        await second.close()
+        await client.delete(f"/live-video-to-video/{info['session_id']}")
+
+
+async def test_whip_errors_are_clear_4xx(rtc_service) -> None:
+    client = await rtc_service(auth_token="s3cret")
+    auth = {"Authorization": "Bearer s3cret"}
+    offer = "v=0\r\no=- 0 0 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\nm=video 9 UDP/TLS/RTP/SAVPF 96\r\n"
+    sdp = {"Content-Type": "application/sdp"}
+    response = await client.post("/whip/" + "0" * 32, data=offer, headers=sdp)
+    assert response.status == 404
+    response = await client.post("/live-video-to-video/nope/whip", data=offer, headers=sdp)
+    assert response.status == 401  # the API route takes the token
+    response = await client.post(
+        "/live-video-to-video/nope/whip", data=offer, headers={**sdp, **auth}
+    )
+    assert response.status == 404
+    response = await client.post("/live-video-to-video", json={"model_id": "noop"}, headers=auth)
+    info = await response.json()
+    whip = "/whip/" + info["whip_url"].rsplit("/", 1)[1]
+    response = await client.post(whip, data=b"{}", headers={"Content-Type": "application/json"})
+    assert response.status == 415
+    response = await client.post(whip, data=b"hello", headers=sdp)
+    assert response.status == 400
+    response = await client.options(whip)
+    assert response.status == 204 and response.headers["Accept-Post"] == "application/sdp"
+    await client.delete(f"/live-video-to-video/{info['session_id']}", headers=auth)
+
+
+async def test_one_url_whip_starts_a_session(rtc_service) -> None:
+    client = await rtc_service(auth_token="s3cret")
+    publisher = peer()
+    publisher.addTrack(NumberedTrack())
+    try:
+        url = absolute(client, "/live-video-to-video/whip?model_id=noop")
+        location, links = await negotiate(publisher, url, {"Authorization": "Bearer s3cret"})
+        sessions = client.app[SESSIONS].sessions
+        assert len(sessions) == 1
+        session = next(iter(sessions.values()))
+        watcher = Watcher()
+        whep = next(link for link in links if "whep" in link).split(">")[0].lstrip("<")
+        await negotiate(watcher.pc, whep)
+        await watcher.wait_frames(20)
+        await watcher.close()
+        await client.delete(
+            f"/live-video-to-video/{session.id}", headers={"Authorization": "Bearer s3cret"}
+        )
+    finally:
+        await publisher.close()
+
+
+async def test_a_vanished_publisher_frees_its_peer(rtc_service) -> None:
+    client = await rtc_service()
+    info = await start_session(client, model_id="noop")
+    publisher = peer()
+    publisher.addTrack(NumberedTrack())
+    location, _ = await negotiate(publisher, info["whip_url"])
+    peers = client.app[SESSIONS].peers
+    server_peer = peers.peers[location.rsplit("/", 1)[1]]
+    viewer = Viewer(info["subscribe_url"])
+    reading = asyncio.create_task(viewer.run())
+    await viewer.wait_frames(5)
+    await publisher.close()  # no DELETE: the client is simply gone
+    await asyncio.wait_for(server_peer.closed.wait(), WAIT_S)
+    assert peers.count(info["session_id"], "whip") == 0
+    await client.delete(f"/live-video-to-video/{info['session_id']}")
+    await asyncio.wait_for(reading, WAIT_S)
+
+
+def test_rtp_clock_unwraps_and_continues_across_publishers() -> None:
+    from live.webrtc import RTP_WRAP, _RtpClock
+
+    clock = _RtpClock()
+    start = RTP_WRAP - 3000
+    first = [clock.map((start + i * 3000) % RTP_WRAP) for i in range(3)]
+    assert first == [0, 3000, 6000]  # across the 32-bit wrap
+    clock.new_publisher()
+    again = [clock.map(12345 + i * 3000) for i in range(2)]
+    assert again[0] > first[-1] and again[1] - again[0] == 3000
