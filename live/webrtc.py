@@ -13,12 +13,13 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from fractions import Fraction
 
 import av
+import av.error
 from aiortc import (
     MediaStreamTrack,
     RTCConfiguration,
@@ -38,6 +39,9 @@ from .threads import run_in
 logger = logging.getLogger(__name__)
 
 RTP_WRAP = 1 << 32
+OPUS_RATE = 48_000
+WHIP_BACKLOG = 120  # items waiting for the frame loop (it takes them at once; bounded anyway)
+AUDIO_BACKLOG_FRAMES = 50  # decoded audio frames a WHEP viewer may trail by (1 s)
 
 
 def configuration(ice: IceSettings) -> RTCConfiguration:
@@ -92,59 +96,107 @@ class _RtpClock:
 
 
 class WhipSource(FrameSource):
-    """Frames of whoever publishes over WHIP, one publisher at a time; a publisher that comes
-    back continues the same session (the frame loop's input timeout ends it otherwise)."""
+    """Frames and sound of whoever publishes over WHIP, one publisher at a time; a publisher
+    that comes back continues the same session (the frame loop's input timeout ends it
+    otherwise). Audio arrives decoded from aiortc and is encoded to Opus again, so it travels
+    like any other input's audio (to trickle as Opus in MPEG-TS, to WHEP viewers)."""
 
     name = "whip"
 
     def __init__(self, size: tuple[int, int] | None = None) -> None:
         self.size = size
-        self._tracks: asyncio.Queue[MediaStreamTrack] = asyncio.Queue()
+        self._items: asyncio.Queue[MediaItem] = asyncio.Queue(maxsize=WHIP_BACKLOG)
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="decode-whip")
-        self._clock = _RtpClock()
+        self._video_clock = _RtpClock()
+        self._readers: set[asyncio.Task[None]] = set()
+        self._index = 0
+        self._anchor: tuple[int, float] | None = None  # (video pts, when it arrived)
         self.closed = False
         self.publishing = 0
-        self._drains: set[asyncio.Task[None]] = set()
 
     def attach(self, track: MediaStreamTrack) -> None:
-        if track.kind == "video":
-            self._tracks.put_nowait(track)
-        else:
-            # Audio from WHIP is not carried yet: drain it so aiortc does not queue it forever.
-            task = asyncio.ensure_future(_drain(track))
-            self._drains.add(task)
-            task.add_done_callback(self._drains.discard)
+        """A track of a new publisher (aiortc's `track` event)."""
+        reader = self._read_video(track) if track.kind == "video" else self._read_audio(track)
+        task = asyncio.ensure_future(reader)
+        self._readers.add(task)
+        task.add_done_callback(self._readers.discard)
+
+    def _put(self, item: MediaItem) -> None:
+        if self._items.full():
+            self._items.get_nowait()  # the loop is behind: the oldest goes, not the newest
+        self._items.put_nowait(item)
+
+    async def _read_video(self, track: MediaStreamTrack) -> None:
+        self._video_clock.new_publisher()
+        self.publishing += 1
+        try:
+            while True:
+                frame = await track.recv()
+                image = await run_in(self._thread, to_rgb, frame, self.size)
+                pts = self._video_clock.map(_to_clock(frame))
+                now = time.monotonic()
+                self._anchor = (pts, now)
+                self._put(VideoFrame(image, pts, now, self._index))
+                self._index += 1
+        except MediaStreamError:
+            logger.info("WHIP publisher left; waiting for it to come back")
+        finally:
+            self.publishing -= 1
+
+    async def _read_audio(self, track: MediaStreamTrack) -> None:
+        # RTP gives each track a clock of its own: the publisher's first audio packet is
+        # placed by its arrival against the newest video frame, the rest by sample count.
+        encoder = _OpusEncoder()
+        zero: int | None = None
+        with contextlib.suppress(MediaStreamError):
+            while True:
+                frame = await track.recv()
+                for data, samples in await run_in(self._thread, encoder.encode, frame):
+                    if zero is None:
+                        zero = self._video_now()
+                    self._put(AudioPacket("opus", zero + samples * CLOCK // OPUS_RATE, data))
+
+    def _video_now(self) -> int:
+        if self._anchor is None:
+            return 0
+        pts, at = self._anchor
+        return pts + int((time.monotonic() - at) * CLOCK)
 
     async def items(self, context: MediaContext) -> AsyncIterator[MediaItem]:
-        index = 0
         while True:
-            track = await self._tracks.get()
-            self._clock.new_publisher()
-            self.publishing += 1
-            try:
-                while True:
-                    frame = await track.recv()
-                    image = await run_in(self._thread, to_rgb, frame, self.size)
-                    pts = self._clock.map(_to_clock(frame))
-                    yield VideoFrame(image, pts, time.monotonic(), index)
-                    index += 1
-            except MediaStreamError:
-                context.log.info("WHIP publisher left; waiting for it to come back")
-            finally:
-                self.publishing -= 1
+            yield await self._items.get()
 
     async def close(self) -> None:
         self.closed = True
-        for task in list(self._drains):
+        for task in list(self._readers):
             task.cancel()
-        await asyncio.gather(*self._drains, return_exceptions=True)
+        await asyncio.gather(*self._readers, return_exceptions=True)
         self._thread.shutdown(wait=False)
 
 
-async def _drain(track: MediaStreamTrack) -> None:
-    with contextlib.suppress(MediaStreamError):
-        while True:
-            await track.recv()
+class _OpusEncoder:
+    """PCM from aiortc to 20 ms Opus packets at 48 kHz (on the source's thread)."""
+
+    def __init__(self) -> None:
+        self._codec = av.CodecContext.create("libopus", "w")
+        self._codec.sample_rate = OPUS_RATE
+        self._codec.layout = "stereo"
+        self._codec.format = "s16"
+        self._codec.time_base = Fraction(1, OPUS_RATE)
+        self._codec.options = {"frame_duration": "20", "application": "lowdelay"}
+        self._resampler = av.AudioResampler(format="s16", layout="stereo", rate=OPUS_RATE)
+        self._samples = 0
+
+    def encode(self, frame: av.AudioFrame) -> list[tuple[bytes, int]]:
+        """(packet, its first sample counted from the publisher's first) for each packet."""
+        out = []
+        for pcm in self._resampler.resample(frame):
+            pcm.pts = self._samples
+            self._samples += pcm.samples
+            for packet in self._codec.encode(pcm):
+                if packet.pts is not None and packet.pts >= 0:
+                    out.append((bytes(packet), int(packet.pts)))
+        return out
 
 
 def _to_clock(frame: av.VideoFrame) -> int:
@@ -173,6 +225,50 @@ class _OutputTrack(MediaStreamTrack):
         return out
 
 
+class _OutputAudioTrack(MediaStreamTrack):
+    """The sound a WHEP viewer receives: the session's audio, decoded for aiortc's encoder."""
+
+    kind = "audio"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.frames: asyncio.Queue[av.AudioFrame | None] = asyncio.Queue(
+            maxsize=AUDIO_BACKLOG_FRAMES
+        )
+        self._decoders: dict[str, av.CodecContext] = {}
+        # aiortc's Opus encoder takes 48 kHz stereo s16 only.
+        self._resampler = av.AudioResampler(format="s16", layout="stereo", rate=OPUS_RATE)
+        self._samples = 0
+
+    def feed(self, packets: Sequence[AudioPacket]) -> None:
+        for packet in packets:
+            decoder = self._decoders.get(packet.codec)
+            if decoder is None:
+                decoder = self._decoders[packet.codec] = av.CodecContext.create(packet.codec, "r")
+            try:
+                decoded = decoder.decode(av.Packet(packet.data))
+            except av.error.FFmpegError:
+                continue  # one bad packet is a click, not a reason to stop the sound
+            for frame in (out for d in decoded for out in self._resampler.resample(d)):
+                frame.pts = self._samples
+                frame.time_base = Fraction(1, OPUS_RATE)
+                self._samples += frame.samples
+                if self.frames.full():
+                    self.frames.get_nowait()  # a viewer behind loses the oldest sound
+                self.frames.put_nowait(frame)
+
+    async def recv(self) -> av.AudioFrame:
+        frame = await self.frames.get()
+        if frame is None:
+            raise MediaStreamError
+        return frame
+
+    def end(self) -> None:
+        if self.frames.full():
+            self.frames.get_nowait()
+        self.frames.put_nowait(None)
+
+
 class WhepSink(FrameSink):
     """One WHEP viewer. `send` returns once aiortc took the frame to encode it, so the frame
     loop's slot for this viewer is the only place its frames wait (and are dropped)."""
@@ -181,11 +277,14 @@ class WhepSink(FrameSink):
         self.name = name
         self.primary = False
         self.track = _OutputTrack()
+        self.audio = _OutputAudioTrack()
         self.gone = asyncio.Event()
 
     async def send(self, frame: OutputFrame, audio: Sequence[AudioPacket]) -> bool:
         if self.gone.is_set():
             raise OutputClosed(f"viewer {self.name} left")
+        if audio:
+            self.audio.feed(audio)
         self.track.taken.clear()
         self.track.slot.put(frame)
         taken = asyncio.ensure_future(self.track.taken.wait())
@@ -203,6 +302,8 @@ class WhepSink(FrameSink):
         self.gone.set()
         self.track.slot.close()
         self.track.stop()
+        self.audio.end()
+        self.audio.stop()
 
 
 @dataclass
@@ -237,9 +338,18 @@ class Peers:
         """A WHEP viewer: returns the peer (its `sink` goes on the session) and the answer."""
         pc = RTCPeerConnection(configuration(self.ice))
         peer = self._add("whep", session_id, pc)
-        peer.sink = WhepSink(f"whep-{peer.id[:8]}")
-        pc.addTrack(peer.sink.track)
-        return peer, await self._answer(peer, offer)
+        peer.sink = sink = WhepSink(f"whep-{peer.id[:8]}")
+
+        def add_tracks() -> None:
+            # Only the kinds the viewer asked for: a track its offer has no m-line for
+            # would have nowhere to go.
+            kinds = {t.kind for t in pc.getTransceivers()}
+            if "video" in kinds:
+                pc.addTrack(sink.track)
+            if "audio" in kinds:
+                pc.addTrack(sink.audio)
+
+        return peer, await self._answer(peer, offer, add_tracks)
 
     def _add(self, kind: str, session_id: str, pc: RTCPeerConnection) -> Peer:
         peer = Peer(secrets.token_hex(16), kind, session_id, pc)
@@ -252,9 +362,12 @@ class Peers:
 
         return peer
 
-    async def _answer(self, peer: Peer, offer: str) -> str:
+    async def _answer(
+        self, peer: Peer, offer: str, before_answer: Callable[[], None] = lambda: None
+    ) -> str:
         try:
             await peer.pc.setRemoteDescription(RTCSessionDescription(offer, "offer"))
+            before_answer()
             # aiortc gathers every candidate before it returns: the answer is complete
             # (no trickle ICE needed from the client).
             await peer.pc.setLocalDescription(await peer.pc.createAnswer())

@@ -4,11 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from fractions import Fraction
 
 import aiohttp
 import av
+import numpy as np
 import pytest
-from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription, VideoStreamTrack
+from aiortc import (
+    MediaStreamTrack,
+    RTCConfiguration,
+    RTCPeerConnection,
+    RTCSessionDescription,
+    VideoStreamTrack,
+)
 from aiortc.mediastreams import MediaStreamError
 
 from live.keys import SESSIONS
@@ -268,3 +276,78 @@ def test_rtp_clock_unwraps_and_continues_across_publishers() -> None:
     clock.new_publisher()
     again = [clock.map(12345 + i * 3000) for i in range(2)]
     assert again[0] > first[-1] and again[1] - again[0] == 3000
+
+
+class ToneTrack(MediaStreamTrack):
+    """A microphone: 20 ms of a 440 Hz tone at 48 kHz per frame, at its real pace."""
+
+    kind = "audio"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.samples = 0
+        self.start: float | None = None
+
+    async def recv(self) -> av.AudioFrame:
+        loop = asyncio.get_running_loop()
+        if self.start is None:
+            self.start = loop.time()
+        due = self.start + self.samples / 48_000
+        await asyncio.sleep(max(0.0, due - loop.time()))  # a microphone's pace
+        t = (np.arange(self.samples, self.samples + 960) / 48_000).astype(np.float32)
+        wave = (0.3 * np.sin(2 * np.pi * 440 * t) * 32767).astype(np.int16)
+        frame = av.AudioFrame.from_ndarray(
+            np.repeat(wave, 2)[None, :], format="s16", layout="stereo"
+        )
+        frame.sample_rate = 48_000
+        frame.pts = self.samples
+        frame.time_base = Fraction(1, 48_000)
+        self.samples += 960
+        return frame
+
+
+async def test_whip_audio_comes_out_as_opus_over_trickle_and_whep(rtc_service) -> None:
+    client = await rtc_service()
+    info = await start_session(client, model_id="noop")
+    publisher = peer()
+    publisher.addTrack(NumberedTrack())
+    publisher.addTrack(ToneTrack())
+    listener = Watcher()
+    listener.pc.addTransceiver("audio", direction="recvonly")
+    heard: list[int] = []
+    got_sound = asyncio.Event()
+
+    async def listen(track) -> None:
+        with contextlib.suppress(MediaStreamError):
+            while True:
+                frame = await track.recv()
+                heard.append(frame.samples)
+                if sum(heard) >= 48_000 // 2:
+                    got_sound.set()
+
+    listener.pc.on(
+        "track",
+        lambda track: (
+            listener.tasks.append(asyncio.create_task(listen(track)))
+            if track.kind == "audio"
+            else None
+        ),
+    )
+    viewer = Viewer(info["subscribe_url"])
+    reading = asyncio.create_task(viewer.run())
+    try:
+        await negotiate(publisher, info["whip_url"])
+        await negotiate(listener.pc, info["whep_url"])
+        await viewer.wait_frames(45)
+        await asyncio.wait_for(got_sound.wait(), WAIT_S)  # half a second of sound over WHEP
+        opus = [p for p in viewer.audio if p.codec == "opus"]
+        assert len(opus) >= 25  # half a second of 20 ms packets over trickle
+        pts = [p.pts for p in opus]
+        assert pts == sorted(pts)
+        video = [f.pts for f in viewer.frames]
+        assert abs(pts[-1] - video[-1]) < 90_000 // 2  # on the video's timeline
+    finally:
+        await listener.close()
+        await publisher.close()
+        await client.delete(f"/live-video-to-video/{info['session_id']}")
+        await asyncio.wait_for(reading, WAIT_S)
