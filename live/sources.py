@@ -14,7 +14,9 @@ class FirstOfSource(FrameSource):
 
     A standalone session can be fed over trickle or WHIP; it commits to the transport the
     publisher actually used, so the input ends when that publisher's stream ends (a source
-    that merely waits, like an idle WHIP endpoint, does not keep the session alive).
+    that merely waits, like an idle WHIP endpoint, does not keep the session alive). A source
+    that ends before yielding anything (a trickle publisher whose video could not be decoded,
+    then gone) ends the input too.
     """
 
     name = "first-of"
@@ -31,15 +33,18 @@ class FirstOfSource(FrameSource):
         }
         first: MediaItem | None = None
         winner: int | None = None
+        ended = False
         try:
-            while pending and winner is None:
+            while pending and winner is None and not ended:
                 done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
                 for future in done:
                     n = pending.pop(future)
                     if future.exception() is None:
                         if winner is None:
                             winner, first = n, future.result()
-                    elif not isinstance(future.exception(), StopAsyncIteration):
+                    elif isinstance(future.exception(), StopAsyncIteration):
+                        ended = True
+                    else:
                         raise future.exception()  # type: ignore[misc]
         finally:
             for future in pending:
@@ -55,7 +60,7 @@ class FirstOfSource(FrameSource):
                         await self.sources[n].close()
         if winner is None:
             self.decided.set()
-            return  # every source ended before yielding anything
+            return  # a source ended before any yielded: the input ended
         self.chosen = self.sources[winner]
         self.decided.set()
         assert first is not None
