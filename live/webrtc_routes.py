@@ -58,6 +58,8 @@ def _created(request: web.Request, answer: str, peer_id: str, links: list[str]) 
 async def _publish(
     request: web.Request, session: LiveSession, offer: str | None = None
 ) -> web.Response:
+    if not session.running:
+        raise NotFound("this session has ended")
     whip = session.whip
     if whip is None or whip.closed:
         raise Conflict(
@@ -76,6 +78,8 @@ async def _publish(
 
 
 async def _play(request: web.Request, session: LiveSession) -> web.Response:
+    if not session.running:
+        raise NotFound("this session has ended")
     settings = request.app[SETTINGS]
     peers = request.app[SESSIONS].peers
     if peers.count(session.id, "whep") >= settings.max_viewers:
