@@ -18,7 +18,7 @@ from .pipelines import LivePipeline, builtin_pipelines
 from .routes import add_live_routes
 from .sessions import SessionManager
 from .settings import Settings
-from .webrtc import restrict_host_addresses
+from .webrtc import frame_on_marker, restrict_host_addresses
 from .webrtc_routes import add_webrtc_routes
 
 logger = logging.getLogger(__name__)
@@ -49,6 +49,7 @@ def create_app(
     add_health_routes(app)
     add_live_routes(app)
     add_webrtc_routes(app)
+    frame_on_marker()
     if settings.ice_host_addresses:
         restrict_host_addresses(
             [a.strip() for a in settings.ice_host_addresses.split(",") if a.strip()]

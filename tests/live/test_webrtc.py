@@ -351,3 +351,28 @@ async def test_whip_audio_comes_out_as_opus_over_trickle_and_whep(rtc_service) -
         await publisher.close()
         await client.delete(f"/live-video-to-video/{info['session_id']}")
         await asyncio.wait_for(reading, WAIT_S)
+
+
+def test_received_frames_complete_on_their_marker_bit() -> None:
+    from aiortc import rtcrtpreceiver
+    from aiortc.rtp import RtpPacket
+
+    from live.webrtc import frame_on_marker
+
+    frame_on_marker()
+    buffer = rtcrtpreceiver.JitterBuffer(capacity=128, is_video=True)
+
+    def packet(seq: int, timestamp: int, marker: int, data: bytes) -> RtpPacket:
+        p = RtpPacket(sequence_number=seq, timestamp=timestamp, marker=marker)
+        p._data = data  # what the receiver's depayloader leaves on each packet
+        return p
+
+    assert buffer.add(packet(1, 3000, 0, b"ab"))[1] is None
+    done = buffer.add(packet(2, 3000, 1, b"cd"))[1]  # the last packet: out at once
+    assert done is not None and done.data == b"abcd" and done.timestamp == 3000
+    # A frame whose marker packet was lost still comes out when the next one starts.
+    assert buffer.add(packet(3, 6000, 0, b"ef"))[1] is None
+    late = buffer.add(packet(5, 9000, 0, b"gh"))[1]
+    assert late is None  # a gap (4 missing): nothing complete yet
+    filled = buffer.add(packet(4, 6000, 0, b"ij"))[1]
+    assert filled is not None and filled.data == b"efij" and filled.timestamp == 6000
