@@ -29,8 +29,6 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
-from protocol.trickle import LocalPublisher
-
 from .errors import NotFound
 from .keys import SESSIONS
 from .session import LiveSession
@@ -52,28 +50,12 @@ def channel_of(events_url: str) -> str:
     return urlsplit(events_url).path.rstrip("/").rsplit("/", 1)[-1]
 
 
-def events_stream_path(events_url: str) -> str:
-    """Where the event stream of the session with this `events_url` is served."""
-    return STREAM_PATH.format(channel=channel_of(events_url))
-
-
-def session_channel(session: LiveSession) -> str | None:
-    """The name of the session's own events channel, or None (runner mode publishes events to
-    another server, so there is nothing here to relay)."""
-    name = getattr(session, "events_channel", None)
-    if name is not None:
-        return str(name)
-    # Until sessions carry `events_channel`, a standalone session's events publisher is a
-    # LocalPublisher on our own trickle server, and it knows its channel's name.
-    events = session.events
-    return events.name if isinstance(events, LocalPublisher) else None
-
-
 def find_session(manager: SessionManager, channel: str) -> LiveSession | None:
     if not channel:
         return None
+    # Runner-mode sessions publish their events to another server: they have no channel here.
     for session in manager.sessions.values():
-        if session_channel(session) == channel:
+        if session.events_channel == channel:
             return session
     return None
 

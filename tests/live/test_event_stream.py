@@ -7,6 +7,7 @@ import contextlib
 import json
 import socket
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 import aiohttp
 
@@ -67,7 +68,10 @@ class EventStream:
 
 
 async def open_stream(client, info: dict) -> EventStream:
-    response = await client.get(f"/events/{channel_of(info['events_url'])}")
+    # The start answer names the stream; it is the events channel's name under /events/.
+    path = urlsplit(info["events_stream_url"]).path
+    assert path == f"/events/{channel_of(info['events_url'])}"
+    response = await client.get(path)
     assert response.status == 200, await response.text()
     assert response.headers["Content-Type"].startswith("text/event-stream")
     return EventStream(response)

@@ -261,3 +261,35 @@ async def test_the_page_goes_live_changes_params_and_stops(live_service, browser
     assert client.app[SESSIONS].peers.count(session_id, "whip") == 0
     assert client.app[SESSIONS].peers.count(session_id, "whep") == 0
     assert not page.problems, "\n".join(page.problems)
+
+
+async def test_the_page_asks_for_the_token_and_keeps_it(aiohttp_client, browser_page) -> None:
+    settings = Settings(status_interval_s=0.5, ice_host_addresses="127.0.0.1", auth_token="s3cret")
+    client = await aiohttp_client(create_app(settings, PIPELINES))
+    page = browser_page
+    await page.goto(page_url(client))
+    await page.wait_for_selector("#pipeline:not([disabled]) option[value='noop']", state="attached")
+    await page.select_option("#pipeline", "noop")
+    await page.click("#start")
+    # Refused without the token, in plain words, and nothing is left running.
+    await page.wait_for_selector("#error:has-text('needs an access token')")
+    assert await page.locator("#token").is_visible()
+    assert await page.is_enabled("#start")
+    assert client.app[SESSIONS].sessions == {}
+
+    await page.fill("#token", "s3cret")
+    await page.click("#start")
+    await page.wait_for_selector("body[data-session-id]", state="attached")
+    session_id = await page.get_attribute("body", "data-session-id")
+    assert session_id in client.app[SESSIONS].sessions
+    # Kept in this browser for the next visit.
+    assert await page.evaluate("localStorage.getItem('live-v2v.token')") == "s3cret"
+    await page.click("#stop")
+    await page.wait_for_selector("body[data-state='ended']", state="attached")
+    gone = await client.get(
+        f"/live-video-to-video/{session_id}", headers={"Authorization": "Bearer s3cret"}
+    )
+    assert gone.status == 404
+    # The refused start is the only failure (its console line may come at any time).
+    problems = [p for p in page.problems if "401" not in p]
+    assert not problems, "\n".join(problems)
