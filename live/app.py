@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 
@@ -18,7 +19,7 @@ from .pipelines import LivePipeline, builtin_pipelines
 from .routes import add_live_routes
 from .sessions import SessionManager
 from .settings import Settings
-from .webrtc import frame_on_marker, restrict_host_addresses
+from .webrtc import bound_udp_ports, frame_on_marker, restrict_host_addresses
 from .webrtc_routes import add_webrtc_routes
 
 logger = logging.getLogger(__name__)
@@ -50,6 +51,8 @@ def create_app(
     add_live_routes(app)
     add_webrtc_routes(app)
     frame_on_marker()
+    settings.udp_port_range()  # refuses a bad range now, not at the first peer
+    app.cleanup_ctx.append(_udp_ports_ctx)
     if settings.ice_host_addresses:
         restrict_host_addresses(
             [a.strip() for a in settings.ice_host_addresses.split(",") if a.strip()]
@@ -60,6 +63,16 @@ def create_app(
     # plain-text dialect (404/400/470), which Livepeer clients depend on.
     app.add_subapp(trickle_config.base_path.rstrip("/"), create_trickle_app(trickle))
     return app
+
+
+async def _udp_ports_ctx(app: web.Application) -> AsyncIterator[None]:
+    ports = app[SETTINGS].udp_port_range()
+    if ports is None:
+        yield
+        return
+    restore = bound_udp_ports(asyncio.get_running_loop(), *ports)
+    yield
+    restore()
 
 
 async def _stop_sessions(app: web.Application) -> None:

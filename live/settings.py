@@ -76,6 +76,11 @@ class Settings(BaseModel):
         description="gather WebRTC host candidates on these addresses only, comma-separated "
         "(127.0.0.1 for a loopback-only service; default: every interface but loopback)",
     )
+    webrtc_udp_ports: str = Field(
+        "",
+        pattern=r"^(\d{1,5}-\d{1,5})?$",
+        description="UDP ports WebRTC may use, LOW-HIGH (default: any the system gives)",
+    )
     trickle_base_path: str = Field(
         "/trickle/", description="where the trickle server is mounted (/ai/trickle/ for Livepeer)"
     )
@@ -100,6 +105,14 @@ class Settings(BaseModel):
             username=self.turn_username,
             credential=self.turn_credential,
         )
+
+    def udp_port_range(self) -> tuple[int, int] | None:
+        if not self.webrtc_udp_ports:
+            return None
+        low, high = (int(p) for p in self.webrtc_udp_ports.split("-"))
+        if not 1 <= low <= high <= 65535:
+            raise ValueError(f"--webrtc-udp-ports {self.webrtc_udp_ports}: need 1 <= LOW <= HIGH")
+        return low, high
 
     def runner_host_set(self) -> set[str]:
         return {h.strip().lower() for h in self.runner_hosts.split(",") if h.strip()}

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -97,6 +98,35 @@ def frame_on_marker() -> None:
             return super()._remove_frame(sequence_number)
 
     rtcrtpreceiver.JitterBuffer = MarkerJitterBuffer  # type: ignore[misc]
+
+
+def bound_udp_ports(
+    loop: asyncio.AbstractEventLoop, low: int, high: int
+) -> Callable[[], None]:
+    """Bind the UDP sockets that ICE opens on "any port" within `low`..`high` (a firewall
+    rule can then name them). aioice has no setting for it and binds port 0, so the loop's
+    `create_datagram_endpoint` is wrapped for the app's loop; in this service only ICE opens
+    UDP sockets on port 0. Returns the function that puts the loop back as it was."""
+    original = loop.create_datagram_endpoint
+
+    async def create(protocol_factory, local_addr=None, **kwargs):  # type: ignore[no-untyped-def]
+        if local_addr is None or local_addr[1] != 0:
+            return await original(protocol_factory, local_addr=local_addr, **kwargs)
+        ports = list(range(low, high + 1))
+        random.shuffle(ports)  # peers spread over the range rather than racing for its start
+        for port in ports:
+            try:
+                return await original(protocol_factory, local_addr=(local_addr[0], port), **kwargs)
+            except OSError:
+                continue
+        raise OSError(f"no free UDP port in {low}-{high} (--webrtc-udp-ports)")
+
+    loop.create_datagram_endpoint = create  # type: ignore[method-assign]
+
+    def restore() -> None:
+        loop.create_datagram_endpoint = original  # type: ignore[method-assign]
+
+    return restore
 
 
 class _RtpClock:

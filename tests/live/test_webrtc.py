@@ -376,3 +376,37 @@ def test_received_frames_complete_on_their_marker_bit() -> None:
     assert late is None  # a gap (4 missing): nothing complete yet
     filled = buffer.add(packet(4, 6000, 0, b"ij"))[1]
     assert filled is not None and filled.data == b"efij" and filled.timestamp == 6000
+
+
+async def test_ice_binds_within_the_configured_udp_ports(rtc_service) -> None:
+    client = await rtc_service(webrtc_udp_ports="41000-41019")
+    info = await start_session(client, model_id="noop")
+    publisher = peer()
+    publisher.addTrack(NumberedTrack())
+    try:
+        await publisher.setLocalDescription(await publisher.createOffer())
+        async with aiohttp.ClientSession() as http:
+            async with http.post(
+                info["whip_url"],
+                data=publisher.localDescription.sdp,
+                headers={"Content-Type": "application/sdp"},
+            ) as response:
+                answer = await response.text()
+                assert response.status == 201
+        ports = [
+            int(line.split()[5])
+            for line in answer.splitlines()
+            if line.startswith("a=candidate:") and " typ host" in line
+        ]
+        assert ports and all(41000 <= port <= 41019 for port in ports), ports
+    finally:
+        await publisher.close()
+        await client.delete(f"/live-video-to-video/{info['session_id']}")
+
+
+def test_a_bad_udp_port_range_is_refused() -> None:
+    from live.app import create_app
+    from live.settings import Settings
+
+    with pytest.raises(ValueError, match="webrtc-udp-ports"):
+        create_app(Settings(webrtc_udp_ports="9000-8000"))
