@@ -326,17 +326,16 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-class Service:
-    """`python -m live serve` on a free port, for the outside cases (one session at a time)."""
+class Process:
+    """A server in its own process, up once GET /health answers."""
 
-    def __init__(self) -> None:
-        self.port = _free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
+    def __init__(self, command: Sequence[str], port: int) -> None:
+        self.command = list(command)
+        self.base = f"http://127.0.0.1:{port}"
         self.proc: subprocess.Popen[bytes] | None = None
 
-    async def __aenter__(self) -> Service:
-        command = [sys.executable, "-m", "live", "serve", "--port", str(self.port)]
-        self.proc = subprocess.Popen([*command, "--log-level", "ERROR"])
+    async def __aenter__(self) -> Process:
+        self.proc = subprocess.Popen(self.command)
         async with aiohttp.ClientSession() as http:
             for _ in range(300):
                 try:
@@ -344,9 +343,9 @@ class Service:
                         return self
                 except aiohttp.ClientConnectionError:
                     if self.proc.poll() is not None:
-                        raise RuntimeError("the service exited at start") from None
+                        raise RuntimeError(f"{self.command} exited at start") from None
                     await asyncio.sleep(0.1)
-        raise RuntimeError("the service did not answer in 30 s")
+        raise RuntimeError(f"{self.command} did not answer in 30 s")
 
     async def __aexit__(self, *exc: object) -> None:
         assert self.proc is not None
@@ -357,6 +356,17 @@ class Service:
     def pid(self) -> int:
         assert self.proc is not None
         return self.proc.pid
+
+
+class Service(Process):
+    """`python -m live serve` on a free port, for the outside cases (one session at a time)."""
+
+    def __init__(self) -> None:
+        port = _free_port()
+        super().__init__(
+            [sys.executable, "-m", "live", "serve", "--port", str(port), "--log-level", "ERROR"],
+            port,
+        )
 
     async def start_session(self) -> dict[str, Any]:
         async with (

@@ -46,7 +46,6 @@ import logging
 import os
 import platform
 import secrets
-import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -71,7 +70,7 @@ from aiortc import (
 from aiortc.contrib.media import MediaRelay
 from aiortc.mediastreams import MediaStreamError
 
-from bench.frame_loop import _cpu_seconds, _free_port, ms
+from bench.frame_loop import Process, _cpu_seconds, _free_port, ms
 from live.webrtc import restrict_host_addresses
 from protocol.clips import BITS, numbered_frame, read_index
 
@@ -221,38 +220,6 @@ async def delete(url: str) -> None:
 
 
 # -- the processes -----------------------------------------------------------------------------
-
-
-class Process:
-    """A server in its own process, up once GET /health answers."""
-
-    def __init__(self, command: Sequence[str], port: int) -> None:
-        self.command = list(command)
-        self.base = f"http://127.0.0.1:{port}"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    async def __aenter__(self) -> Process:
-        self.proc = subprocess.Popen(self.command)
-        async with aiohttp.ClientSession() as http:
-            for _ in range(300):
-                try:
-                    async with http.get(self.base + "/health"):
-                        return self
-                except aiohttp.ClientConnectionError:
-                    if self.proc.poll() is not None:
-                        raise RuntimeError(f"{self.command} exited at start") from None
-                    await asyncio.sleep(0.1)
-        raise RuntimeError(f"{self.command} did not answer in 30 s")
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self.proc is not None
-        self.proc.terminate()
-        self.proc.wait(10)
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
 
 
 def service_process() -> Process:

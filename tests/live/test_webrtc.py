@@ -61,6 +61,16 @@ async def negotiate(pc: RTCPeerConnection, url: str, headers: dict | None = None
     return location, links
 
 
+async def offer_only(pc: RTCPeerConnection, url: str) -> tuple[int, str, dict[str, str]]:
+    """POST `pc`'s offer; the status, body and headers, without completing the connection."""
+    await pc.setLocalDescription(await pc.createOffer())
+    async with aiohttp.ClientSession() as http:
+        async with http.post(
+            url, data=pc.localDescription.sdp, headers={"Content-Type": "application/sdp"}
+        ) as response:
+            return response.status, await response.text(), dict(response.headers)
+
+
 class Watcher:
     """A WHEP viewer: keeps the painted index of every frame it receives."""
 
@@ -163,14 +173,8 @@ async def test_a_trickle_fed_session_is_watched_over_whep(rtc_service) -> None:
         # WHIP into it now is refused: it is fed over trickle.
         publisher = peer()
         publisher.addTrack(NumberedTrack())
-        await publisher.setLocalDescription(await publisher.createOffer())
-        async with aiohttp.ClientSession() as http:
-            async with http.post(
-                info["whip_url"],
-                data=publisher.localDescription.sdp,
-                headers={"Content-Type": "application/sdp"},
-            ) as response:
-                assert response.status == 409
+        status, _, _ = await offer_only(publisher, info["whip_url"])
+        assert status == 409
         await publisher.close()
         await asyncio.wait_for(publishing, WAIT_S)
     finally:
@@ -186,15 +190,8 @@ async def test_whep_viewers_beyond_the_cap_get_429(rtc_service) -> None:
         # Closed only once connected: aioice leaves its consent checks running on a
         # connection closed while it was still connecting.
         await asyncio.wait_for(first.connected.wait(), WAIT_S)
-        await second.pc.setLocalDescription(await second.pc.createOffer())
-        async with aiohttp.ClientSession() as http:
-            async with http.post(
-                info["whep_url"],
-                data=second.pc.localDescription.sdp,
-                headers={"Content-Type": "application/sdp"},
-            ) as response:
-                assert response.status == 429
-                assert response.headers["Retry-After"]
+        status, _, headers = await offer_only(second.pc, info["whep_url"])
+        assert status == 429 and headers["Retry-After"]
     finally:
         await first.close()
         await second.close()
@@ -384,15 +381,8 @@ async def test_ice_binds_within_the_configured_udp_ports(rtc_service) -> None:
     publisher = peer()
     publisher.addTrack(NumberedTrack())
     try:
-        await publisher.setLocalDescription(await publisher.createOffer())
-        async with aiohttp.ClientSession() as http:
-            async with http.post(
-                info["whip_url"],
-                data=publisher.localDescription.sdp,
-                headers={"Content-Type": "application/sdp"},
-            ) as response:
-                answer = await response.text()
-                assert response.status == 201
+        status, answer, _ = await offer_only(publisher, info["whip_url"])
+        assert status == 201
         ports = [
             int(line.split()[5])
             for line in answer.splitlines()
