@@ -29,6 +29,7 @@ from aiortc import (
     RTCSessionDescription,
 )
 from aiortc.mediastreams import MediaStreamError
+from av.video.frame import PictureType
 
 from protocol.media import CLOCK, TIME_BASE, AudioPacket, VideoFrame, to_rgb
 
@@ -342,12 +343,16 @@ class WhepSink(FrameSink):
         self.track = _OutputTrack()
         self.audio = _OutputAudioTrack()
         self.gone = asyncio.Event()
+        self.shared: tuple[SharedVideoSink, _PacketTrack] | None = None
+        """Set when this viewer's video comes from the session's shared encoder."""
 
     async def send(self, frame: OutputFrame, audio: Sequence[AudioPacket]) -> bool:
         if self.gone.is_set():
             raise OutputClosed(f"viewer {self.name} left")
         if audio:
             self.audio.feed(audio)
+        if self.shared is not None:
+            return True  # the video goes out through the shared encoder's sink
         self.track.taken.clear()
         self.track.slot.put(frame)
         taken = asyncio.ensure_future(self.track.taken.wait())
@@ -367,6 +372,142 @@ class WhepSink(FrameSink):
         self.track.stop()
         self.audio.end()
         self.audio.stop()
+        if self.shared is not None:
+            encoder, track = self.shared
+            encoder.remove_viewer(track)
+
+
+KEYFRAME_EVERY_S = 2.0  # with one encoder for all viewers, a lost picture heals by the next
+VIEWER_BACKLOG = 30  # encoded frames a viewer may trail by before it resyncs on a keyframe
+SHARED_CODECS = {"video/VP8": "libvpx", "video/H264": "libx264"}
+
+
+class _PacketTrack(MediaStreamTrack):
+    """A viewer's video when one encoder serves every viewer: already encoded frames, from a
+    keyframe on. A viewer that falls behind skips to the next keyframe."""
+
+    kind = "video"
+
+    def __init__(self, on_resync: Callable[[], None]) -> None:
+        super().__init__()
+        self.packets: asyncio.Queue[av.Packet | None] = asyncio.Queue(maxsize=VIEWER_BACKLOG)
+        self.waiting_for_key = True
+        self._on_resync = on_resync
+
+    def offer(self, packets: Sequence[av.Packet]) -> None:
+        for packet in packets:
+            if self.waiting_for_key and not packet.is_keyframe:
+                continue
+            if self.packets.full():
+                # Behind by a whole backlog: drop it all and start again at a keyframe.
+                while not self.packets.empty():
+                    self.packets.get_nowait()
+                self.waiting_for_key = True
+                self._on_resync()
+                continue
+            self.waiting_for_key = False
+            self.packets.put_nowait(packet)
+
+    async def recv(self) -> av.Packet:
+        packet = await self.packets.get()
+        if packet is None:
+            raise MediaStreamError
+        return packet
+
+    def end(self) -> None:
+        with contextlib.suppress(asyncio.QueueFull):
+            self.packets.put_nowait(None)
+
+
+class _SharedEncoder:
+    """One encoder (on its own thread) for every viewer of a session that speaks `mime`."""
+
+    def __init__(self, mime: str) -> None:
+        self.mime = mime
+        self._codec: av.CodecContext | None = None
+        self._size = (0, 0)
+        self._last_key = -1.0
+        self.want_key = True
+
+    def encode(self, image: object, pts: int) -> list[av.Packet]:
+        frame = av.VideoFrame.from_ndarray(image, format="rgb24")  # type: ignore[arg-type]
+        if self._codec is None or (frame.width, frame.height) != self._size:
+            self._codec = self._open(frame.width - frame.width % 2, frame.height - frame.height % 2)
+            self._size = (frame.width, frame.height)
+        codec = self._codec
+        yuv = frame.reformat(codec.width, codec.height, format="yuv420p")
+        yuv.pts = pts
+        yuv.time_base = TIME_BASE
+        now = time.monotonic()
+        if self.want_key or now - self._last_key >= KEYFRAME_EVERY_S:
+            yuv.pict_type = PictureType.I
+            self.want_key = False
+            self._last_key = now
+        packets = list(codec.encode(yuv))
+        for packet in packets:
+            packet.time_base = TIME_BASE
+        return packets
+
+    def _open(self, width: int, height: int) -> av.CodecContext:
+        codec = av.CodecContext.create(SHARED_CODECS[self.mime], "w")
+        codec.width, codec.height = width, height
+        codec.pix_fmt = "yuv420p"
+        codec.time_base = TIME_BASE
+        codec.framerate = 30
+        codec.bit_rate = 1_500_000
+        if self.mime == "video/H264":
+            # What aiortc's own H.264 sender offers: constrained baseline, no B-frames.
+            codec.options = {"profile": "baseline", "tune": "zerolatency", "preset": "superfast"}
+        else:
+            codec.options = {"deadline": "realtime", "cpu-used": "8", "lag-in-frames": "0"}
+        return codec
+
+
+class SharedVideoSink(FrameSink):
+    """Encodes the session's output once for all WHEP viewers of one codec; each viewer's
+    track gets the packets. It leaves the frame loop when its last viewer has gone."""
+
+    def __init__(self, mime: str) -> None:
+        self.name = f"whep-{mime.split('/')[1].lower()}"
+        self.primary = False
+        self.encoder = _SharedEncoder(mime)
+        self.viewers: set[_PacketTrack] = set()
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="encode-whep")
+        self._context: MediaContext | None = None
+        self.closed = False
+
+    async def open(self, context: MediaContext) -> None:
+        self._context = context
+
+    def add_viewer(self) -> _PacketTrack:
+        track = _PacketTrack(self._want_key)
+        self.viewers.add(track)
+        self._want_key()  # a new viewer starts at a keyframe, made for it now
+        return track
+
+    def remove_viewer(self, track: _PacketTrack) -> None:
+        self.viewers.discard(track)
+        track.end()
+
+    def _want_key(self) -> None:
+        self.encoder.want_key = True
+
+    async def send(self, frame: OutputFrame, audio: Sequence[AudioPacket]) -> bool:
+        if not self.viewers:
+            raise OutputClosed("no viewer left")
+        started = time.perf_counter()
+        packets = await run_in(self._thread, self.encoder.encode, frame.image, frame.pts)
+        if self._context is not None:
+            self._context.stats.stage("encode", time.perf_counter() - started)
+        for viewer in list(self.viewers):
+            viewer.offer(packets)
+        return True
+
+    async def close(self) -> None:
+        self.closed = True
+        for track in list(self.viewers):
+            self.remove_viewer(track)
+        self._thread.shutdown(wait=False)
 
 
 @dataclass
@@ -386,6 +527,7 @@ class Peers:
         self.ice = ice
         self.peers: dict[str, Peer] = {}
         self._closing: set[asyncio.Task[None]] = set()
+        self._shared: dict[tuple[str, str], SharedVideoSink] = {}
 
     def count(self, session_id: str, kind: str) -> int:
         return sum(1 for p in self.peers.values() if p.session_id == session_id and p.kind == kind)
@@ -397,22 +539,44 @@ class Peers:
         pc.on("track", source.attach)
         return peer, await self._answer(peer, offer)
 
-    async def play(self, session_id: str, offer: str) -> tuple[Peer, str]:
-        """A WHEP viewer: returns the peer (its `sink` goes on the session) and the answer."""
+    async def play(
+        self, session_id: str, offer: str, add_sink: Callable[[FrameSink], None]
+    ) -> tuple[Peer, str]:
+        """A WHEP viewer: its sinks go on the session through `add_sink`; returns the peer
+        and the answer. Viewers whose codec is VP8 or H.264 share one encoder per codec."""
         pc = RTCPeerConnection(configuration(self.ice))
         peer = self._add("whep", session_id, pc)
         peer.sink = sink = WhepSink(f"whep-{peer.id[:8]}")
 
         def add_tracks() -> None:
             # Only the kinds the viewer asked for: a track its offer has no m-line for
-            # would have nowhere to go.
-            kinds = {t.kind for t in pc.getTransceivers()}
-            if "video" in kinds:
-                pc.addTrack(sink.track)
-            if "audio" in kinds:
-                pc.addTrack(sink.audio)
+            # would have nowhere to go. The codec is known once the offer is set.
+            for transceiver in pc.getTransceivers():
+                if transceiver.kind == "audio":
+                    pc.addTrack(sink.audio)
+                    continue
+                codecs = transceiver._codecs  # aiortc: the negotiated codecs, chosen first
+                mime = codecs[0].mimeType if codecs else ""
+                if mime in SHARED_CODECS:
+                    encoder = self._shared_sink(session_id, mime, add_sink)
+                    track = encoder.add_viewer()
+                    sink.shared = (encoder, track)
+                    pc.addTrack(track)
+                else:
+                    pc.addTrack(sink.track)
 
-        return peer, await self._answer(peer, offer, add_tracks)
+        answer = await self._answer(peer, offer, add_tracks)
+        add_sink(sink)
+        return peer, answer
+
+    def _shared_sink(
+        self, session_id: str, mime: str, add_sink: Callable[[FrameSink], None]
+    ) -> SharedVideoSink:
+        found = self._shared.get((session_id, mime))
+        if found is None or found.closed:
+            found = self._shared[(session_id, mime)] = SharedVideoSink(mime)
+            add_sink(found)
+        return found
 
     def _add(self, kind: str, session_id: str, pc: RTCPeerConnection) -> Peer:
         peer = Peer(secrets.token_hex(16), kind, session_id, pc)
@@ -450,6 +614,9 @@ class Peers:
             return False
         if peer.sink is not None:
             peer.sink.gone.set()
+            if peer.sink.shared is not None:
+                encoder, track = peer.sink.shared
+                encoder.remove_viewer(track)
         await peer.pc.close()
         peer.closed.set()
         logger.info("peer closed kind=%s peer=%s session=%s", peer.kind, peer_id, peer.session_id)
@@ -458,6 +625,8 @@ class Peers:
     async def close_session(self, session_id: str) -> None:
         for peer_id in [p.id for p in self.peers.values() if p.session_id == session_id]:
             await self.close(peer_id)
+        for key in [k for k in self._shared if k[0] == session_id]:
+            del self._shared[key]
 
     async def close_all(self) -> None:
         for peer_id in list(self.peers):

@@ -88,9 +88,7 @@ async def _play(request: web.Request, session: LiveSession) -> web.Response:
             headers={"Retry-After": "10"},
         )
     offer = await read_offer(request)
-    peer, answer = await _negotiate(peers.play(session.id, offer))
-    assert peer.sink is not None
-    session.add_sink(peer.sink)
+    peer, answer = await _negotiate(peers.play(session.id, offer, session.add_sink))
     return _created(request, answer, peer.id, [])
 
 

@@ -14,6 +14,7 @@ from aiortc import (
     MediaStreamTrack,
     RTCConfiguration,
     RTCPeerConnection,
+    RTCRtpReceiver,
     RTCSessionDescription,
     VideoStreamTrack,
 )
@@ -74,9 +75,13 @@ async def offer_only(pc: RTCPeerConnection, url: str) -> tuple[int, str, dict[st
 class Watcher:
     """A WHEP viewer: keeps the painted index of every frame it receives."""
 
-    def __init__(self) -> None:
+    def __init__(self, codec: str | None = None) -> None:
         self.pc = peer()
-        self.pc.addTransceiver("video", direction="recvonly")
+        video = self.pc.addTransceiver("video", direction="recvonly")
+        if codec is not None:
+            video.setCodecPreferences(
+                [c for c in RTCRtpReceiver.getCapabilities("video").codecs if c.mimeType == codec]
+            )
         self.indices: list[int | None] = []
         self.changed = asyncio.Condition()
         self.tasks: list[asyncio.Task[None]] = []
@@ -128,12 +133,19 @@ async def test_whip_in_whep_out_through_a_session(rtc_service) -> None:
     location, links = await negotiate(publisher, info["whip_url"])
     assert location.startswith("/webrtc/")
     assert any("whep" in link and info["whep_url"] in link for link in links)
-    watchers = [Watcher(), Watcher()]  # two viewers at once
+    # Three viewers at once: two share one VP8 encoder, one gets H.264 from another.
+    watchers = [Watcher("video/VP8"), Watcher("video/VP8"), Watcher("video/H264")]
     try:
         for watcher in watchers:
             await negotiate(watcher.pc, info["whep_url"])
         for watcher in watchers:
             await watcher.wait_frames(30)
+        encoders = {
+            name: sink.sent
+            for name, sink in client.app[SESSIONS].get(info["session_id"]).stats.sinks.items()
+            if name in ("whep-vp8", "whep-h264")
+        }
+        assert set(encoders) == {"whep-vp8", "whep-h264"} and min(encoders.values()) >= 30
         for watcher in watchers:
             seen = [i for i in watcher.indices if i is not None]
             assert len(seen) >= 25 and seen == sorted(seen)
