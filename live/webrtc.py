@@ -454,12 +454,12 @@ class _SharedEncoder:
         codec.pix_fmt = "yuv420p"
         codec.time_base = TIME_BASE
         codec.framerate = 30
-        codec.bit_rate = 1_500_000
+        codec.bit_rate = 1_000_000
         if self.mime == "video/H264":
             # What aiortc's own H.264 sender offers: constrained baseline, no B-frames.
             codec.options = {"profile": "baseline", "tune": "zerolatency", "preset": "superfast"}
         else:
-            codec.options = {"deadline": "realtime", "cpu-used": "8", "lag-in-frames": "0"}
+            codec.options = {"deadline": "realtime", "cpu-used": "16", "lag-in-frames": "0"}
         return codec
 
 
