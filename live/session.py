@@ -17,7 +17,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from pydantic import ValidationError
@@ -48,9 +48,11 @@ from .pipelines.base import LivePipeline, PipelineContext, PipelineParams
 from .stats import SessionStats, percentiles
 from .threads import run_in
 
+if TYPE_CHECKING:
+    from .webrtc import WhipSource
+
 logger = logging.getLogger(__name__)
 
-WhipSourceLike = Any  # live.webrtc.WhipSource; not imported here so aiortc loads only with it
 
 CONTROL_MAX_BYTES = 1024 * 1024
 WATCH_BACKLOG = 100  # events an in-process reader may fall behind by
@@ -96,7 +98,7 @@ class LiveSession:
         self.config = config or SessionConfig()
         self.control = control
         self.events = events
-        self.whip: WhipSourceLike | None = None
+        self.whip: WhipSource | None = None
         """Where a WHIP publisher's tracks go (standalone sessions), set by the manager."""
         self.channels: dict[str, str] = {}
         """Standalone: the names of its own trickle channels, by role (input, output, ...)."""

@@ -101,9 +101,7 @@ def frame_on_marker() -> None:
     rtcrtpreceiver.JitterBuffer = MarkerJitterBuffer  # type: ignore[misc]
 
 
-def bound_udp_ports(
-    loop: asyncio.AbstractEventLoop, low: int, high: int
-) -> Callable[[], None]:
+def bound_udp_ports(loop: asyncio.AbstractEventLoop, low: int, high: int) -> Callable[[], None]:
     """Bind the UDP sockets that ICE opens on "any port" within `low`..`high` (a firewall
     rule can then name them). aioice has no setting for it and binds port 0, so the loop's
     `create_datagram_endpoint` is wrapped for the app's loop; in this service only ICE opens
@@ -176,7 +174,6 @@ class WhipSource(FrameSource):
         self._index = 0
         self._anchor: tuple[int, float] | None = None  # (video pts, when it arrived)
         self.closed = False
-        self.publishing = 0
 
     def attach(self, track: MediaStreamTrack) -> None:
         """A track of a new publisher (aiortc's `track` event)."""
@@ -192,7 +189,6 @@ class WhipSource(FrameSource):
 
     async def _read_video(self, track: MediaStreamTrack) -> None:
         self._video_clock.new_publisher()
-        self.publishing += 1
         try:
             while True:
                 frame = await track.recv()
@@ -204,8 +200,6 @@ class WhipSource(FrameSource):
                 self._index += 1
         except MediaStreamError:
             logger.info("WHIP publisher left; waiting for it to come back")
-        finally:
-            self.publishing -= 1
 
     async def _read_audio(self, track: MediaStreamTrack) -> None:
         # RTP gives each track a clock of its own: the publisher's first audio packet is
