@@ -8,9 +8,9 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
+from protocol.errors import error_middleware
 from protocol.trickle import TrickleServer, create_trickle_app
 
-from .errors import error_middleware
 from .event_stream import add_event_stream_routes
 from .health import add_health_routes
 from .keys import SESSIONS, SETTINGS, TRICKLE

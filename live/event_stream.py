@@ -29,7 +29,8 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
-from .errors import NotFound
+from protocol.errors import NotFound
+
 from .keys import SESSIONS
 from .session import LiveSession
 from .sessions import SessionManager

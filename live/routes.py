@@ -9,8 +9,8 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from protocol.api import LiveVideoToVideoParams
+from protocol.errors import InvalidFields, InvalidRequest, Unauthorized
 
-from .errors import InvalidFields, InvalidRequest, Unauthorized
 from .keys import SESSIONS, SETTINGS
 
 

@@ -11,6 +11,7 @@ from urllib.parse import urlsplit
 from pydantic import ValidationError
 
 from protocol.api import LiveVideoToVideoParams, LiveVideoToVideoResponse
+from protocol.errors import Forbidden, InvalidFields, InvalidRequest, NotFound, TooBusy, Unavailable
 from protocol.trickle import (
     LocalPublisher,
     LocalSubscriber,
@@ -23,7 +24,6 @@ from protocol.trickle.server import ChannelRefused
 from runtime.worker import InferenceWorker
 
 from .edges import FrameSource
-from .errors import Forbidden, InvalidFields, InvalidRequest, NotFound, TooBusy, Unavailable
 from .pipelines.base import LivePipeline, PipelineContext, PipelineParams
 from .session import LiveSession, SessionConfig
 from .settings import Settings

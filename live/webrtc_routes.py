@@ -16,8 +16,15 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from protocol.api import LiveVideoToVideoParams
+from protocol.errors import (
+    Conflict,
+    InvalidFields,
+    InvalidRequest,
+    NotFound,
+    TooBusy,
+    UnsupportedMediaType,
+)
 
-from .errors import Conflict, InvalidFields, InvalidRequest, NotFound, ServiceError, TooBusy
 from .keys import SESSIONS, SETTINGS
 from .routes import check_auth, public_origin
 from .session import LiveSession
@@ -25,10 +32,6 @@ from .webrtc import Peer
 
 SDP = "application/sdp"
 MAX_SDP_BYTES = 64 * 1024
-
-
-class UnsupportedMediaType(ServiceError):
-    status = 415
 
 
 async def read_offer(request: web.Request) -> str:

@@ -1,4 +1,4 @@
-"""Service errors and their HTTP mapping.
+"""Service errors and their HTTP mapping, shared by every route (live and batch alike).
 
     ServiceError (status, msg)
     ├── InvalidRequest      400
@@ -6,6 +6,7 @@
     ├── Forbidden           403
     ├── NotFound            404
     ├── Conflict            409
+    ├── UnsupportedMediaType 415
     ├── TooBusy             429 (trickle channel limit reached)
     └── Unavailable         503 (model absent, capacity reached)
 
@@ -22,7 +23,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 from pydantic import ValidationError
 
-from protocol.trickle import TRICKLE_SERVER
+from .trickle import TRICKLE_SERVER
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +72,10 @@ class InvalidFields(ServiceError, ValueError):
 
 class NotFound(ServiceError, LookupError):
     status = 404
+
+
+class UnsupportedMediaType(ServiceError):
+    status = 415
 
 
 class Conflict(ServiceError):
