@@ -1,16 +1,60 @@
-"""`GET /health`, polled by go-livepeer's worker every 5 s (protocol/trickle.md §3.7):
-IDLE with no session, LOADING while one loads, ERROR if one failed, else OK."""
+"""`GET /health`, polled by go-livepeer's worker every 5 s (protocol/trickle.md §3.7): IDLE with
+no session, LOADING while one loads, ERROR if one failed, else OK. Beside it, the runner's
+`/version`, `/hardware/info` and `/hardware/stats`."""
 
 from __future__ import annotations
 
+import asyncio
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as package_version
+
 from aiohttp import web
 
+from protocol.api import HardwareInformation, HardwareStats, Version
+
 from .keys import SESSIONS
+
+PIPELINE = "live-video-to-video"
+
+
+def service_version() -> str:
+    try:
+        return package_version("live-v2v")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "0+unknown"
 
 
 async def get_health(request: web.Request) -> web.Response:
     return web.json_response({"status": request.app[SESSIONS].health()})
 
 
+async def get_version(request: web.Request) -> web.Response:
+    model_id = request.app[SESSIONS].default_pipeline()
+    body = Version(pipeline=PIPELINE, model_id=model_id, version=service_version())
+    return web.json_response(body.model_dump())
+
+
+async def get_hardware_info(request: web.Request) -> web.Response:
+    from runtime.hardware import gpu_info
+
+    # torch's first import and CUDA queries block: off the event loop.
+    gpus = await asyncio.get_running_loop().run_in_executor(None, gpu_info)
+    model_id = request.app[SESSIONS].default_pipeline()
+    body = HardwareInformation(pipeline=PIPELINE, model_id=model_id, gpu_info=gpus)
+    return web.json_response(body.model_dump())
+
+
+async def get_hardware_stats(request: web.Request) -> web.Response:
+    from runtime.hardware import gpu_stats
+
+    gpus = await asyncio.get_running_loop().run_in_executor(None, gpu_stats)
+    model_id = request.app[SESSIONS].default_pipeline()
+    body = HardwareStats(pipeline=PIPELINE, model_id=model_id, gpu_stats=gpus)
+    return web.json_response(body.model_dump())
+
+
 def add_health_routes(app: web.Application) -> None:
     app.router.add_get("/health", get_health)
+    app.router.add_get("/version", get_version)
+    app.router.add_get("/hardware/info", get_hardware_info)
+    app.router.add_get("/hardware/stats", get_hardware_stats)

@@ -48,3 +48,41 @@ class LiveVideoToVideoResponse(BaseModel):
 
 class HTTPError(BaseModel):
     detail: dict[str, str]
+
+
+class Version(BaseModel):
+    pipeline: str
+    model_id: str
+    version: str = Field(description="The version of the Runner")
+
+
+class GPUComputeInfo(BaseModel):
+    """One GPU's identity and memory (bytes), as the runner's spec has it."""
+
+    id: str
+    name: str
+    memory_total: int
+    memory_free: int
+    major: int
+    minor: int
+
+
+class GPUUtilizationInfo(BaseModel):
+    id: str
+    name: str
+    memory_total: int
+    memory_free: int
+    utilization_compute: int
+    utilization_memory: int
+
+
+class HardwareInformation(BaseModel):
+    pipeline: str
+    model_id: str
+    gpu_info: dict[str, GPUComputeInfo]
+
+
+class HardwareStats(BaseModel):
+    pipeline: str
+    model_id: str
+    gpu_stats: dict[str, GPUUtilizationInfo]

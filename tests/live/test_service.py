@@ -142,3 +142,18 @@ async def test_trickle_wrong_method_stays_plain_text(aiohttp_client) -> None:
     assert response.status == 405
     assert "POST" in response.headers["Allow"]
     assert response.content_type == "text/plain"
+
+
+async def test_version_and_hardware_answer_the_runners_shapes(aiohttp_client) -> None:
+    from protocol.api import HardwareInformation, HardwareStats, Version
+
+    client = await aiohttp_client(create_app(Settings()))
+    version = Version.model_validate(await (await client.get("/version")).json())
+    assert version.pipeline == "live-video-to-video" and version.version
+    assert version.model_id == "cartoon"  # the default live pipeline without diffusion weights
+    info = HardwareInformation.model_validate(await (await client.get("/hardware/info")).json())
+    stats = HardwareStats.model_validate(await (await client.get("/hardware/stats")).json())
+    # This machine has no CUDA GPU: an empty map, not an error (a GPU machine lists each one).
+    import torch
+
+    assert len(info.gpu_info) == len(stats.gpu_stats) == torch.cuda.device_count()
