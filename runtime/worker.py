@@ -4,6 +4,11 @@ Live frames and batch jobs both submit work here, so the policy between them liv
 live work first, batch work in between. It is a `concurrent.futures.Executor`, so async code
 uses it with `loop.run_in_executor(worker, fn, *args)` (live priority), or `submit_batch`.
 Keeping it behind "submit, get a future" lets it move to a child process later.
+
+A batch job is preempted at its own safe points: between denoising steps (diffusers' step
+callback) or generated tokens it calls `yield_to_live()`, which runs every live item waiting
+before the job goes on. A live frame therefore waits at most one step of a running batch job,
+not the whole job.
 """
 
 from __future__ import annotations
@@ -55,19 +60,38 @@ class InferenceWorker(Executor):
             priority, _, item = self._queue.get()
             if item is None:
                 return
-            future, fn, args, kwargs = item
-            if not future.set_running_or_notify_cancel():
-                continue
-            try:
-                result = fn(*args, **kwargs)
-            except BaseException as exc:
-                future.set_exception(exc)
-            else:
-                future.set_result(result)
-            if priority == LIVE:
-                self.done_live += 1
-            else:
-                self.done_batch += 1
+            self._execute(priority, item)
+
+    def _execute(self, priority: int, item: Any) -> None:
+        future, fn, args, kwargs = item
+        if not future.set_running_or_notify_cancel():
+            return
+        try:
+            result = fn(*args, **kwargs)
+        except BaseException as exc:
+            future.set_exception(exc)
+        else:
+            future.set_result(result)
+        if priority == LIVE:
+            self.done_live += 1
+        else:
+            self.done_batch += 1
+
+    def yield_to_live(self) -> int:
+        """Run every live item waiting now, then return (how many ran). For batch jobs, at
+        their safe points; on the worker's own thread only (elsewhere it does nothing)."""
+        if threading.current_thread() is not self._thread:
+            return 0
+        ran = 0
+        while True:
+            with self._queue.mutex:
+                # The heap's first entry is the most urgent: take it only if it is live work.
+                waiting = self._queue.queue
+                if not waiting or waiting[0][0] != LIVE:
+                    return ran
+            priority, _, item = self._queue.get_nowait()
+            self._execute(priority, item)
+            ran += 1
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         with self._lock:

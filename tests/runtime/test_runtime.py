@@ -92,3 +92,32 @@ def test_models_cli_tiny_then_list(tmp_path: Path) -> None:
     assert pulled.returncode == 2
     assert "cannot download someone/model" in pulled.stderr
     assert "Traceback" not in pulled.stderr
+
+
+def test_a_batch_job_yields_to_live_work_between_its_steps() -> None:
+    """A live frame submitted while a batch job runs is served at the job's next step
+    boundary, not after the whole job (the order proves it; no clock involved)."""
+    worker = InferenceWorker("test")
+    order: list[str] = []
+    step_two = threading.Event()
+    live_queued = threading.Event()
+
+    def batch_job(steps: int) -> str:
+        for step in range(steps):
+            order.append(f"step{step}")
+            if step == 2:
+                step_two.set()
+                live_queued.wait(30)  # the live frame arrives during this step
+            worker.yield_to_live()
+        return "done"
+
+    try:
+        job = worker.submit_batch(batch_job, 6)
+        assert step_two.wait(30)
+        live = worker.submit(order.append, "live")
+        live_queued.set()
+        assert job.result(30) == "done" and live.result(30) is None
+        assert order == ["step0", "step1", "step2", "live", "step3", "step4", "step5"]
+        assert worker.yield_to_live() == 0  # off the worker's thread it does nothing
+    finally:
+        worker.shutdown()
