@@ -13,10 +13,14 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from protocol.trickle import TrickleConfig, TrickleServer, create_trickle_app
+from tests.waiting import poll_until
 
 # Never reach a model hub from tests, and keep the Hugging Face cache out of the user's home.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("HF_HOME", tempfile.mkdtemp(prefix="hf-home-"))
+
+LEAK_GRACE_S = 5.0
+"""How long a test's cancelled tasks may take to unwind before they count as leaked."""
 
 
 @dataclass
@@ -57,17 +61,18 @@ async def no_leaked_tasks() -> AsyncIterator[None]:
     """Fail a test that leaves tasks of its own running once its fixtures are torn down."""
     before = asyncio.all_tasks()
     yield
-    # Give cancelled tasks a moment to finish unwinding.
-    for _ in range(20):
-        leaked = [
+
+    def leaked() -> list[asyncio.Task]:
+        return [
             t
             for t in asyncio.all_tasks() - before
             if t is not asyncio.current_task() and not t.done()
         ]
-        if not leaked:
-            return
-        await asyncio.sleep(0.05)
-    names = sorted(f"{t.get_name()} {t.get_coro()!r:.120}" for t in leaked)
+
+    # Give cancelled tasks time to finish unwinding: done as soon as none is left.
+    if await poll_until(lambda: not leaked(), within=LEAK_GRACE_S):
+        return
+    names = sorted(f"{t.get_name()} {t.get_coro()!r:.120}" for t in leaked())
     pytest.fail(f"tasks left running after the test: {names}")
 
 

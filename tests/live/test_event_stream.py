@@ -20,6 +20,7 @@ from protocol.clips import make_clip
 from protocol.trickle import EndOfStream
 from tests.live.conftest import PIPELINES
 from tests.live.streams import WAIT_S, publish_clip, start_session, wait_gone
+from tests.waiting import wait_until
 
 
 @dataclass
@@ -197,13 +198,17 @@ async def test_a_client_that_never_reads_is_dropped_and_holds_nothing(
     writer.write(f"GET {path} HTTP/1.1\r\nHost: {client.host}\r\n\r\n".encode())
     await writer.drain()
     try:
-        async with asyncio.timeout(WAIT_S):
-            while not session._watchers:  # the stream is open once it watches the session
-                await asyncio.sleep(0.01)
+        # The stream is open once it watches the session.
+        await wait_until(
+            lambda: bool(session._watchers), "the stream to watch the session", within=WAIT_S
+        )
+
+        def flooded_until_cut() -> bool:
             # Events far beyond what the socket buffers hold: the stalled stream is cut.
-            while session._watchers:
-                session.error("x" * 60_000)
-                await asyncio.sleep(0.01)
+            session.error("x" * 60_000)
+            return not session._watchers
+
+        await wait_until(flooded_until_cut, "the stalled stream to be cut", within=WAIT_S)
         assert session.running  # the session itself is unaffected
     finally:
         writer.close()

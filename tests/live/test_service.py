@@ -15,6 +15,10 @@ import pytest
 from live.app import create_app
 from live.keys import TRICKLE
 from live.settings import Settings, parse_settings
+from tests.waiting import wait_until
+
+STARTUP_S = 30.0
+"""Generous bound for the service process to start answering (only a hung start reaches it)."""
 
 
 def test_settings_come_from_flags_then_env_then_defaults() -> None:
@@ -88,15 +92,16 @@ async def test_cli_serves_and_stops_cleanly_on_sigterm(command: list[str]) -> No
     )
     try:
         async with aiohttp.ClientSession() as session:
-            for _ in range(100):
+
+            async def serving() -> bool:
                 try:
                     async with session.get(f"http://127.0.0.1:{port}/health") as response:
                         assert await response.json() == {"status": "IDLE"}
-                        break
+                        return True
                 except aiohttp.ClientConnectionError:
-                    await asyncio.sleep(0.1)
-            else:
-                pytest.fail("service did not start")
+                    return False
+
+            await wait_until(serving, "the service to start", within=STARTUP_S, poll=0.1)
             # A reader parked at the live edge must not hold shutdown up: open a session and
             # park a GET on its output, which has no segment yet.
             async with session.post(

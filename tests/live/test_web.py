@@ -8,7 +8,6 @@ that keep it off the network (every host name but localhost resolves to nothing)
 
 from __future__ import annotations
 
-import asyncio
 import os
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -22,6 +21,7 @@ from live.keys import SESSIONS
 from live.settings import Settings
 from tests.live.conftest import PIPELINES
 from tests.live.streams import WAIT_S, wait_gone
+from tests.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = Path("/usr/bin/chromium")
@@ -121,9 +121,14 @@ async def status_of(client: TestClient, session_id: str) -> dict[str, Any]:
 
 async def wait_status(client: TestClient, session_id: str, check: Callable[[dict], bool]) -> dict:
     """Poll the session's status until `check` accepts it (the condition, not a set time)."""
-    async with asyncio.timeout(WAIT_S):
-        while not check(status := await status_of(client, session_id)):
-            await asyncio.sleep(0.1)
+    status: dict[str, Any] = {}
+
+    async def accepted() -> bool:
+        nonlocal status
+        status = await status_of(client, session_id)
+        return check(status)
+
+    await wait_until(accepted, "the session's status", within=WAIT_S, poll=0.1)
     return status
 
 
@@ -131,9 +136,11 @@ async def wait_js(page: Any, expression: str) -> None:
     """Until `expression` is true in the page. Playwright's wait_for_function evaluates its
     predicate with eval(), which the page's Content-Security-Policy rightly refuses; evaluate()
     is not subject to it."""
-    async with asyncio.timeout(WAIT_S):
-        while not await page.evaluate(expression):
-            await asyncio.sleep(0.1)
+
+    async def holds() -> bool:
+        return bool(await page.evaluate(expression))
+
+    await wait_until(holds, expression, within=WAIT_S, poll=0.1)
 
 
 DARK_SHARE = """([id, threshold]) => {

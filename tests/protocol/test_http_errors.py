@@ -14,6 +14,7 @@ import pytest
 from aiohttp import web
 
 from protocol.http_errors import AIOHTTP_SERVER_LOGGER, ClientErrorFilter, quiet_client_errors
+from tests.waiting import wait_until
 
 WAIT_S = 5.0
 LONG_PATH = "/trickle/" + "a" * (8200 - len("/trickle/"))
@@ -50,10 +51,11 @@ async def refused_status(trickle, caplog) -> int:
     status_line = await raw_request(trickle.url(), LONG_PATH)
     status = int(status_line.split()[1])
     # aiohttp logs after it has written the answer: wait for the record, not for time.
-    for _ in range(int(WAIT_S / 0.01)):
-        if any(r.name == AIOHTTP_SERVER_LOGGER for r in caplog.records):
-            break
-        await asyncio.sleep(0.01)
+    await wait_until(
+        lambda: any(r.name == AIOHTTP_SERVER_LOGGER for r in caplog.records),
+        "aiohttp's record of the refused request",
+        within=WAIT_S,
+    )
     return status
 
 

@@ -4,6 +4,7 @@ errors, and the in-process clients with the same shape."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import socket
 
@@ -20,6 +21,7 @@ from protocol.trickle import (
     TricklePublisher,
     TrickleSubscriber,
 )
+from tests.waiting import wait_until
 
 
 async def collect(subscriber, count: int) -> list[tuple[int, bytes]]:
@@ -67,7 +69,11 @@ async def test_late_subscriber_gets_the_segment_from_byte_zero(trickle) -> None:
     async with TricklePublisher(url) as publisher, TrickleSubscriber(url) as late:
         async with publisher.segment() as writer:
             await writer.write(b"A" * 1000)
-            await asyncio.sleep(0.05)
+            channel = trickle.server.get("c")
+            await wait_until(
+                lambda: (seg := channel.segment(0)) is not None and seg.size == 1000,
+                "the first bytes of segment 0 on the server",
+            )
             segment = await asyncio.wait_for(late.next(), 2)  # -2: the segment in progress
             reading = asyncio.create_task(segment.read())
             await writer.write(b"B" * 1000)
@@ -119,10 +125,12 @@ async def test_end_of_stream_and_missing_channel(trickle) -> None:
             assert await publisher.write(b"x%d" % i) == i
         assert [seq for seq, _ in await collect(waiting, 3)] == [0, 1, 2]
         # The preconnected POST for seq 3 is open on the server.
-        await asyncio.sleep(0.05)
-        assert trickle.server.get("c").segment(3) is not None
+        channel = trickle.server.get("c")
+        await wait_until(lambda: channel.segment(3) is not None, "the preconnect for seq 3")
+        assert channel.segment(3) is not None
         parked = asyncio.create_task(waiting.next())
-        await asyncio.sleep(0.05)
+        # Both the preconnected POST and the subscriber's GET wait on seq 3.
+        await wait_until(lambda: channel.parked_count == 2, "the GET for seq 3 to park")
         await publisher.close()
         assert await asyncio.wait_for(parked, 2) is None
         assert waiting.ended == "closed"
@@ -139,7 +147,12 @@ async def test_subscriber_behind_the_ring_jumps_to_the_live_edge(trickle) -> Non
             await publisher.write(b"old %d" % i)
         async with TrickleSubscriber(url, start_seq=1) as behind:
             parked = asyncio.create_task(behind.next())
-            await asyncio.sleep(0.05)
+            # Answered 470, it parks on seq 10 beside the publisher's preconnected POST.
+            channel = trickle.server.get("c")
+            await wait_until(
+                lambda: behind.skipped == 1 and channel.parked_count == 2,
+                "the subscriber to jump to the live edge and park there",
+            )
             await publisher.write(b"fresh")
             segment = await asyncio.wait_for(parked, 2)
             assert (segment.seq, await segment.read()) == (10, b"fresh")
@@ -156,7 +169,8 @@ async def test_publisher_sees_end_of_stream_when_the_channel_closes(trickle) -> 
     trickle.server.create_channel("c")
     async with TricklePublisher(trickle.url("c")) as publisher:
         await publisher.write(b"one")
-        await asyncio.sleep(0.05)  # the preconnect for seq 1 reaches the server
+        channel = trickle.server.get("c")
+        await wait_until(lambda: channel.parked_count == 1, "the preconnect for seq 1 to park")
         trickle.server.delete_channel("c")
         with pytest.raises((EndOfStream, StreamNotFound)):
             await publisher.write(b"two")
@@ -215,7 +229,12 @@ async def test_server_keeps_serving_after_bad_requests(trickle) -> None:
             b"Transfer-Encoding: chunked\r\n\r\n5\r\nhel"
         )
         await writer.drain()
-        await asyncio.sleep(0.1)  # a reset discards bytes the server has not read yet
+        # A reset discards bytes the server has not read yet: wait until it holds all three.
+        victim = trickle.server.get("victim")
+        await wait_until(
+            lambda: (seg := victim.segment(0)) is not None and seg.size == 3,
+            "the server to read the first bytes of victim/0",
+        )
         writer.transport.abort()
         async with TricklePublisher(trickle.url("good")) as publisher:
             await publisher.write(b"still fine")
@@ -228,7 +247,8 @@ async def test_server_keeps_serving_after_bad_requests(trickle) -> None:
             assert await response.read() == b"hel"
 
 
-async def test_subscriber_never_reading_is_cut_off(trickle_factory) -> None:
+async def test_subscriber_never_reading_is_cut_off(trickle_factory, caplog) -> None:
+    caplog.set_level(logging.INFO, logger="protocol.trickle.server")
     host = await trickle_factory(write_timeout_s=0.3)
     host.server.create_channel("c")
     stalled = socket.socket()
@@ -238,7 +258,10 @@ async def test_subscriber_never_reading_is_cut_off(trickle_factory) -> None:
     try:
         async with TricklePublisher(host.url("c")) as publisher:
             await publisher.write(os.urandom(4 * 1024 * 1024))
-            await asyncio.sleep(1.0)
+            await wait_until(
+                lambda: "slow subscriber dropped" in caplog.text,
+                "the server to drop the subscriber that never reads",
+            )
         stalled.setblocking(False)
         received = 0
         loop = asyncio.get_running_loop()
@@ -267,7 +290,9 @@ async def test_local_clients_round_trip_and_end() -> None:
             assert await publisher.write(b"local %d" % i) == i
         assert await asyncio.wait_for(reader, 2) == [(i, b"local %d" % i) for i in range(3)]
         parked = asyncio.create_task(sub.next())
-        await asyncio.sleep(0.01)
+        # The publisher pre-created seq 3; the subscriber parks on it (no other waiter can).
+        segment = server.get("c").segment(3)
+        await wait_until(lambda: segment._changed is not None, "the subscriber to park on seq 3")
         await publisher.close()
         assert await asyncio.wait_for(parked, 1) is None
     with pytest.raises(StreamNotFound):
@@ -286,7 +311,8 @@ async def test_local_publisher_refuses_a_seq_with_data_and_subscriber_jumps() ->
         await LocalPublisher(server, "c", start_seq=7).write(b"again")
     sub = LocalSubscriber(server, "c", start_seq=0)
     parked = asyncio.create_task(sub.next())
-    await asyncio.sleep(0.01)
+    # Out of the ring, it jumps to the live edge (seq 8) and parks there.
+    await wait_until(lambda: sub.skipped == 1 and sub.seq == 8, "the jump to the live edge")
     await publisher.write(b"live")
     segment = await asyncio.wait_for(parked, 1)
     assert (segment.seq, await segment.read(), sub.skipped) == (8, b"live", 1)

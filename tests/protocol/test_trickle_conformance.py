@@ -26,6 +26,7 @@ from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from protocol.trickle import TrickleConfig, TrickleServer, create_trickle_app
+from tests.waiting import wait_until
 
 SEQ = "Lp-Trickle-Seq"
 LATEST = "Lp-Trickle-Latest"
@@ -94,11 +95,7 @@ async def cancel(*tasks: asyncio.Task) -> None:
 
 
 async def until(condition: Callable[[], bool], what: str) -> None:
-    for _ in range(int(WAIT_S / 0.01)):
-        if condition():
-            return
-        await asyncio.sleep(0.01)
-    pytest.fail(f"timed out waiting for {what}")
+    await wait_until(condition, what, within=WAIT_S)
 
 
 class OpenPost:
@@ -353,14 +350,17 @@ async def test_check_10_first_byte_advances_next(trickle, c, http) -> None:
     n = 3
     post = OpenPost(http, f"{c}/{n}")
     try:
-        await until(lambda: trickle.server.get("c").segment(n) is not None, "the preconnect")
-        await asyncio.sleep(0.1)
+        channel = trickle.server.get("c")
+        await until(lambda: channel.segment(n) is not None, "the preconnect")
+        # Parked: the POST handler waits for its first byte, and next has not moved.
+        await until(lambda: channel.parked_count == 1, "the preconnect to park")
         assert await next_seq(http, c) == b"0"
         post.send(b"a")
-        for _ in range(100):
-            if await next_seq(http, c) == b"%d" % (n + 1):
-                break
-            await asyncio.sleep(0.01)
+
+        async def advanced() -> bool:
+            return await next_seq(http, c) == b"%d" % (n + 1)
+
+        await wait_until(advanced, "next to move past the first byte", within=WAIT_S)
         assert await next_seq(http, c) == b"%d" % (n + 1)
         assert not post.answered
         post.finish()
@@ -814,9 +814,15 @@ async def test_check_32_aborted_publisher_leaves_segment_open(
         stack.callback(reader.close)
         assert reader.status == 200
         assert await read_some(reader, 2) == b"ab"
+        # aiohttp's Server keeps a connection until the handler it runs has finished.
+        open_connections = len(trickle.http.runner.server.connections)
         raw.reset()
         if handler_cancellation:
-            await asyncio.sleep(0.2)  # the POST handler is cancelled on connection loss
+            # The POST handler is cancelled on connection loss: wait until it has finished.
+            await until(
+                lambda: len(trickle.http.runner.server.connections) < open_connections,
+                "the POST handler to finish",
+            )
         else:
             # The handler itself sees the reset and answers 500 (nobody left to receive it).
             await until(lambda: "publish aborted" in caplog.text, "the server to see the reset")
@@ -834,6 +840,12 @@ async def test_check_32_aborted_publisher_leaves_segment_open(
 # -- checks 33-35: idle sweep, create route, large payloads ------------------------------------
 
 
+SWEEP_POLL_S = 0.03
+"""How often check 33 reads an idle channel: the resolution of the sweep time it measures."""
+PUBLISH_GAP_S = 0.1
+"""Check 33's publisher pacing: under its 0.3 s idle timeout, 8 gaps well over it."""
+
+
 async def test_check_33_idle_channels_are_swept(trickle_factory, http) -> None:
     timeout, interval = 0.3, 0.1
     host = await trickle_factory(idle_timeout_s=timeout, sweep_interval_s=interval)
@@ -842,16 +854,20 @@ async def test_check_33_idle_channels_are_swept(trickle_factory, http) -> None:
     loop = asyncio.get_running_loop()
     await publish(http, f"{c}/0", b"s")
     written = loop.time()
-    gone_after = None
-    while loop.time() - written < 2.0:
+    gone_after: float | None = None
+
+    async def swept() -> bool:
+        nonlocal gone_after
         # Reads alone do not keep the channel alive.
         status = (await fetch(http, "GET", f"{c}/next")).status
         if status == 404:
             gone_after = loop.time() - written
-            break
+            return True
         assert status == 200
         assert (await fetch(http, "GET", f"{c}/0")).status == 200
-        await asyncio.sleep(0.03)
+        return False
+
+    await wait_until(swept, "the idle channel to be swept", within=2.0, poll=SWEEP_POLL_S)
     assert gone_after is not None, "channel was never swept"
     assert timeout - 0.05 <= gone_after <= timeout + interval + 0.5
 
@@ -861,7 +877,9 @@ async def test_check_33_idle_channels_are_swept(trickle_factory, http) -> None:
     live = host.url("live")
     for seq in range(8):
         await publish(http, f"{live}/{seq}", b"s")
-        await asyncio.sleep(0.1)
+        # Each gap is shorter than the idle timeout, all of them far longer: the behaviour
+        # under test is that the publisher's pacing alone keeps the channel alive.
+        await asyncio.sleep(PUBLISH_GAP_S)
     assert (await fetch(http, "GET", f"{live}/next")).status == 200
     assert (await fetch(http, "GET", host.url("_exempt") + "/next")).status == 200
 

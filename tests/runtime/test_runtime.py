@@ -5,7 +5,6 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -47,13 +46,20 @@ def test_device_choice_on_this_machine() -> None:
 
 def test_worker_runs_live_work_before_queued_batch_work() -> None:
     worker = InferenceWorker("test")
+    busy = threading.Event()
     gate = threading.Event()
     order: list[str] = []
+
+    def block() -> None:
+        busy.set()
+        gate.wait()
+
     try:
-        blocker = worker.submit(gate.wait)
+        blocker = worker.submit(block)
+        # Everything below is queued while the worker is busy, so only priority orders it.
+        assert busy.wait(timeout=5), "the worker never started the blocking job"
         batch = [worker.submit_batch(order.append, f"batch{i}") for i in range(3)]
         live = [worker.submit(order.append, f"live{i}") for i in range(2)]
-        time.sleep(0.05)
         gate.set()
         for future in [blocker, *batch, *live]:
             future.result(timeout=5)
