@@ -157,11 +157,16 @@ async def wait_gone(client, session_id: str) -> None:
     assert (await client.get(f"/live-video-to-video/{session_id}")).status == 404
 
 
-async def run_stream(client, clip, *, body=None, during=None, realtime=True, **publish):
-    info = await start_session(client, **(body or {}))
+def watch(info: dict) -> tuple[Viewer, EventLog, list[asyncio.Task[None]]]:
+    """A viewer on a session's output and a reader of its events, each running in a task."""
     viewer = Viewer(info["subscribe_url"])
     events = EventLog(info["events_url"])
-    tasks = [asyncio.create_task(viewer.run()), asyncio.create_task(events.run())]
+    return viewer, events, [asyncio.create_task(viewer.run()), asyncio.create_task(events.run())]
+
+
+async def run_stream(client, clip, *, body=None, during=None, realtime=True, **publish):
+    info = await start_session(client, **(body or {}))
+    viewer, events, tasks = watch(info)
     publishing = asyncio.create_task(publish_clip(info["publish_url"], clip, realtime, **publish))
     if during is not None:
         await during(info, viewer, events)

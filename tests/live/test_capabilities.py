@@ -11,7 +11,7 @@ import aiohttp
 
 from live.keys import TRICKLE
 from protocol.clips import make_clip
-from tests.live.streams import EventLog, Viewer, publish_clip, run_stream, start_session
+from tests.live.streams import run_stream, start_session
 
 
 def channel_of(url: str) -> str:
@@ -104,12 +104,7 @@ async def test_the_channel_limit_refuses_a_session_with_429_and_leaves_nothing(s
 
 async def test_publishing_and_watching_with_the_handed_out_urls_still_works(service) -> None:
     client = await service()
-    info = await start_session(client, model_id="noop")
-    viewer = Viewer(info["subscribe_url"])
-    events = EventLog(info["events_url"])
-    tasks = [asyncio.create_task(viewer.run()), asyncio.create_task(events.run())]
-    await publish_clip(info["publish_url"], make_clip(30))
-    await asyncio.wait_for(asyncio.gather(*tasks), 20)
+    _, viewer, _ = await run_stream(client, make_clip(30), body={"model_id": "noop"})
     assert viewer.indices == list(range(30))
 
 

@@ -12,7 +12,7 @@ from live.pipelines.base import PipelineContext
 from live.pipelines.diffusion import StreamDiffusionParams, StreamDiffusionPipeline
 from live.settings import Settings
 from protocol.clips import make_clip, numbered_frame
-from tests.live.streams import EventLog, Viewer, publish_clip
+from tests.live.streams import publish_clip, watch
 
 
 def tiny_params(**overrides) -> StreamDiffusionParams:
@@ -119,9 +119,7 @@ async def test_streamdiffusion_session_end_to_end(diffusion_service, tiny_models
     response = await client.post("/live-video-to-video", json=body)
     assert response.status == 200, await response.text()
     info = await response.json()
-    viewer = Viewer(info["subscribe_url"])
-    events = EventLog(info["events_url"])
-    tasks = [asyncio.create_task(viewer.run()), asyncio.create_task(events.run())]
+    viewer, events, tasks = watch(info)
 
     async def steer() -> None:
         url = f"/live-video-to-video/{info['session_id']}/params"

@@ -24,6 +24,7 @@ from tests.live.streams import (
     run_stream,
     start_session,
     wait_gone,
+    watch,
 )
 
 FRAME = CLOCK // 30
@@ -54,9 +55,7 @@ async def test_output_channel_deleted_mid_stream_ends_the_session(service, caplo
     client = await service()
     info = await start_session(client, model_id="noop")
     session_id = info["session_id"]
-    viewer = Viewer(info["subscribe_url"])
-    events = EventLog(info["events_url"])
-    tasks = [asyncio.create_task(viewer.run()), asyncio.create_task(events.run())]
+    viewer, events, tasks = watch(info)
     publishing = asyncio.create_task(publish_clip(info["publish_url"], make_clip(300)))
     await viewer.wait_frames(15)
     with caplog.at_level(logging.INFO):
@@ -187,9 +186,7 @@ async def test_runner_mode_malformed_urls_are_refused_before_starting(service, u
 async def test_delete_publishes_a_final_status_that_says_stopped(service) -> None:
     client = await service()
     info = await start_session(client, model_id="noop")
-    viewer = Viewer(info["subscribe_url"])
-    events = EventLog(info["events_url"])
-    tasks = [asyncio.create_task(viewer.run()), asyncio.create_task(events.run())]
+    viewer, events, tasks = watch(info)
     publishing = asyncio.create_task(publish_clip(info["publish_url"], make_clip(300)))
     await viewer.wait_frames(10)
     assert (await client.delete(f"/live-video-to-video/{info['session_id']}")).status == 200

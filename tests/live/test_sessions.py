@@ -12,7 +12,15 @@ from live.app import create_app
 from live.settings import Settings
 from protocol.clips import make_clip, numbered_frame
 from tests.live.conftest import FRAME_S, PIPELINES
-from tests.live.streams import EventLog, Viewer, publish_clip, run_stream, start_session, wait_gone
+from tests.live.streams import (
+    EventLog,
+    Viewer,
+    publish_clip,
+    run_stream,
+    start_session,
+    wait_gone,
+    watch,
+)
 
 
 async def test_noop_session_delivers_every_frame_in_order_with_timestamps(service) -> None:
@@ -169,9 +177,7 @@ async def test_bad_segments_are_reported_and_the_session_recovers(service) -> No
 
     client = await service()
     info = await start_session(client, model_id="noop")
-    viewer = Viewer(info["subscribe_url"])
-    events = EventLog(info["events_url"])
-    tasks = [asyncio.create_task(viewer.run()), asyncio.create_task(events.run())]
+    viewer, events, tasks = watch(info)
     clip = make_clip(60)
     fresh = make_clip(30, first_pts=90_000 * 5)  # another encoder, restarted timestamps
 
@@ -302,9 +308,7 @@ async def test_shutdown_stops_running_sessions(aiohttp_server, caplog) -> None:
             info = await response.json()
         async with http.get(server.make_url("/health")) as response:
             assert (await response.json())["status"] in ("LOADING", "OK")
-    viewer = Viewer(info["subscribe_url"])
-    events = EventLog(info["events_url"])
-    watching = [asyncio.create_task(viewer.run()), asyncio.create_task(events.run())]
+    viewer, events, watching = watch(info)
     publishing = asyncio.create_task(publish_clip(info["publish_url"], make_clip(300)))
     await viewer.wait_frames(10)
     with caplog.at_level("INFO"):
