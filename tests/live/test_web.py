@@ -291,6 +291,9 @@ async def test_the_page_asks_for_the_token_and_keeps_it(aiohttp_client, browser_
     assert session_id in client.app[SESSIONS].sessions
     # Kept in this browser for the next visit.
     assert await page.evaluate("localStorage.getItem('live-v2v.token')") == "s3cret"
+    # Stopped once live: a Stop while WHIP/WHEP are still being set up would (rightly) see
+    # their requests refused, which is not what this test is about.
+    await page.wait_for_selector("body[data-state='online']", state="attached")
     await page.click("#stop")
     await page.wait_for_selector("body[data-state='ended']", state="attached")
     gone = await client.get(
