@@ -45,6 +45,7 @@ from .frame_loop import FrameLoop
 from .loading import LoadingFrames
 from .logs import SESSION_ID
 from .pipelines.base import LivePipeline, PipelineContext, PipelineParams
+from .slot import put_dropping_oldest
 from .stats import SessionStats, percentiles
 from .threads import run_in
 
@@ -423,9 +424,7 @@ class LiveSession:
 
     def _tell_watchers(self, message: dict[str, Any] | None) -> None:
         for queue in self._watchers:
-            if queue.full():
-                queue.get_nowait()  # the oldest goes: a slow reader must not hold memory
-            queue.put_nowait(message)
+            put_dropping_oldest(queue, message)  # a slow reader must not hold memory
 
     async def _publish_events(self) -> None:
         events = self.events

@@ -48,3 +48,11 @@ class LatestSlot(Generic[T]):
         """No more items: `get` returns what is held, then None."""
         self._closed = True
         self._full.set()  # wakes a waiting get(); with no item held it returns None
+
+
+def put_dropping_oldest(queue: asyncio.Queue[T], item: T) -> None:
+    """Put `item` in a bounded queue now; when it is full the oldest item goes, so a reader
+    that falls behind holds a bounded amount and still gets the newest."""
+    if queue.full():
+        queue.get_nowait()
+    queue.put_nowait(item)

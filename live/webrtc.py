@@ -35,7 +35,7 @@ from protocol.media import CLOCK, TIME_BASE, AudioPacket, VideoFrame, to_rgb
 
 from .edges import FrameSink, FrameSource, MediaContext, MediaItem, OutputClosed, OutputFrame
 from .ice import IceSettings
-from .slot import LatestSlot
+from .slot import LatestSlot, put_dropping_oldest
 from .threads import run_in
 
 logger = logging.getLogger(__name__)
@@ -183,9 +183,7 @@ class WhipSource(FrameSource):
         task.add_done_callback(self._readers.discard)
 
     def _put(self, item: MediaItem) -> None:
-        if self._items.full():
-            self._items.get_nowait()  # the loop is behind: the oldest goes, not the newest
-        self._items.put_nowait(item)
+        put_dropping_oldest(self._items, item)  # the loop is behind: the oldest goes
 
     async def _read_video(self, track: MediaStreamTrack) -> None:
         self._video_clock.new_publisher()
@@ -311,9 +309,7 @@ class _OutputAudioTrack(MediaStreamTrack):
                 frame.pts = self._samples
                 frame.time_base = Fraction(1, OPUS_RATE)
                 self._samples += frame.samples
-                if self.frames.full():
-                    self.frames.get_nowait()  # a viewer behind loses the oldest sound
-                self.frames.put_nowait(frame)
+                put_dropping_oldest(self.frames, frame)  # a viewer behind loses old sound
 
     async def recv(self) -> av.AudioFrame:
         frame = await self.frames.get()
@@ -322,9 +318,7 @@ class _OutputAudioTrack(MediaStreamTrack):
         return frame
 
     def end(self) -> None:
-        if self.frames.full():
-            self.frames.get_nowait()
-        self.frames.put_nowait(None)
+        put_dropping_oldest(self.frames, None)
 
 
 class WhepSink(FrameSink):
@@ -409,8 +403,7 @@ class _PacketTrack(MediaStreamTrack):
         return packet
 
     def end(self) -> None:
-        with contextlib.suppress(asyncio.QueueFull):
-            self.packets.put_nowait(None)
+        put_dropping_oldest(self.packets, None)
 
 
 class _SharedEncoder:
