@@ -1,1 +1,69 @@
-"""Batch pipelines of the Livepeer AI API. Not built yet; see README "Status"."""
+"""The batch pipelines of the Livepeer AI API, as routes of the service: one module per
+pipeline, all on the runtime's shared model cache and device worker."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from protocol.errors import Unavailable
+from protocol.openapi import Operation
+from runtime.runtime import Runtime
+
+from . import image_to_image, image_to_video, text_to_image, upscale
+from .config import BatchConfig
+from .jobs import BatchJobs
+from .models import lease_model
+from .route import BATCH, BatchRoute, BatchState
+
+logger = logging.getLogger(__name__)
+
+ROUTES: tuple[BatchRoute, ...] = (
+    text_to_image.ROUTE,
+    image_to_image.ROUTE,
+    image_to_video.ROUTE,
+    upscale.ROUTE,
+)
+
+
+def operations() -> list[Operation]:
+    return [route.operation for route in ROUTES]
+
+
+def add_batch_routes(app: web.Application, runtime: Runtime, config: BatchConfig) -> None:
+    """Mount every batch route on `app`; the models in `config.warm` start loading at start."""
+    warm = [parse_warm(entry) for entry in config.warm]  # a bad entry fails here, at start
+    app[BATCH] = BatchState(runtime, config, BatchJobs(runtime, config.max_jobs))
+    for route in ROUTES:
+        app.router.add_route(route.operation.method, route.operation.path, route.handler)
+    if warm:
+
+        async def warm_ctx(app: web.Application) -> AsyncIterator[None]:
+            for route, model_id in warm:
+                await start_loading(runtime, route, model_id, config.retry_after_s)
+            yield
+
+        app.cleanup_ctx.append(warm_ctx)
+
+
+def parse_warm(entry: str) -> tuple[BatchRoute, str]:
+    name, _, model_id = entry.partition("=")
+    for route in ROUTES:
+        if route.name == name.strip():
+            return route, model_id.strip() or route.default_model
+    known = ", ".join(route.name for route in ROUTES)
+    raise ValueError(f"--warm {entry!r}: {name!r} is not a batch route; choose from {known}")
+
+
+async def start_loading(runtime: Runtime, route: BatchRoute, model_id: str, retry: float) -> None:
+    """Start loading a route's model in the background (the service does not wait for it:
+    /health says LOADING meanwhile)."""
+    try:
+        lease = await lease_model(runtime, route.name, model_id, route.load, retry)
+    except Unavailable as exc:
+        if exc.retry_after_s is None:  # not on this machine: say so once, at start
+            logger.warning("cannot warm %s for %s: %s", model_id, route.name, exc.msg)
+        return
+    lease.release()  # already loaded

@@ -8,12 +8,15 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
+from batch import add_batch_routes
 from protocol.errors import error_middleware
 from protocol.trickle import TrickleServer, create_trickle_app
+from runtime.runtime import Runtime
 
 from .event_stream import add_event_stream_routes
 from .health import add_health_routes
-from .keys import SESSIONS, SETTINGS, TRICKLE
+from .keys import RUNTIME, SESSIONS, SETTINGS, TRICKLE
+from .openapi import add_openapi_routes
 from .page import add_page_routes
 from .pipelines import LivePipeline, builtin_pipelines
 from .routes import add_live_routes
@@ -42,13 +45,18 @@ def create_app(
             f"--default-pipeline {settings.default_pipeline!r} is not a live pipeline; "
             f"choose one of {', '.join(sorted(available))} or auto"
         )
-    app[SESSIONS] = SessionManager(settings, trickle, available)
+    # One runtime for live and batch: shared weights, one worker per device. Its context comes
+    # first so that it closes last, after every session and job that uses it.
+    runtime = app[RUNTIME] = Runtime(settings.runtime())
+    app.cleanup_ctx.append(_runtime_ctx)
+    app[SESSIONS] = SessionManager(settings, trickle, available, runtime)
     app.cleanup_ctx.append(_sessions_ctx)
     # Registered before the trickle sub-app's own shutdown (which ends every channel), so that
     # sessions end first and their final status still reaches the events channel.
     app.on_shutdown.append(_stop_sessions)
     add_health_routes(app)
     add_live_routes(app)
+    add_batch_routes(app, runtime, settings.batch())
     add_webrtc_routes(app)
     frame_on_marker()
     settings.udp_port_range()  # refuses a bad range now, not at the first peer
@@ -59,6 +67,7 @@ def create_app(
         )
     add_event_stream_routes(app)
     add_page_routes(app)
+    add_openapi_routes(app)
     # The JSON error middleware leaves the trickle sub-app alone: it answers in go-livepeer's
     # plain-text dialect (404/400/470), which Livepeer clients depend on.
     app.add_subapp(trickle_config.base_path.rstrip("/"), create_trickle_app(trickle))
@@ -73,6 +82,11 @@ async def _udp_ports_ctx(app: web.Application) -> AsyncIterator[None]:
     restore = bound_udp_ports(asyncio.get_running_loop(), *ports)
     yield
     restore()
+
+
+async def _runtime_ctx(app: web.Application) -> AsyncIterator[None]:
+    yield
+    await app[RUNTIME].close()
 
 
 async def _stop_sessions(app: web.Application) -> None:

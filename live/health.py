@@ -12,7 +12,7 @@ from aiohttp import web
 
 from protocol.api import HardwareInformation, HardwareStats, Version
 
-from .keys import SESSIONS
+from .keys import RUNTIME, SESSIONS
 
 PIPELINE = "live-video-to-video"
 
@@ -25,7 +25,10 @@ def service_version() -> str:
 
 
 async def get_health(request: web.Request) -> web.Response:
-    return web.json_response({"status": request.app[SESSIONS].health()})
+    status = request.app[SESSIONS].health()
+    if status in ("IDLE", "OK") and request.app[RUNTIME].loading():
+        status = "LOADING"  # a model is loading for a batch route (or a warm list)
+    return web.json_response({"status": status})
 
 
 async def get_version(request: web.Request) -> web.Response:

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 from protocol.trickle import TrickleServer
+from runtime.runtime import Runtime
 
 from .settings import Settings
 
@@ -16,3 +17,4 @@ if TYPE_CHECKING:
 SETTINGS = web.AppKey("settings", Settings)
 TRICKLE = web.AppKey("trickle", TrickleServer)
 SESSIONS: web.AppKey[SessionManager] = web.AppKey("sessions")
+RUNTIME = web.AppKey("runtime", Runtime)

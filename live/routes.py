@@ -2,37 +2,18 @@
 
 from __future__ import annotations
 
-import json
-import secrets
-
 from aiohttp import web
 from pydantic import ValidationError
 
 from protocol.api import LiveVideoToVideoParams
-from protocol.errors import InvalidFields, InvalidRequest, Unauthorized
+from protocol.errors import InvalidFields, InvalidRequest
+from protocol.requests import read_json, require_bearer
 
 from .keys import SESSIONS, SETTINGS
 
 
 def check_auth(request: web.Request) -> None:
-    """Bearer token check, as ai-runner does when AUTH_TOKEN is set."""
-    token = request.app[SETTINGS].auth_token
-    if not token:
-        return
-    given = request.headers.get("Authorization", "")
-    if not secrets.compare_digest(given.encode(), f"Bearer {token}".encode()):
-        raise Unauthorized("missing or invalid bearer token")
-
-
-async def json_body(request: web.Request) -> object:
-    if request.content_type != "application/json":
-        raise web.HTTPUnsupportedMediaType(reason="send the body as application/json")
-    try:
-        return json.loads(await request.read())
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidRequest(f"the body is not valid JSON: {exc}") from exc
-    except RecursionError as exc:
-        raise InvalidRequest("the body is not valid JSON: nested too deeply") from exc
+    require_bearer(request, request.app[SETTINGS].auth_token)
 
 
 def public_origin(request: web.Request) -> str:
@@ -46,7 +27,7 @@ def public_origin(request: web.Request) -> str:
 async def post_live_video_to_video(request: web.Request) -> web.Response:
     check_auth(request)
     try:
-        body = LiveVideoToVideoParams.model_validate(await json_body(request))
+        body = LiveVideoToVideoParams.model_validate(await read_json(request))
     except ValidationError as exc:
         raise InvalidFields.from_validation(exc, "body") from exc
     response = await request.app[SESSIONS].start(body, public_origin(request))
@@ -63,7 +44,7 @@ async def get_session(request: web.Request) -> web.Response:
 async def post_session_params(request: web.Request) -> web.Response:
     check_auth(request)
     session = request.app[SESSIONS].get(request.match_info["id"])
-    body = await json_body(request)
+    body = await read_json(request)
     if not isinstance(body, dict):
         raise InvalidRequest("params must be a JSON object")
     try:

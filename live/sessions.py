@@ -21,7 +21,7 @@ from protocol.trickle import (
 )
 from protocol.trickle.interface import Publisher, Subscriber
 from protocol.trickle.server import ChannelRefused
-from runtime.worker import InferenceWorker
+from runtime.runtime import Runtime
 
 from .edges import FrameSource
 from .pipelines.base import LivePipeline, PipelineContext, PipelineParams
@@ -61,19 +61,24 @@ class SessionManager:
         settings: Settings,
         trickle: TrickleServer,
         pipelines: dict[str, type[LivePipeline]],
+        runtime: Runtime,
     ) -> None:
         self.settings = settings
         self.trickle = trickle
         self.pipelines = pipelines
         self.sessions: dict[str, LiveSession] = {}
         self.peers = Peers(settings.ice())
-        self._device_worker: InferenceWorker | None = None
+        self.runtime = runtime
 
     @property
     def context(self) -> PipelineContext:
         s = self.settings
         return PipelineContext(
-            models_dir=s.models_dir, device=s.device, dtype=s.dtype, compile=s.compile
+            models_dir=s.models_dir,
+            device=s.device,
+            dtype=s.dtype,
+            compile=s.compile,
+            runtime=self.runtime,
         )
 
     def unavailable_reason(self, cls: type[LivePipeline], params: PipelineParams) -> str | None:
@@ -109,15 +114,10 @@ class SessionManager:
             input_timeout_s=self.settings.input_timeout_s,
             status_interval_s=self.settings.status_interval_s,
             context=self.context,
-            device_worker=self._worker(),
+            device_worker=self.runtime.worker(),
         )
         config.encoder.segment_s = self.settings.segment_s
         return config
-
-    def _worker(self) -> InferenceWorker:
-        if self._device_worker is None:
-            self._device_worker = InferenceWorker(self.settings.device)
-        return self._device_worker
 
     async def start(self, request: LiveVideoToVideoParams, origin: str) -> LiveVideoToVideoResponse:
         """Start a session. Standalone when the request has no URLs (our own channels),
@@ -134,7 +134,7 @@ class SessionManager:
             raise Unavailable(
                 f"the service runs its maximum of {self.settings.max_sessions} live sessions; "
                 "retry later",
-                headers={"Retry-After": "10"},
+                retry_after_s=10,
             )
         self.check_runner_urls(request)
         session_id = secrets.token_hex(16)
@@ -303,9 +303,6 @@ class SessionManager:
         sessions = list(self.sessions.values())
         await asyncio.gather(*(session.stop("shutdown") for session in sessions))
         await self.peers.close_all()
-        if self._device_worker is not None:
-            worker, self._device_worker = self._device_worker, None
-            await asyncio.get_running_loop().run_in_executor(None, worker.shutdown)
 
     def health(self) -> str:
         states = {session.state for session in self.sessions.values() if session.running}

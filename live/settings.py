@@ -15,7 +15,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from batch.config import BatchConfig
 from protocol.trickle import TrickleConfig
+from runtime.runtime import RuntimeConfig
 
 from .ice import IceSettings
 
@@ -52,6 +54,21 @@ class Settings(BaseModel):
         "auto", description="auto (fp16 on GPU, fp32 on CPU), float16, bfloat16, float32"
     )
     compile: bool = Field(False, description="torch.compile the UNet and decoder on GPU")
+    model_memory_gb: float | None = Field(
+        None,
+        gt=0,
+        description="memory the loaded models may take, least recently used evicted beyond "
+        "(default: 80 percent of the GPU; unbounded on the CPU)",
+    )
+    warm: str = Field(
+        "",
+        description="models to load at start, comma-separated batch routes, each optionally "
+        "=MODEL_ID (text-to-image,upscale=stabilityai/stable-diffusion-x4-upscaler)",
+    )
+    max_upload_mb: float = Field(50, gt=0, description="largest upload a batch route accepts")
+    batch_queue: int = Field(
+        8, ge=1, description="batch jobs running or waiting at once (503 with Retry-After beyond)"
+    )
     max_sessions: int = Field(4, ge=1, description="live sessions at once (503 beyond)")
     input_timeout_s: float = Field(
         60.0, gt=0, description="a session ends after this long without input"
@@ -98,6 +115,25 @@ class Settings(BaseModel):
     @classmethod
     def _upper(cls, value: object) -> object:
         return value.upper() if isinstance(value, str) else value
+
+    def runtime(self) -> RuntimeConfig:
+        budget = self.model_memory_gb
+        return RuntimeConfig(
+            models_dir=self.models_dir,
+            device=self.device,
+            dtype=self.dtype,
+            compile=self.compile,
+            memory_budget_bytes=None if budget is None else int(budget * 2**30),
+        )
+
+    def batch(self) -> BatchConfig:
+        warm = [w.strip() for w in self.warm.split(",") if w.strip()]
+        return BatchConfig(
+            auth_token=self.auth_token,
+            max_upload_bytes=int(self.max_upload_mb * 2**20),
+            max_jobs=self.batch_queue,
+            warm=warm,
+        )
 
     def ice(self) -> IceSettings:
         return IceSettings(

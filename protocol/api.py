@@ -46,10 +46,6 @@ class LiveVideoToVideoResponse(BaseModel):
     events_stream_url: str = ""
 
 
-class HTTPError(BaseModel):
-    detail: dict[str, str]
-
-
 class Version(BaseModel):
     pipeline: str
     model_id: str

@@ -6,6 +6,7 @@
     ├── Forbidden           403
     ├── NotFound            404
     ├── Conflict            409
+    ├── PayloadTooLarge     413
     ├── UnsupportedMediaType 415
     ├── TooBusy             429 (trickle channel limit reached)
     └── Unavailable         503 (model absent, capacity reached)
@@ -82,12 +83,26 @@ class Conflict(ServiceError):
     status = 409
 
 
+class PayloadTooLarge(ServiceError):
+    status = 413
+
+
 class TooBusy(ServiceError):
     status = 429
 
 
 class Unavailable(ServiceError):
+    """503; with `retry_after_s` for what passes (a model loading, a full queue), without it
+    for what does not (a model that is not on this machine)."""
+
     status = 503
+
+    def __init__(self, msg: str, *, retry_after_s: float | None = None) -> None:
+        headers = (
+            {} if retry_after_s is None else {"Retry-After": str(max(1, round(retry_after_s)))}
+        )
+        super().__init__(msg, headers=headers)
+        self.retry_after_s = retry_after_s
 
 
 def error_body(msg: str) -> dict[str, object]:

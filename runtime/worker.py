@@ -17,6 +17,8 @@ import itertools
 import logging
 import queue
 import threading
+import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Executor, Future
 from typing import Any
@@ -38,6 +40,13 @@ class InferenceWorker(Executor):
         self._thread.start()
         self.done_live = 0
         self.done_batch = 0
+        self.safe_points = 0
+        """Calls of `yield_to_live`: one per step of a batch job."""
+        self.max_live_wait_steps = 0
+        """The most batch steps a live item ever waited through: 1 when preemption works
+        (it waits for the step under way), more when a batch job does not yield."""
+        self.live_waits: deque[float] = deque(maxlen=1000)
+        """Seconds each live item waited before it ran, newest last (the last 1000)."""
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
         return self._submit(LIVE, fn, args, kwargs)
@@ -52,7 +61,8 @@ class InferenceWorker(Executor):
         with self._lock:
             if self._closed:
                 raise RuntimeError(f"inference worker {self.name} is shut down")
-            self._queue.put((priority, next(self._order), (future, fn, args, kwargs)))
+            item = (future, fn, args, kwargs, time.monotonic(), self.safe_points)
+            self._queue.put((priority, next(self._order), item))
         return future
 
     def _run(self) -> None:
@@ -63,9 +73,14 @@ class InferenceWorker(Executor):
             self._execute(priority, item)
 
     def _execute(self, priority: int, item: Any) -> None:
-        future, fn, args, kwargs = item
+        future, fn, args, kwargs, submitted, safe_points = item
         if not future.set_running_or_notify_cancel():
             return
+        if priority == LIVE:
+            self.max_live_wait_steps = max(
+                self.max_live_wait_steps, self.safe_points - safe_points
+            )
+            self.live_waits.append(time.monotonic() - submitted)
         try:
             result = fn(*args, **kwargs)
         except BaseException as exc:
@@ -82,6 +97,7 @@ class InferenceWorker(Executor):
         their safe points; on the worker's own thread only (elsewhere it does nothing)."""
         if threading.current_thread() is not self._thread:
             return 0
+        self.safe_points += 1
         ran = 0
         while True:
             with self._queue.mutex:

@@ -10,10 +10,13 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
+
+if TYPE_CHECKING:
+    from runtime.runtime import Runtime
 
 
 class PipelineParams(BaseModel):
@@ -46,6 +49,8 @@ class PipelineContext:
     device: str = "auto"
     dtype: str = "auto"
     compile: bool = False
+    runtime: Runtime | None = None
+    """Where shared weights come from; None: the pipeline loads a private copy (benches)."""
 
 
 class LivePipeline(ABC):

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
@@ -218,68 +217,62 @@ class StreamDiffusionPipeline(LivePipeline):
         return free is not None and free > 2 * self._weights_bytes
 
     def load(self) -> None:
-        from diffusers import (
-            AutoencoderKL,
-            AutoencoderTiny,
-            LCMScheduler,
-            UNet2DConditionModel,
-        )
-        from diffusers.utils import logging as diffusers_logging
-        from transformers import CLIPTextModel, CLIPTokenizer
-        from transformers.utils import logging as transformers_logging
-
-        diffusers_logging.disable_progress_bar()
-        transformers_logging.disable_progress_bar()
         p = self.params
         self._spec = spec = choose_device(self.context.device, self.context.dtype)
         path = resolve_model(p.model_id, self.context.models_dir)
-        self._weights_bytes = folder_size(path)
-        free = free_gpu_memory(spec)
-        if free is not None and free < self._weights_bytes * 1.3:
-            raise MemoryError(
-                f"{p.model_id} needs about {self._weights_bytes / 2**30:.1f} GiB of GPU memory "
-                f"and {free / 2**30:.1f} GiB is free"
-            )
-        started = time.monotonic()
-        logger.info("loading model=%s device=%s", p.model_id, spec)
         vae_path = self._vae_path()
-        self.attach(
-            tokenizer=CLIPTokenizer.from_pretrained(path, subfolder="tokenizer"),
-            text_encoder=CLIPTextModel.from_pretrained(path, subfolder="text_encoder"),
-            unet=UNet2DConditionModel.from_pretrained(path, subfolder="unet"),
-            vae=AutoencoderTiny.from_pretrained(vae_path)
-            if vae_path is not None
-            else AutoencoderKL.from_pretrained(path, subfolder="vae"),
-            scheduler=LCMScheduler.from_pretrained(path, subfolder="scheduler"),
-        )
-        logger.info("model ready model=%s seconds=%.1f", p.model_id, time.monotonic() - started)
+        self._weights_bytes = folder_size(path)
+        runtime = self.context.runtime
+        model = f"{p.model_id}+{p.vae_id}" if vae_path is not None else p.model_id
+
+        def load() -> dict[str, Any]:
+            # Checked only when the weights are not loaded yet: a session that shares them
+            # needs no room for another copy.
+            free = free_gpu_memory(spec)
+            if free is not None and free < self._weights_bytes * 1.3:
+                raise MemoryError(
+                    f"{p.model_id} needs about {self._weights_bytes / 2**30:.1f} GiB of GPU "
+                    f"memory and {free / 2**30:.1f} GiB is free"
+                )
+            return load_components(path, vae_path, spec, compile=self._compiling(spec))
+
+        if runtime is None:
+            components = load()
+        else:
+            # Weights come from the runtime's cache: sessions of one model share one copy.
+            self._lease = runtime.models.acquire(
+                runtime.key(self.name, model), load, estimate=self._weights_bytes
+            )
+            components = self._lease.value
+        self.attach(**components)
+
+    def _compiling(self, spec: Any) -> bool:
+        return self.params.acceleration == "compile" or (self.context.compile and spec.is_gpu)
 
     def attach(
         self, *, tokenizer: Any, text_encoder: Any, unet: Any, vae: Any, scheduler: Any
     ) -> None:
         """Take loaded components (from `load`, or built in memory by bench/diffusion.py),
-        move them to the device, precompute, and warm up."""
-        import torch
-
+        precompute this stream's state, and warm up. The components may be shared with other
+        sessions: nothing here changes them; the scheduler, which keeps a step index, is this
+        session's own copy."""
         p = self.params
         if not hasattr(self, "_spec"):
             self._spec = choose_device(self.context.device, self.context.dtype)
             self._weights_bytes = 0
         spec = self._spec
-        dtype = spec.dtype
+        ready = prepare_components(
+            {"text_encoder": text_encoder, "unet": unet, "vae": vae},
+            spec,
+            compile=self._compiling(spec),
+        )
         self.tokenizer = tokenizer
-        self.text_encoder = text_encoder
-        self.unet = unet
-        self.vae = vae
-        self.scheduler = scheduler
-        for module in (self.text_encoder, self.unet, self.vae):
-            module.to(spec.device, dtype).eval().requires_grad_(False)
-        self.unet.register_forward_pre_hook(_count_unet_call)
-        if p.acceleration == "compile" or (self.context.compile and spec.is_gpu):
-            self.unet = torch.compile(self.unet, mode="reduce-overhead", fullgraph=False)
-            self.vae.decoder = torch.compile(self.vae.decoder, mode="reduce-overhead")
-        self.device = torch.device(spec.device)
-        self.dtype = dtype
+        self.text_encoder = ready["text_encoder"]
+        self.unet = ready["unet"]
+        self.vae = ready["vae"]
+        self.scheduler = type(scheduler).from_config(scheduler.config)
+        self.device = _torch_device(spec.device)
+        self.dtype = spec.dtype
         self._prepare(p)
         # Warm-up: the first passes allocate and (when compiling) compile; do them before
         # the pipeline reports ready.
@@ -302,6 +295,9 @@ class StreamDiffusionPipeline(LivePipeline):
     def unload(self) -> None:
         for name in ("unet", "vae", "text_encoder", "tokenizer"):
             self.__dict__.pop(name, None)
+        lease = self.__dict__.pop("_lease", None)
+        if lease is not None:
+            lease.release()
         if self._loaded and self._spec.device.startswith("cuda"):
             import torch
 
@@ -496,6 +492,58 @@ class StreamDiffusionPipeline(LivePipeline):
         image = self.vae.decode(latent / self.vae.config.scaling_factor).sample
         image = ((image[0].float().clamp(-1, 1) + 1) * 127.5).round().to(dtype=_uint8())
         return image.permute(1, 2, 0).contiguous().cpu().numpy()
+
+
+def load_components(
+    path: Path, vae_path: Path | None, spec: Any, *, compile: bool = False
+) -> dict[str, Any]:
+    """The model's weights, on the device and ready to share between sessions."""
+    from diffusers import AutoencoderKL, AutoencoderTiny, LCMScheduler, UNet2DConditionModel
+    from diffusers.utils import logging as diffusers_logging
+    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+    components = {
+        "tokenizer": CLIPTokenizer.from_pretrained(path, subfolder="tokenizer"),
+        "text_encoder": CLIPTextModel.from_pretrained(path, subfolder="text_encoder"),
+        "unet": UNet2DConditionModel.from_pretrained(path, subfolder="unet"),
+        "vae": AutoencoderTiny.from_pretrained(vae_path)
+        if vae_path is not None
+        else AutoencoderKL.from_pretrained(path, subfolder="vae"),
+        "scheduler": LCMScheduler.from_pretrained(path, subfolder="scheduler"),
+    }
+    components.update(
+        prepare_components(
+            {k: components[k] for k in ("text_encoder", "unet", "vae")}, spec, compile=compile
+        )
+    )
+    return components
+
+
+def prepare_components(modules: dict[str, Any], spec: Any, *, compile: bool) -> dict[str, Any]:
+    """Move to the device, freeze, count UNet calls, compile: once per module, so that doing
+    it again for a module another session prepared changes nothing."""
+    import torch
+
+    for module in modules.values():
+        module.to(spec.device, spec.dtype).eval().requires_grad_(False)
+    unet = modules["unet"]
+    if not getattr(unet, "_counts_calls", False):
+        unet.register_forward_pre_hook(_count_unet_call)
+        unet._counts_calls = True
+    if compile and not isinstance(unet, torch._dynamo.eval_frame.OptimizedModule):
+        modules["unet"] = torch.compile(unet, mode="reduce-overhead", fullgraph=False)
+        vae = modules["vae"]
+        vae.decoder = torch.compile(vae.decoder, mode="reduce-overhead")
+    return modules
+
+
+def _torch_device(name: str) -> torch.device:
+    import torch
+
+    return torch.device(name)
 
 
 def _uint8():  # type: ignore[no-untyped-def]

@@ -1,0 +1,106 @@
+"""`POST /image-to-image`: an image transformed by a prompt. InstructPix2Pix models (the
+default) follow an instruction with `image_guidance_scale`; any other diffusers model runs as
+img2img with `strength`, through `AutoPipelineForImage2Image`."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from protocol.batch_api import ImageResponse, ImageToImageForm, Media
+from protocol.errors import InvalidRequest
+from protocol.openapi import Operation
+from runtime.device import DeviceSpec
+
+from .images import open_image, png_data_urls
+from .jobs import StepGate
+from .models import pipeline_class_name, quiet_loading
+from .route import BatchRoute, batch_state, parse_form, pick_seed, run_on_model
+from .steps import few_step_defaults
+
+DEFAULT_MODEL = "timbrooks/instruct-pix2pix"
+MAX_PIXELS = 2048 * 2048
+MIN_SIDE = 64
+
+
+def load(path: Path, spec: DeviceSpec) -> Any:
+    from diffusers import AutoPipelineForImage2Image, StableDiffusionInstructPix2PixPipeline
+
+    quiet_loading()
+    if "InstructPix2Pix" in pipeline_class_name(path):
+        pipe = StableDiffusionInstructPix2PixPipeline.from_pretrained(path, dtype=spec.dtype)
+    else:
+        pipe = AutoPipelineForImage2Image.from_pretrained(path, dtype=spec.dtype)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(spec.device)
+
+
+def generate(pipe: Any, form: ImageToImageForm, image: Any, seed: int, gate: StepGate) -> list[Any]:
+    import torch
+
+    steps, guidance = few_step_defaults(form, form.model_id or DEFAULT_MODEL)
+    kwargs: dict[str, Any] = {}
+    if type(pipe).__name__ == "StableDiffusionInstructPix2PixPipeline":
+        kwargs["image_guidance_scale"] = form.image_guidance_scale
+    else:
+        if int(steps * form.strength) < 1:
+            # diffusers runs int(steps * strength) steps: none at all is the caller's mistake.
+            raise InvalidRequest(
+                f"num_inference_steps ({steps}) x strength ({form.strength}) leaves no "
+                "denoising step; raise either"
+            )
+        kwargs["strength"] = form.strength
+    images = []
+    for i in range(form.num_images_per_prompt):
+        result = pipe(
+            prompt=form.prompt,
+            image=image,
+            negative_prompt=form.negative_prompt or None,
+            guidance_scale=guidance,
+            num_inference_steps=steps,
+            generator=torch.Generator("cpu").manual_seed(seed + i),
+            callback_on_step_end=gate.on_step_end,
+            **kwargs,
+        )
+        images.append(result.images[0])
+    return images
+
+
+async def handle(request: web.Request) -> web.Response:
+    state = batch_state(request)
+    form = await parse_form(request, ImageToImageForm, state.config.max_upload_bytes)
+    if form.loras:
+        raise InvalidRequest("loras are not supported by this service yet")
+    image = await asyncio.to_thread(open_image, form.image, MAX_PIXELS, MIN_SIDE)
+    seed = pick_seed(form.seed)
+    images = await run_on_model(
+        state, ROUTE, form.model_id, lambda pipe, gate: generate(pipe, form, image, seed, gate)
+    )
+    urls = await png_data_urls(images)
+    body = ImageResponse(
+        images=[Media(url=url, seed=seed + i, nsfw=False) for i, url in enumerate(urls)]
+    )
+    return web.json_response(body.model_dump())
+
+
+ROUTE = BatchRoute(
+    name="image-to-image",
+    default_model=DEFAULT_MODEL,
+    load=load,
+    handler=handle,
+    operation=Operation(
+        method="POST",
+        path="/image-to-image",
+        operation_id="genImageToImage",
+        summary="Image To Image",
+        description="Apply image transformations to a provided image.",
+        request=ImageToImageForm,
+        request_type="multipart/form-data",
+        response=ImageResponse,
+        errors=(400, 401, 413, 415, 422, 500, 503),
+        tags=("generate",),
+    ),
+)

@@ -1,0 +1,93 @@
+"""Batch jobs in front of the device's inference worker: a bounded number at once, each run
+as a batch item of the worker, yielding to live frames between its steps.
+
+The bound is what keeps a burst of requests from queueing minutes of work behind the live
+streams: beyond it a request is answered 503 with Retry-After at once, and the client backs off.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from protocol.errors import Unavailable
+from runtime.runtime import Runtime
+
+T = TypeVar("T")
+
+
+class JobCancelled(Exception):
+    """The job's caller went away; the job stopped at its next step."""
+
+
+class StepGate:
+    """Handed to a job and called between its denoising steps (or tokens): the job's safe
+    point to let live frames through and to stop when nobody waits for it any more."""
+
+    def __init__(self, yield_to_live: Callable[[], int]) -> None:
+        self._yield = yield_to_live
+        self.cancelled = threading.Event()
+        self.steps = 0
+        self.live_items_let_through = 0
+
+    def step(self) -> None:
+        if self.cancelled.is_set():
+            raise JobCancelled("the request was cancelled")
+        self.live_items_let_through += self._yield()
+        self.steps += 1
+
+    def on_step_end(self, pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> Any:
+        """diffusers' `callback_on_step_end`."""
+        self.step()
+        return tensors
+
+    def on_step(self, step: int, timestep: Any, latents: Any) -> None:
+        """diffusers' older `callback` (with `callback_steps=1`)."""
+        self.step()
+
+
+class BatchJobs:
+    def __init__(self, runtime: Runtime, max_jobs: int) -> None:
+        self.runtime = runtime
+        self.max_jobs = max_jobs
+        self.active = 0
+        self.done = 0
+        self.failed = 0
+        self._durations: list[float] = []
+
+    async def run(self, job: Callable[[StepGate], T]) -> T:
+        """Run `job(gate)` on the device's worker as batch work. Raises Unavailable (503,
+        Retry-After) when `max_jobs` are already running or waiting."""
+        if self.active >= self.max_jobs:
+            raise Unavailable(
+                f"the batch queue is full ({self.max_jobs} jobs running or waiting); retry later",
+                retry_after_s=max(1.0, self.typical_duration()),
+            )
+        self.active += 1
+        worker = self.runtime.worker()
+        gate = StepGate(worker.yield_to_live)
+        started = time.monotonic()
+        future = worker.submit_batch(job, gate)
+        try:
+            result = await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            # Stops a running job at its next step, and a waiting one before it starts.
+            gate.cancelled.set()
+            future.cancel()
+            raise
+        except BaseException:
+            self.failed += 1
+            raise
+        finally:
+            self.active -= 1
+        self.done += 1
+        self._durations = [*self._durations[-19:], time.monotonic() - started]
+        return result
+
+    def typical_duration(self) -> float:
+        if not self._durations:
+            return 5.0
+        return sorted(self._durations)[len(self._durations) // 2]

@@ -1,0 +1,76 @@
+"""A batch route's model, through the runtime's cache: loaded once, shared by every request,
+and never waited for inside a request (a model still loading is a 503 with Retry-After)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from protocol.errors import Unavailable
+from runtime.device import DeviceSpec
+from runtime.model_cache import Lease, OverBudget, StillLoading
+from runtime.models import ModelNotFound, folder_size, resolve_model
+from runtime.runtime import Runtime
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Loader = Callable[[Path, DeviceSpec], Any]
+
+
+def pipeline_class_name(path: Path) -> str:
+    """The `_class_name` of a diffusers folder's model_index.json ("" when there is none)."""
+    try:
+        return str(json.loads((path / "model_index.json").read_text()).get("_class_name", ""))
+    except (OSError, ValueError):
+        return ""
+
+
+def quiet_loading() -> None:
+    """No progress bars from diffusers and transformers: the service logs its own lines."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+
+
+def _lease(
+    runtime: Runtime, kind: str, model_id: str, load: Loader, retry_after_s: float
+) -> Lease[Any]:
+    try:
+        path = resolve_model(model_id, runtime.config.models_dir)
+    except ModelNotFound as exc:
+        raise Unavailable(str(exc)) from exc
+    spec = runtime.spec
+    try:
+        return runtime.models.request(
+            runtime.key(kind, model_id),
+            lambda: load(path, spec),
+            estimate=folder_size(path),
+            retry_after_s=retry_after_s,
+        )
+    except StillLoading as exc:
+        raise Unavailable(str(exc), retry_after_s=exc.retry_after_s) from exc
+    except OverBudget as exc:
+        raise Unavailable(
+            f"model {model_id} cannot be loaded now: {exc}", retry_after_s=30
+        ) from exc
+    except Exception as exc:  # the background load failed: report it to this caller, once
+        raise Unavailable(
+            f"model {model_id} failed to load ({exc.__class__.__name__}: {exc}); the next "
+            "request tries again"
+        ) from exc
+
+
+async def lease_model(
+    runtime: Runtime, kind: str, model_id: str, load: Loader, retry_after_s: float = 5.0
+) -> Lease[Any]:
+    """The loaded model, held until the lease is released. Raises Unavailable (503): with
+    Retry-After while it loads or cannot fit yet, without it when it is not on this machine."""
+    # Resolving a model reads the disk, and the runtime's first use imports torch.
+    return await asyncio.to_thread(_lease, runtime, kind, model_id, load, retry_after_s)

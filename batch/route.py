@@ -1,0 +1,111 @@
+"""What every batch route shares: its description (one `BatchRoute` per module), the app's
+batch state, request parsing into the spec's models, and running a job on a leased model."""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from aiohttp import web
+from pydantic import BaseModel, ValidationError
+
+from protocol.errors import InvalidFields, Unavailable
+from protocol.openapi import Operation
+from protocol.requests import JSON_LIMIT, read_json, require_bearer
+from runtime.runtime import Runtime
+
+from .config import BatchConfig
+from .jobs import BatchJobs, StepGate
+from .models import Loader, lease_model
+from .uploads import read_form
+
+logger = logging.getLogger(__name__)
+
+M = TypeVar("M", bound=BaseModel)
+T = TypeVar("T")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass(frozen=True)
+class BatchRoute:
+    """One batch pipeline: its route, its default model and how to load a model for it."""
+
+    name: str  # the route without its slash, also the model cache's kind
+    default_model: str
+    load: Loader
+    handler: Handler
+    operation: Operation
+
+
+@dataclass(frozen=True)
+class BatchState:
+    runtime: Runtime
+    config: BatchConfig
+    jobs: BatchJobs
+
+
+BATCH = web.AppKey("batch", BatchState)
+
+
+def batch_state(request: web.Request) -> BatchState:
+    state = request.app[BATCH]
+    require_bearer(request, state.config.auth_token)
+    return state
+
+
+async def parse_json(request: web.Request, model: type[M], limit: int) -> M:
+    body = await read_json(request, min(limit, JSON_LIMIT))
+    try:
+        # Strict, as the runner's FastAPI: "1024" is not an integer in JSON.
+        return model.model_validate(body, strict=True)
+    except ValidationError as exc:
+        raise InvalidFields.from_validation(exc, "body") from exc
+
+
+async def parse_form(request: web.Request, model: type[M], limit: int) -> M:
+    fields = await read_form(request, limit)
+    try:
+        # Lax: every multipart field arrives as text ("7.5", "true").
+        return model.model_validate(fields)
+    except ValidationError as exc:
+        raise InvalidFields.from_validation(exc, "body") from exc
+
+
+def pick_seed(seed: int | None) -> int:
+    return seed if seed is not None else random.randrange(2**32)
+
+
+async def run_on_model(
+    state: BatchState,
+    route: BatchRoute,
+    model_id: str,
+    job: Callable[[Any, StepGate], T],
+) -> T:
+    """Run `job(model, gate)` as a batch job on the route's model (`model_id`, or the route's
+    default), which stays leased, so never evicted, until the job is over."""
+    model_id = model_id or route.default_model
+    lease = await lease_model(
+        state.runtime, route.name, model_id, route.load, state.config.retry_after_s
+    )
+    try:
+        return await state.jobs.run(lambda gate: job(lease.value, gate))
+    except Exception as exc:
+        if not out_of_memory(exc):
+            raise
+        raise Unavailable(
+            f"the device ran out of memory running {model_id}; retry later or ask for less "
+            "(smaller images, fewer of them)",
+            retry_after_s=state.jobs.typical_duration(),
+        ) from exc
+    finally:
+        lease.release()
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    import torch
+
+    return isinstance(exc, (MemoryError, torch.OutOfMemoryError))

@@ -1,0 +1,52 @@
+"""What every API route does with a request before its own work: check the bearer token,
+read a JSON body within a size limit."""
+
+from __future__ import annotations
+
+import json
+import secrets
+
+from aiohttp import web
+
+from .errors import InvalidRequest, PayloadTooLarge, Unauthorized, UnsupportedMediaType
+
+JSON_LIMIT = 1024 * 1024
+
+
+def require_bearer(request: web.Request, token: str | None) -> None:
+    """The bearer token check of every API route, as ai-runner does when AUTH_TOKEN is set."""
+    if not token:
+        return
+    given = request.headers.get("Authorization", "")
+    if not secrets.compare_digest(given.encode(), f"Bearer {token}".encode()):
+        raise Unauthorized("missing or invalid bearer token")
+
+
+async def read_body(request: web.Request, limit: int) -> bytes:
+    """The whole body, refused with 413 as soon as it passes `limit` (read in chunks, so an
+    oversized upload is never held whole)."""
+    if request.content_length is not None and request.content_length > limit:
+        raise PayloadTooLarge(too_large(limit))
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.content.iter_chunked(64 * 1024):
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(too_large(limit))
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def too_large(limit: int) -> str:
+    return f"the request body is over the limit of {limit / 2**20:.3g} MiB"
+
+
+async def read_json(request: web.Request, limit: int = JSON_LIMIT) -> object:
+    if request.content_type != "application/json":
+        raise UnsupportedMediaType("send the body as application/json")
+    try:
+        return json.loads(await read_body(request, limit))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidRequest(f"the body is not valid JSON: {exc}") from exc
+    except RecursionError as exc:
+        raise InvalidRequest("the body is not valid JSON: nested too deeply") from exc
