@@ -6,8 +6,10 @@ import asyncio
 
 import numpy as np
 import pytest
+import torch
 
 from live.app import create_app
+from live.keys import RUNTIME, SESSIONS
 from live.pipelines.base import PipelineContext
 from live.pipelines.diffusion import StreamDiffusionParams, StreamDiffusionPipeline
 from live.settings import Settings
@@ -171,3 +173,49 @@ async def test_no_gpu_gives_503_unless_cpu_is_asked_for(aiohttp_client, tiny_mod
     response = await client.post("/live-video-to-video", json={"model_id": "streamdiffusion"})
     assert response.status == 503
     assert "--device cpu" in (await response.json())["detail"]["msg"]
+
+
+async def test_two_sessions_of_one_model_share_its_weights(diffusion_service) -> None:
+    """The runtime loads a model once: both sessions' UNets, text encoders and autoencoders
+    are the same tensors; each session keeps its own scheduler and stream state."""
+    client = diffusion_service
+    runtime, sessions = client.app[RUNTIME], client.app[SESSIONS]
+    params = {"width": 64, "height": 64, "t_index_list": [10, 30]}
+    started = []
+    for prompt in ("a cat", "a dog"):
+        body = {"model_id": "streamdiffusion", "params": {**params, "prompt": prompt}}
+        response = await client.post("/live-video-to-video", json=body)
+        assert response.status == 200, await response.text()
+        started.append(sessions.get((await response.json())["session_id"]))
+    for session in started:
+        await asyncio.wait_for(session.wait_ready(), 60)
+    a, b = (session._pipeline for session in started)
+
+    def storages(pipeline) -> set[int]:
+        modules = (pipeline.unet, pipeline.text_encoder, pipeline.vae)
+        return {p.untyped_storage().data_ptr() for m in modules for p in m.parameters()}
+
+    assert storages(a) == storages(b)
+    assert a.scheduler is not b.scheduler
+    assert not torch.equal(a.prompt_embeds, b.prompt_embeds)
+    (model,) = [m for m in runtime.models.models() if m.key.kind == "streamdiffusion"]
+    assert model.users == 2
+    assert model.size_bytes == sum(p.numel() * p.element_size() for p in _parameters(a)) + sum(
+        b.numel() * b.element_size() for b in _buffers(a)
+    )
+
+    for session in started:
+        await client.delete(f"/live-video-to-video/{session.id}")
+        await session.wait()
+    (model,) = [m for m in runtime.models.models() if m.key.kind == "streamdiffusion"]
+    assert model.users == 0  # kept for the next session, until memory is needed
+
+
+def _parameters(pipeline):  # type: ignore[no-untyped-def]
+    for module in (pipeline.unet, pipeline.text_encoder, pipeline.vae):
+        yield from module.parameters()
+
+
+def _buffers(pipeline):  # type: ignore[no-untyped-def]
+    for module in (pipeline.unet, pipeline.text_encoder, pipeline.vae):
+        yield from module.buffers()

@@ -156,9 +156,7 @@ def test_tiny_svd_xt_image_to_video(tmp_path: Path) -> None:
     assert len(videos) == 1 and len(videos[0]) == 3
     assert {frame.size for frame in videos[0]} == {(64, 48)}
     again = run(5)
-    assert all(
-        (pixels(a) == pixels(b)).all() for a, b in zip(videos[0], again[0], strict=True)
-    )
+    assert all((pixels(a) == pixels(b)).all() for a, b in zip(videos[0], again[0], strict=True))
 
 
 def test_tiny_x4_upscaler_gives_four_times_the_size(tmp_path: Path) -> None:
