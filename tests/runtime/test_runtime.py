@@ -89,7 +89,13 @@ def test_models_cli_tiny_then_list(tmp_path: Path) -> None:
     out = subprocess.run(
         [*run, "list", "--models-dir", str(tmp_path)], capture_output=True, text=True, check=True
     ).stdout
-    assert "stabilityai/sd-turbo" in out and "madebyollin/taesd" in out
+    # Every batch route's default model is there too, under its real id.
+    from batch import ROUTES
+
+    for model_id in ["stabilityai/sd-turbo", "madebyollin/taesd"] + [
+        route.default_model for route in ROUTES
+    ]:
+        assert model_id in out, model_id
     pulled = subprocess.run(
         [*run, "pull", "someone/model", "--models-dir", str(tmp_path)],
         capture_output=True,
