@@ -137,14 +137,19 @@ def module_bytes(value: Any) -> int:
 
 
 class ModelCache:
-    def __init__(self, budget_bytes: int | None = None) -> None:
+    def __init__(
+        self, budget_bytes: int | None = None, on_evict: Callable[[], None] | None = None
+    ) -> None:
         self.budget_bytes = budget_bytes
+        self._on_evict = on_evict
+        """Called after evicting, outside the lock (the runtime returns freed GPU memory)."""
         self._lock = threading.Lock()
         self._entries: dict[ModelKey, _Entry] = {}
         self._loader = ThreadPoolExecutor(1, thread_name_prefix="model-loader")
         self._background: set[Future[Any]] = set()
         self.loads = 0
         self.evictions = 0
+        self._evicted = False
 
     # -- using a model --------------------------------------------------------------------------
 
@@ -202,7 +207,14 @@ class ModelCache:
         self._entries[key] = entry
         return entry
 
+    def _after_evicting(self) -> None:
+        with self._lock:
+            evicted, self._evicted = self._evicted, False
+        if evicted and self._on_evict is not None:
+            self._on_evict()
+
     def _load(self, entry: _Entry, load: Callable[[], Any], keep_error: bool = False) -> None:
+        self._after_evicting()
         logger.info("loading model %s", entry.key)
         started = time.monotonic()
         try:
@@ -225,6 +237,7 @@ class ModelCache:
                 self._make_room(0, exclude=entry)
             except OverBudget:
                 pass  # every other model is in use: over budget until one is released
+        self._after_evicting()
         logger.info(
             "model ready %s seconds=%.1f size_mb=%.1f",
             entry.key,
@@ -269,7 +282,9 @@ class ModelCache:
         while self._used() + needed > budget and idle:
             victim = idle.pop(0)
             del self._entries[victim.key]
+            victim.value = None
             self.evictions += 1
+            self._evicted = True
             logger.info("evicting model %s (least recently used) to make room", victim.key)
         if self._used() + needed > budget:
             in_use = ", ".join(

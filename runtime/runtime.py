@@ -39,7 +39,7 @@ class RuntimeConfig:
 class Runtime:
     def __init__(self, config: RuntimeConfig | None = None) -> None:
         self.config = config or RuntimeConfig()
-        self.models = ModelCache(self.config.memory_budget_bytes)
+        self.models = ModelCache(self.config.memory_budget_bytes, on_evict=self._free_memory)
         self._workers: dict[str, InferenceWorker] = {}
         self._lock = threading.Lock()
         self._closed = False
@@ -55,6 +55,17 @@ class Runtime:
             self.models.budget_bytes = int(total * DEFAULT_GPU_SHARE)
         logger.info("runtime device=%s model budget=%s", spec, _gib(self.models.budget_bytes))
         return spec
+
+    def _free_memory(self) -> None:
+        # An evicted model's tensors are garbage now; CUDA's caching allocator keeps their
+        # memory until asked to give it back.
+        if self.spec.device.startswith("cuda"):
+            import gc
+
+            import torch
+
+            gc.collect()
+            torch.cuda.empty_cache()
 
     def key(self, kind: str, model_id: str) -> ModelKey:
         spec = self.spec

@@ -77,9 +77,7 @@ class InferenceWorker(Executor):
         if not future.set_running_or_notify_cancel():
             return
         if priority == LIVE:
-            self.max_live_wait_steps = max(
-                self.max_live_wait_steps, self.safe_points - safe_points
-            )
+            self.max_live_wait_steps = max(self.max_live_wait_steps, self.safe_points - safe_points)
             self.live_waits.append(time.monotonic() - submitted)
         try:
             result = fn(*args, **kwargs)

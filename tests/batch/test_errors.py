@@ -4,10 +4,12 @@ and the service goes on serving."""
 from __future__ import annotations
 
 import asyncio
+import threading
 
 from aiohttp import FormData
 
 from batch.route import BATCH
+from live.keys import RUNTIME
 from tests.waiting import wait_until
 
 from .conftest import png
@@ -152,13 +154,20 @@ async def test_a_cold_model_is_503_with_retry_after_then_served(batch_service) -
 async def test_a_full_queue_is_503_with_retry_after(batch_service) -> None:
     client = await batch_service(warm=("text-to-image",), batch_queue=1)
     jobs = client.app[BATCH].jobs
-    slow = {"prompt": "x", "width": 64, "height": 64, "num_inference_steps": 60}
-    running = asyncio.ensure_future(client.post("/text-to-image", json=slow))
-    await wait_until(lambda: jobs.active == 1, "the first job to start")
-    refused = await client.post("/text-to-image", json={**slow, "num_inference_steps": 1})
-    assert refused.status == 503
-    assert int(refused.headers["Retry-After"]) >= 1
-    assert "queue is full" in (await refused.json())["detail"]["msg"]
-    assert (await running).status == 200
-    after = await client.post("/text-to-image", json={**slow, "num_inference_steps": 1})
+    # Live work that holds the device until released: the first job waits behind it.
+    release = threading.Event()
+    holding = client.app[RUNTIME].worker().submit(release.wait, 30)
+    request = {"prompt": "x", "width": 64, "height": 64, "num_inference_steps": 1}
+    waiting = asyncio.ensure_future(client.post("/text-to-image", json=request))
+    try:
+        await wait_until(lambda: jobs.active == 1, "the first job to be queued")
+        refused = await client.post("/text-to-image", json=request)
+        assert refused.status == 503
+        assert int(refused.headers["Retry-After"]) >= 1
+        assert "queue is full" in (await refused.json())["detail"]["msg"]
+    finally:
+        release.set()
+    assert holding.result(10)
+    assert (await waiting).status == 200
+    after = await client.post("/text-to-image", json=request)
     assert after.status == 200
