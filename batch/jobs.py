@@ -58,9 +58,15 @@ class BatchJobs:
         self.failed = 0
         self._durations: list[float] = []
 
-    async def run(self, job: Callable[[StepGate], T]) -> T:
+    def gate(self) -> StepGate:
+        """A gate for a job that is about to run: pass it to `run` to keep a handle on the
+        job (a streaming handler cancels it when its client goes away)."""
+        return StepGate(self.runtime.worker().yield_to_live)
+
+    async def run(self, job: Callable[[StepGate], T], *, gate: StepGate | None = None) -> T:
         """Run `job(gate)` on the device's worker as batch work. Raises Unavailable (503,
-        Retry-After) when `max_jobs` are already running or waiting."""
+        Retry-After) when `max_jobs` are already running or waiting; JobCancelled when `gate`
+        was cancelled."""
         if self.active >= self.max_jobs:
             raise Unavailable(
                 f"the batch queue is full ({self.max_jobs} jobs running or waiting); retry later",
@@ -68,7 +74,7 @@ class BatchJobs:
             )
         self.active += 1
         worker = self.runtime.worker()
-        gate = StepGate(worker.yield_to_live)
+        gate = gate or StepGate(worker.yield_to_live)
         started = time.monotonic()
         future = worker.submit_batch(job, gate)
         try:

@@ -84,6 +84,7 @@ async def run_on_model(
     route: BatchRoute,
     model_id: str,
     job: Callable[[Any, StepGate], T],
+    gate: StepGate | None = None,
 ) -> T:
     """Run `job(model, gate)` as a batch job on the route's model (`model_id`, or the route's
     default), which stays leased, so never evicted, until the job is over."""
@@ -92,7 +93,7 @@ async def run_on_model(
         state.runtime, route.name, model_id, route.load, state.config.retry_after_s
     )
     try:
-        return await state.jobs.run(lambda gate: job(lease.value, gate))
+        return await state.jobs.run(lambda gate: job(lease.value, gate), gate=gate)
     except Exception as exc:
         if not out_of_memory(exc):
             raise
