@@ -6,6 +6,7 @@ from __future__ import annotations
 from urllib.parse import parse_qsl
 
 from aiohttp import BodyPartReader, web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from protocol.errors import InvalidRequest, PayloadTooLarge, UnsupportedMediaType
 from protocol.requests import read_body, too_large
@@ -41,7 +42,8 @@ async def read_form(request: web.Request, limit: int) -> dict[str, str | bytes]:
     while True:
         try:
             part = await reader.next()
-        except (ValueError, AssertionError, RuntimeError) as exc:
+        except (ValueError, AssertionError, RuntimeError, HttpProcessingError) as exc:
+            # HttpProcessingError: a part whose headers do not parse.
             raise InvalidRequest(f"the multipart body cannot be read: {exc}") from exc
         if part is None:
             return fields

@@ -69,11 +69,13 @@ class PipelineList(BaseModel):
 
 
 class SessionStatus(StatusEvent):
-    """`GET /live-video-to-video/{id}`: the session's status event, with its id and whether
-    it has ended."""
+    """`GET /live-video-to-video/{id}`: the session's status event, with its id and why it
+    ended."""
 
     id: str
-    ended: bool
+    ended: str | None = Field(
+        description="Why the session ended (as `end_reason`), or null while it runs."
+    )
 
 
 class SessionParams(RootModel[dict[str, Any]]):
@@ -599,6 +601,10 @@ const typeOf = (s) => {
   const t = s.type || "any";
   return s.format ? t + " (" + s.format + ")" : String(t);
 };
+const describe = (s) => {
+  const choices = [s, resolve(s), ...(s.anyOf || s.oneOf || []).map(resolve)];
+  return choices.map((c) => c.description).find(Boolean) || "";
+};
 const fieldsTable = (schema) => {
   const s = resolve(schema);
   if (!s.properties) return el("p", "Type: " + typeOf(schema), "t");
@@ -611,7 +617,7 @@ const fieldsTable = (schema) => {
     row.append(el("td", name + (required.has(name) ? " *" : ""), "t"));
     row.append(el("td", typeOf(prop)));
     row.append(el("td", "default" in prop ? JSON.stringify(prop.default) : ""));
-    row.append(el("td", prop.description || resolve(prop).description || ""));
+    row.append(el("td", describe(prop)));
   }
   return table;
 };

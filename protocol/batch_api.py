@@ -12,11 +12,14 @@ from __future__ import annotations
 from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
+from pydantic.json_schema import SkipJsonSchema
 
 # An uploaded file: bytes in the handler, `string`/`binary` in the OpenAPI document.
 Upload = Annotated[bytes, WithJsonSchema({"type": "string", "format": "binary"})]
 
 Seed = Annotated[int, Field(ge=0, lt=2**63, description="Seed for random number generation.")]
+# `seed` is optional (a random one when absent) but never null on the wire, as in the spec:
+# a form cannot carry null, and the spec types it as a plain integer.
 Size = Annotated[int, Field(ge=64, le=2048, multiple_of=8)]
 
 MODEL_ID = "Hugging Face model ID (empty: the route's default model)."
@@ -43,7 +46,7 @@ class TextToImageParams(_Body):
     )
     negative_prompt: str = Field("", max_length=4000, description=NEGATIVE)
     safety_check: bool = Field(True, description=SAFETY)
-    seed: Seed | None = None
+    seed: Seed | SkipJsonSchema[None] = None
     num_inference_steps: int = Field(
         50, ge=1, le=200, description="Number of denoising steps (Lightning/turbo models: 4)."
     )
@@ -70,7 +73,7 @@ class ImageToImageForm(_Body):
     )
     negative_prompt: str = Field("", max_length=4000, description=NEGATIVE)
     safety_check: bool = Field(True, description=SAFETY)
-    seed: Seed | None = None
+    seed: Seed | SkipJsonSchema[None] = None
     num_inference_steps: int = Field(100, ge=1, le=200, description="Number of denoising steps.")
     num_images_per_prompt: int = Field(
         1, ge=1, le=8, description="Number of images to generate per prompt."
@@ -92,7 +95,7 @@ class ImageToVideoForm(_Body):
         0.02, ge=0, le=1, description="Noise added to the conditioning image."
     )
     safety_check: bool = Field(True, description=SAFETY)
-    seed: Seed | None = None
+    seed: Seed | SkipJsonSchema[None] = None
     num_inference_steps: int = Field(25, ge=1, le=200, description="Number of denoising steps.")
 
 
@@ -105,7 +108,7 @@ class UpscaleForm(_Body):
     image: Upload = Field(description="Uploaded image to upscale (4x).")
     model_id: str = Field("", description=MODEL_ID)
     safety_check: bool = Field(True, description=SAFETY)
-    seed: Seed | None = None
+    seed: Seed | SkipJsonSchema[None] = None
     num_inference_steps: int = Field(75, ge=1, le=200, description="Number of denoising steps.")
 
 

@@ -65,6 +65,16 @@ async def test_json_fields_of_the_wrong_type_are_422_naming_them(batch_service) 
         assert [error["loc"] for error in (await response.json())["detail"]] == [loc]
 
 
+async def test_whole_numbers_written_as_floats_are_integers(batch_service) -> None:
+    client = await batch_service(warm=())
+    body = {"prompt": 5, "width": 64.0, "height": 64.5, "seed": 3.0}
+    response = await client.post("/text-to-image", json=body)
+    assert response.status == 422
+    # 64.0 and 3.0 pass (JSON Schema integers); 64.5 does not; the prompt is not a string.
+    locs = sorted(error["loc"] for error in (await response.json())["detail"])
+    assert locs == [["body", "height"], ["body", "prompt"]]
+
+
 async def test_multipart_fields_of_the_wrong_type_are_422(batch_service) -> None:
     client = await batch_service(warm=())
     response = await client.post(
@@ -92,6 +102,13 @@ async def test_wrong_content_types_and_broken_bodies(batch_service) -> None:
         headers={"Content-Type": "multipart/form-data; boundary=other"},
     )
     assert bad_boundary.status in (400, 422)
+    bad_part_header = await client.post(
+        "/upscale",
+        data=b'--B\r\nContent-Disposition: form-data; name="\x7f"\r\n\r\nx\r\n--B--\r\n',
+        headers={"Content-Type": "multipart/form-data; boundary=B"},
+    )
+    assert bad_part_header.status == 400
+    assert "multipart" in (await bad_part_header.json())["detail"]["msg"]
 
 
 async def test_an_upload_over_the_limit_is_413_and_the_service_goes_on(batch_service) -> None:
