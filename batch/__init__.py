@@ -12,7 +12,17 @@ from protocol.errors import Unavailable
 from protocol.openapi import Operation
 from runtime.runtime import Runtime
 
-from . import image_to_image, image_to_video, text_to_image, upscale
+from . import (
+    audio_to_text,
+    image_to_image,
+    image_to_text,
+    image_to_video,
+    llm,
+    segment_anything_2,
+    text_to_image,
+    text_to_speech,
+    upscale,
+)
 from .config import BatchConfig
 from .jobs import BatchJobs
 from .models import lease_model
@@ -25,6 +35,11 @@ ROUTES: tuple[BatchRoute, ...] = (
     image_to_image.ROUTE,
     image_to_video.ROUTE,
     upscale.ROUTE,
+    llm.ROUTE,
+    audio_to_text.ROUTE,
+    text_to_speech.ROUTE,
+    image_to_text.ROUTE,
+    segment_anything_2.ROUTE,
 )
 
 

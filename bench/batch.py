@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import statistics
 import tempfile
 import time
@@ -137,6 +138,56 @@ async def live_beside_batch(app: web.Application, url: str, models: Path, steps:
     )
 
 
+async def llm_bench(base: str, models: Path, requests: int, tokens: int = 64) -> None:
+    """Streamed `POST /llm` on the tiny Llama-3-shaped model: time to first token and tokens
+    per second at concurrency 1 and 4 (the worker runs one job at a time, so at 4 the first
+    token includes the wait behind the jobs ahead)."""
+    from runtime.tiny_llm import LLAMA_31_8B_INSTRUCT, build_tiny_llama3
+
+    await asyncio.to_thread(build_tiny_llama3, models / LLAMA_31_8B_INSTRUCT)
+    messages = [{"role": "user", "content": "Write a haiku about the sea."}]
+    body = {"messages": messages, "max_tokens": tokens, "temperature": 0.7, "stream": True}
+
+    async def stream(
+        session: aiohttp.ClientSession, gate: asyncio.Semaphore
+    ) -> tuple[float, float, int]:
+        """(seconds to the first token, seconds from it to the end, tokens)"""
+        async with gate:
+            return await timed_stream(session)
+
+    async def timed_stream(session: aiohttp.ClientSession) -> tuple[float, float, int]:
+        started = time.perf_counter()
+        first, count = 0.0, 0
+        async with session.post(f"{base}/llm", json=body) as response:
+            assert response.status == 200, await response.text()
+            async for line in response.content:
+                if line.startswith(b"data: {"):
+                    first = first or time.perf_counter()
+                    count = json.loads(line[6:])["usage"]["completion_tokens"]
+        return first - started, time.perf_counter() - first, count
+
+    async with aiohttp.ClientSession() as session:
+        while True:  # the model loads on first use: 503 with Retry-After until it is in
+            async with session.post(f"{base}/llm", json={**body, "stream": False}) as response:
+                if response.status == 200:
+                    break
+                assert response.status == 503, await response.text()
+            await asyncio.sleep(0.1)
+        print(f"# llm, tiny Llama 3 (random weights), {tokens} tokens, {requests} streams")
+        for concurrency in (1, 4):
+            gate = asyncio.Semaphore(concurrency)
+            started = time.perf_counter()
+            results = await asyncio.gather(*(stream(session, gate) for _ in range(requests)))
+            wall = time.perf_counter() - started
+            first = [r[0] for r in results]
+            per_stream = statistics.median(r[2] / r[1] for r in results if r[1] > 0)
+            print(
+                f"LLM concurrency {concurrency}: {sum(r[2] for r in results) / wall:7.1f} "
+                f"tokens/s in all, {per_stream:7.1f} tokens/s per stream  time to first token "
+                f"p50 {pct(first, 0.5) * 1000:6.1f} ms  p95 {pct(first, 0.95) * 1000:6.1f} ms"
+            )
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--requests", type=int, default=24)
@@ -196,6 +247,7 @@ async def main() -> None:
                 f"{(b / a - 1) * 100:.1f} % (goal < 5 %)"
             )
             await live_beside_batch(app, url, models, args.live_steps)
+            await llm_bench(base, models, args.requests)
         finally:
             await runner.cleanup()
 

@@ -9,9 +9,10 @@ multipart fields arrive as text and are converted.
 
 from __future__ import annotations
 
-from typing import Annotated
+import json
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
 from pydantic.json_schema import SkipJsonSchema
 
 # An uploaded file: bytes in the handler, `string`/`binary` in the OpenAPI document.
@@ -142,3 +143,250 @@ class ValidationError(BaseModel):
 
 class HTTPValidationError(BaseModel):
     detail: list[ValidationError]
+
+
+# --- /llm (OpenAI-style chat completions, as the runner's LLM pipeline) ---------------------
+
+LLM_MAX_TOKENS = 4096
+"""The most tokens one request may ask for: a bound on how long one job holds the device."""
+
+
+class LLMMessage(_Body):
+    role: Literal["system", "user", "assistant"] = Field(description="Who says it.")
+    content: str = Field(description="What is said.")
+
+
+class LLMRequest(_Body):
+    messages: list[LLMMessage] = Field(
+        min_length=1, max_length=1000, description="The conversation so far, oldest first."
+    )
+    model: str = Field("", description="Hugging Face model ID (empty: the route's default).")
+    temperature: float = Field(
+        0.7, ge=0, le=2, description="Sampling temperature; 0 picks the likeliest token."
+    )
+    max_tokens: int = Field(
+        256, ge=1, le=LLM_MAX_TOKENS, description="The most tokens to generate."
+    )
+    top_p: float = Field(
+        1.0, gt=0, le=1, description="Sample from the likeliest tokens that make up this mass."
+    )
+    top_k: int = Field(
+        -1, ge=-1, description="Sample from this many likeliest tokens (-1 or 0: all)."
+    )
+    stream: bool = Field(
+        False, description="Answer with server-sent events, one per generated token."
+    )
+
+
+class LLMTokenUsage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class LLMChoice(BaseModel):
+    index: int
+    finish_reason: str = Field(
+        "", description='"stop" (end of turn), "length" (max_tokens); "" until the last chunk.'
+    )
+    delta: LLMMessage | None = Field(None, description="The new text (streamed chunks).")
+    message: LLMMessage | None = Field(None, description="The whole answer (no stream).")
+
+
+class LLMResponse(BaseModel):
+    id: str
+    model: str
+    created: int
+    usage: LLMTokenUsage
+    choices: list[LLMChoice]
+
+
+# --- audio routes ----------------------------------------------------------------------------
+
+# `return_timestamps` as the runner parses it (case aside): "true", "1" and "sentence" mean
+# sentence timestamps (Whisper's own), "false" and "0" none, "word" word timestamps.
+TIMESTAMP_MODES = {
+    "true": "sentence",
+    "1": "sentence",
+    "sentence": "sentence",
+    "false": "none",
+    "0": "none",
+    "word": "word",
+}
+TTS_DESCRIPTION = (
+    "A male speaker delivers a slightly expressive and animated speech with a moderate speed "
+    "and pitch."
+)
+
+
+class AudioToTextForm(_Body):
+    """Multipart body of `POST /audio-to-text` (the spec's `Body_genAudioToText`)."""
+
+    audio: Upload = Field(description="Uploaded audio file to be transcribed.")
+    model_id: str = Field("", description="Hugging Face model ID used for transcription.")
+    return_timestamps: str = Field(
+        "true",
+        description="Return timestamps for the transcribed text. Supported values: "
+        "'sentence', 'word', or a string boolean ('true' or 'false'). Default is 'true' "
+        "('sentence'). 'false' means no timestamps. 'word' means word-based timestamps.",
+    )
+    metadata: str = Field(
+        "{}",
+        max_length=65536,
+        description="Additional job information to be passed to the pipeline (a JSON object).",
+    )
+
+    @field_validator("return_timestamps")
+    @classmethod
+    def _known_mode(cls, value: str) -> str:
+        value = value.strip().lower()
+        if value not in TIMESTAMP_MODES:
+            # The runner passes an unknown value on to the model, which fails with a 500.
+            raise ValueError("must be 'true' (or 'sentence'), 'false' or 'word'")
+        return value
+
+    @field_validator("metadata")
+    @classmethod
+    def _json_object(cls, value: str) -> str:
+        try:
+            parsed = json.loads(value)
+        except ValueError as exc:
+            raise ValueError(f"must be a JSON object: {exc}") from None
+        if not isinstance(parsed, dict):
+            raise ValueError("must be a JSON object")
+        return value
+
+    @property
+    def timestamps(self) -> Literal["sentence", "word", "none"]:
+        return TIMESTAMP_MODES[self.return_timestamps]  # type: ignore[return-value]
+
+
+class Chunk(BaseModel):
+    timestamp: list[float] = Field(
+        description="The timestamp of the chunk: [start, end] in seconds from the audio's start."
+    )
+    text: str = Field(description="The text of the chunk.")
+
+
+class TextResponse(BaseModel):
+    text: str = Field(description="The generated text.")
+    chunks: list[Chunk] = Field(
+        description="The generated text chunks: sentences or words with their timestamps "
+        "(none when return_timestamps is 'false')."
+    )
+
+
+class TextToSpeechParams(_Body):
+    model_id: str = Field(
+        "", description="Hugging Face model ID used for text to speech generation."
+    )
+    # The spec's default is "" only because the runner's Go client cannot express an
+    # optional field; the runner itself refuses empty text (400). Here it is a 422 naming
+    # the field, as is blank text; and the docs' bound, ~600 characters, is enforced.
+    text: str = Field(
+        "",
+        min_length=1,
+        max_length=600,
+        validate_default=True,
+        description="Text input for speech generation (at most 600 characters).",
+    )
+    description: str = Field(
+        TTS_DESCRIPTION,
+        max_length=1000,
+        description="Description of speaker to steer text to speech generation (Parler-TTS "
+        "models; VITS models have one voice).",
+    )
+
+    @field_validator("text")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("the text is blank; send something to say")
+        return value
+
+
+class MediaURL(BaseModel):
+    url: str = Field(description="The URL where the media can be accessed (a data: URL here).")
+
+
+class AudioResponse(BaseModel):
+    audio: MediaURL = Field(description="The generated audio.")
+
+
+# --- vision routes: image to text, segment anything 2 ---------------------------------------
+
+JSON_ARRAY = "As a JSON array in text, e.g. "
+
+
+class ImageToTextForm(_Body):
+    """Multipart body of `POST /image-to-text` (the spec's `Body_genImageToText`)."""
+
+    image: Upload = Field(description="Uploaded image to transform with the pipeline.")
+    prompt: str = Field(
+        "",
+        max_length=2000,
+        description="Text the caption continues (BLIP's conditional captioning); empty: none.",
+    )
+    model_id: str = Field("", description=MODEL_ID)
+
+
+class ImageToTextResponse(BaseModel):
+    text: str = Field(description="The generated text.")
+
+
+class SegmentAnything2Form(_Body):
+    """Multipart body of `POST /segment-anything-2` (the spec's `Body_genSegmentAnything2`).
+    The prompts are JSON arrays in text fields, as the spec types them."""
+
+    image: Upload = Field(description="Image to segment.")
+    model_id: str = Field("", description=MODEL_ID)
+    point_coords: str | None = Field(
+        None,
+        description="Nx2 array of point prompts to the model, where each point is in (X,Y) "
+        f"in pixels. {JSON_ARRAY}[[120, 80], [40, 60]].",
+    )
+    point_labels: str | None = Field(
+        None,
+        description="Labels for the point prompts, where 1 indicates a foreground point and 0 "
+        f"indicates a background point. {JSON_ARRAY}[1, 0].",
+    )
+    box: str | None = Field(
+        None,
+        description="A length 4 array given as a box prompt to the model, in XYXY format. "
+        f"{JSON_ARRAY}[10, 20, 200, 150].",
+    )
+    mask_input: str | None = Field(
+        None,
+        description="A low-resolution mask input to the model, typically from a previous "
+        "prediction iteration, with the form 1xHxW (H=W=256 for SAM): an entry of a previous "
+        "answer's `logits`, in brackets.",
+    )
+    multimask_output: bool = Field(
+        True,
+        description="If true, the model will return three masks for ambiguous input prompts, "
+        "often producing better masks than a single prediction.",
+    )
+    return_logits: bool = Field(
+        True,
+        description="If true, returns un-thresholded mask logits instead of a binary mask.",
+    )
+    normalize_coords: bool = Field(
+        True,
+        description="If true, the point coordinates will be normalized to the range [0,1], "
+        "with point_coords expected to be with respect to image dimensions (pixels); if false, "
+        "they are already in [0,1].",
+    )
+
+
+class MasksResponse(BaseModel):
+    """Each field is a JSON array written into a string, as the runner answers."""
+
+    masks: str = Field(
+        description="The generated masks: N x height x width, logits or 0/1 (return_logits)."
+    )
+    scores: str = Field(
+        description="The model's confidence scores for each generated mask: N numbers."
+    )
+    logits: str = Field(
+        description="The raw, unnormalized predictions (logits) for the masks: N x 256 x 256."
+    )

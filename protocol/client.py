@@ -73,10 +73,20 @@ from .api import (
     Version,
 )
 from .batch_api import (
+    AudioResponse,
+    AudioToTextForm,
     ImageResponse,
     ImageToImageForm,
+    ImageToTextForm,
+    ImageToTextResponse,
     ImageToVideoForm,
+    LLMRequest,
+    LLMResponse,
+    MasksResponse,
+    SegmentAnything2Form,
+    TextResponse,
     TextToImageParams,
+    TextToSpeechParams,
     UpscaleForm,
     VideoResponse,
 )
@@ -317,6 +327,85 @@ class Client:
         body = _request_model(UpscaleForm, form, fields)
         return await self._post_form("/upscale", body, ImageResponse, {"image": filename})
 
+    async def llm(self, request: LLMRequest | None = None, /, **fields: Any) -> LLMResponse:
+        """`POST /llm` (JSON): the whole answer, in `choices[0].message`. To have the tokens as
+        they are generated, `llm_stream`."""
+        body = _request_model(LLMRequest, request, fields)
+        if body.stream:
+            raise ValueError("llm() returns the whole answer; llm_stream() streams it")
+        return await self._post_json("/llm", body, LLMResponse)
+
+    async def llm_stream(
+        self, request: LLMRequest | None = None, /, **fields: Any
+    ) -> AsyncIterator[LLMResponse]:
+        """`POST /llm` with `stream: true`: the answer's chunks as the server generates them,
+        each with its new text in `choices[0].delta.content` and the usage so far; the last
+        has `finish_reason` and the final usage. Retried as every call until the stream has
+        started; then an error the server reports in the stream raises `StreamError`, a
+        stream cut short `InvalidResponse`.
+
+        Leaving the loop early closes the connection, and the server stops generating; wrap
+        the call in `contextlib.aclosing(...)` for that to happen at once rather than when
+        the generator is collected."""
+        body = _request_model(LLMRequest, request, {**fields, "stream": True})
+        payload = body.model_dump(mode="json", exclude_unset=True)
+        async with self._open("POST", "/llm", lambda: {"json": payload}) as resp:
+            async for data in _sse_data(resp.content):
+                if data == "[DONE]":
+                    return
+                yield _llm_chunk(resp.status, data)
+            raise InvalidResponse(resp.status, "POST /llm: the stream ended before [DONE]")
+
+    async def audio_to_text(
+        self,
+        form: AudioToTextForm | None = None,
+        /,
+        *,
+        filename: str = "audio.wav",
+        **fields: Any,
+    ) -> TextResponse:
+        """`POST /audio-to-text` (multipart); `audio` is sent as a file named `filename`."""
+        body = _request_model(AudioToTextForm, form, fields)
+        return await self._post_form("/audio-to-text", body, TextResponse, {"audio": filename})
+
+    async def text_to_speech(
+        self, params: TextToSpeechParams | None = None, /, **fields: Any
+    ) -> AudioResponse:
+        """`POST /text-to-speech` (JSON); the WAV comes back as a data URL in `audio.url`
+        (`data_url_bytes` gives its bytes)."""
+        body = _request_model(TextToSpeechParams, params, fields)
+        return await self._post_json("/text-to-speech", body, AudioResponse)
+
+    async def image_to_text(
+        self,
+        form: ImageToTextForm | None = None,
+        /,
+        *,
+        filename: str = DEFAULT_FILENAME,
+        **fields: Any,
+    ) -> ImageToTextResponse:
+        """`POST /image-to-text` (multipart); `image` is sent as a file named `filename`."""
+        body = _request_model(ImageToTextForm, form, fields)
+        return await self._post_form(
+            "/image-to-text", body, ImageToTextResponse, {"image": filename}
+        )
+
+    async def segment_anything_2(
+        self,
+        form: SegmentAnything2Form | None = None,
+        /,
+        *,
+        filename: str = DEFAULT_FILENAME,
+        **fields: Any,
+    ) -> MasksResponse:
+        """`POST /segment-anything-2` (multipart); `image` is sent as a file named `filename`.
+        The prompts are JSON text (`point_coords="[[120, 80]]"`), and so are the answer's
+        fields: `json.loads(result.masks)` gives N x height x width numbers."""
+        body = _request_model(SegmentAnything2Form, form, fields)
+        return await self._post_form(
+            "/segment-anything-2", body, MasksResponse, {"image": filename}
+        )
+
     # --- live ---
 
     async def start_live(
@@ -518,3 +607,43 @@ def parse_retry_after(value: str | None) -> float | None:
 
 def _text(raw: bytes) -> str:
     return raw.decode("utf-8", "replace").strip()[:_MAX_MSG]
+
+
+# --- server-sent events (POST /llm with stream) ---------------------------------------------
+
+
+class StreamError(APIError):
+    """The server failed after a stream had started: its 200 was sent, so the error came as
+    the stream's last event (`data: {"error": "..."}`, as ai-runner sends it). `status` is 500."""
+
+
+async def _sse_data(content: aiohttp.StreamReader) -> AsyncIterator[str]:
+    """The `data` of each server-sent event (its `data:` lines joined by newlines); comments
+    and other fields are skipped."""
+    lines: list[str] = []
+    async for raw in content:
+        line = raw.decode("utf-8").rstrip("\r\n")
+        if not line:  # a blank line ends an event
+            if lines:
+                yield "\n".join(lines)
+            lines = []
+            continue
+        field_name, _, value = line.partition(":")
+        if field_name == "data":
+            lines.append(value.removeprefix(" "))
+    if lines:
+        yield "\n".join(lines)
+
+
+def _llm_chunk(status: int, data: str) -> LLMResponse:
+    try:
+        event = json.loads(data)
+    except ValueError as exc:
+        raise InvalidResponse(status, "POST /llm: an event is not JSON", detail=data) from exc
+    if isinstance(event, dict) and "error" in event:
+        raise StreamError(500, str(event["error"]), detail=event)
+    try:
+        return LLMResponse.model_validate(event)
+    except PydanticValidationError as exc:
+        msg = f"POST /llm: an event is not a valid LLMResponse: {exc.error_count()} errors"
+        raise InvalidResponse(status, msg, detail=event) from exc

@@ -12,6 +12,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from .tiny_audio import MMS_TTS, WHISPER, build_tiny_vits, build_tiny_whisper
+from .tiny_llm import LLAMA_31_8B_INSTRUCT, build_tiny_llama3
+from .tiny_vision import BLIP_LARGE, SAM2_LARGE, build_tiny_blip, build_tiny_sam2
+
 SD_TURBO = "stabilityai/sd-turbo"
 TAESD = "madebyollin/taesd"
 SDXL_LIGHTNING = "SG161222/RealVisXL_V4.0_Lightning"
@@ -472,4 +476,9 @@ def write_tiny_models(models_dir: Path) -> list[Path]:
         build_tiny_pix2pix(models_dir / PIX2PIX),
         build_tiny_svd(models_dir / SVD_XT),
         build_tiny_x4_upscaler(models_dir / X4_UPSCALER),
+        build_tiny_llama3(models_dir / LLAMA_31_8B_INSTRUCT),
+        build_tiny_whisper(models_dir / WHISPER),
+        build_tiny_vits(models_dir / MMS_TTS),
+        build_tiny_blip(models_dir / BLIP_LARGE),
+        build_tiny_sam2(models_dir / SAM2_LARGE),
     ]

@@ -197,9 +197,12 @@ def test_tiny_x4_upscaler_gives_four_times_the_size(tmp_path: Path) -> None:
 
 def test_write_tiny_models_writes_every_route(tmp_path: Path) -> None:
     paths = tiny.write_tiny_models(tmp_path)
-    ids = [tiny.SD_TURBO, tiny.TAESD, tiny.SDXL_LIGHTNING, tiny.PIX2PIX, tiny.SVD_XT]
-    assert paths == [tmp_path / model_id for model_id in [*ids, tiny.X4_UPSCALER]]
-    for path in paths[2:]:
-        assert (path / "model_index.json").is_file()
+    # Every batch route's default model, under its real id, and the live pipeline's two.
+    from batch import ROUTES
+
+    expected = {tiny.SD_TURBO, tiny.TAESD} | {route.default_model for route in ROUTES}
+    assert {path.relative_to(tmp_path).as_posix() for path in paths} == expected
+    for path in paths:
+        assert (path / "model_index.json").is_file() or (path / "config.json").is_file()
         size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
         assert size < 10_000_000, f"{path} is {size} bytes"
