@@ -1,10 +1,12 @@
 """A typed async client of the service's HTTP API, for app backends.
 
-One method per batch route (`text_to_image`, `image_to_image`, `image_to_video`, `upscale`), one
-to start a live session (`start_live`) and the runner's probes (`health`, `version`,
-`hardware_info`, `hardware_stats`). Requests are the models of `protocol.batch_api` and
-`protocol.api`, validated here before anything is sent; answers come back as their response
-models, and errors as `APIError` and its subclasses.
+One method per batch route (`text_to_image`, `image_to_image`, `image_to_video`, `upscale`,
+`audio_to_text`, `text_to_speech`, `image_to_text`, `segment_anything_2`, `llm`, and
+`llm_stream`, an async iterator of the streamed chunks), one to start a live session
+(`start_live`) and the runner's probes (`health`, `version`, `hardware_info`, `hardware_stats`).
+Requests are the models of `protocol.batch_api` and `protocol.api`, validated here before
+anything is sent; answers come back as their response models, and errors as `APIError` and
+its subclasses.
 
 Usage::
 
