@@ -60,11 +60,31 @@ def _tokenizer(folder: Path):  # type: ignore[no-untyped-def]
     )
 
 
+def _tiny_unet(**overrides: Any) -> Any:
+    """The SD 1.x/2.x-shaped UNet of the tiny models: two blocks, one with cross-attention on
+    the 32-wide CLIP text encoder; `overrides` set what a pipeline's UNet has of its own."""
+    from diffusers import UNet2DConditionModel
+
+    config: dict[str, Any] = {
+        "block_out_channels": (32, 64),
+        "layers_per_block": 1,
+        "sample_size": 8,
+        "in_channels": 4,
+        "out_channels": 4,
+        "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+        "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
+        "cross_attention_dim": 32,
+        "norm_num_groups": 32,
+        "attention_head_dim": 8,
+    }
+    return UNet2DConditionModel(**(config | overrides))
+
+
 def build_tiny_sd(folder: Path, seed: int = 0) -> Path:
     """An SD-turbo-shaped pipeline folder: UNet, CLIP text encoder and tokenizer, a small
     AutoencoderKL and the scheduler config, as `save_pretrained` lays them out."""
     import torch
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
@@ -85,18 +105,7 @@ def build_tiny_sd(folder: Path, seed: int = 0) -> Path:
             pad_token_id=eos,
         )
     )
-    unet = UNet2DConditionModel(
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32,
-        norm_num_groups=32,
-        attention_head_dim=8,
-    )
+    unet = _tiny_unet(in_channels=4)
     vae = AutoencoderKL(
         block_out_channels=(16, 16, 32, 32),
         layers_per_block=1,
@@ -272,25 +281,13 @@ def build_tiny_pix2pix(folder: Path, seed: int = 0) -> Path:
     from diffusers import (
         EulerAncestralDiscreteScheduler,
         StableDiffusionInstructPix2PixPipeline,
-        UNet2DConditionModel,
     )
     from transformers import CLIPTextModel
 
     torch.manual_seed(seed)
     tokenizer = _clip_tokenizer()
     text_encoder = CLIPTextModel(_clip_text_config(tokenizer))
-    unet = UNet2DConditionModel(
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        sample_size=8,
-        in_channels=8,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32,
-        norm_num_groups=32,
-        attention_head_dim=8,
-    )
+    unet = _tiny_unet(in_channels=8)
     # instruct-pix2pix's scheduler_config.json.
     scheduler = EulerAncestralDiscreteScheduler(
         beta_start=0.00085,
@@ -412,24 +409,15 @@ def build_tiny_x4_upscaler(folder: Path, seed: int = 0) -> Path:
         DDIMScheduler,
         DDPMScheduler,
         StableDiffusionUpscalePipeline,
-        UNet2DConditionModel,
     )
     from transformers import CLIPTextModel
 
     torch.manual_seed(seed)
     tokenizer = _clip_tokenizer()
     text_encoder = CLIPTextModel(_clip_text_config(tokenizer))
-    unet = UNet2DConditionModel(
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        sample_size=16,
+    unet = _tiny_unet(
         in_channels=7,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32,
-        norm_num_groups=32,
-        attention_head_dim=8,
+        sample_size=16,
         use_linear_projection=True,
         num_class_embeds=1000,  # noise levels up to max_noise_level (350)
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import tempfile
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 
 import pytest
@@ -86,3 +86,15 @@ def tiny_models_dir(tmp_path_factory: pytest.TempPathFactory):
     write_tiny_models(models)
     build_tiny_sd(models / "test" / "other-sd", seed=1)
     return models
+
+
+@pytest.fixture
+def one_torch_thread() -> Iterator[None]:
+    """One torch thread for tests of tiny models: they gain nothing from more, and while other
+    processes load the two CPUs, two threads ran them 10-50 times slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

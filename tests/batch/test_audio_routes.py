@@ -9,7 +9,6 @@ import io
 import json
 import tracemalloc
 import wave
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,17 +32,6 @@ from .test_image_routes import api
 
 RUNNER_SPEC = Path("/work/shared/seeds/livepeer-ai-runner-openapi.yaml")
 CPU = DeviceSpec("cpu", "float32")
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """One torch thread: the models are tiny, and two threads on two busy cores are slower."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import aclosing
 from pathlib import Path
 from typing import Any
@@ -25,17 +25,16 @@ from aiohttp import web
 from batch import llm
 from batch.route import BATCH
 from live.app import create_app
-from live.keys import RUNTIME, SESSIONS
+from live.keys import RUNTIME
 from live.settings import Settings
 from protocol.batch_api import LLMMessage, LLMRequest
 from protocol.client import Client, InvalidResponse, RetryPolicy, StreamError
-from protocol.clips import make_clip
 from protocol.errors import Unavailable, error_middleware
 from runtime.device import choose_device
 from runtime.tiny_llm import LLAMA_31_8B_INSTRUCT, build_tiny_llama3
-from tests.live.streams import publish_clip, start_session
 from tests.waiting import poll_until, wait_until
 
+from .conftest import assert_live_kept_up, live_pair
 from .test_image_routes import api
 
 MODEL = LLAMA_31_8B_INSTRUCT
@@ -44,17 +43,6 @@ HELLO = [
     {"role": "user", "content": "Write a haiku about the sea."},
 ]
 GREEDY = {"messages": HELLO, "temperature": 0}
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """One torch thread: the tiny model gains nothing from two, and the machine is shared."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def served_model(app: web.Application) -> llm.ChatModel:
@@ -535,64 +523,35 @@ STREAMED_TOKENS = 24
 
 async def test_live_output_flows_while_an_llm_streams(batch_service) -> None:
     client = await batch_service(warm=("llm",), device="cpu")
-    runtime, sessions = client.app[RUNTIME], client.app[SESSIONS]
-    worker = runtime.worker()
-    noop = await start_session(client, model_id="noop")
-    diffusion = await start_session(
-        client,
-        model_id="streamdiffusion",
-        params={"width": 64, "height": 64, "t_index_list": [20], "prompt": "a cat"},
-    )
-    noop_stats = sessions.get(noop["session_id"]).stats
-    diffusion_session = sessions.get(diffusion["session_id"])
-    await asyncio.wait_for(diffusion_session.wait_ready(), 60)
-    diffusion_stats = diffusion_session.stats
-    clip = make_clip(900, width=64, height=64)  # 30 s at 30 fps: outlasts the stream
-    publishing = [
-        asyncio.create_task(publish_clip(info["publish_url"], clip, close=False))
-        for info in (noop, diffusion)
-    ]
+    worker = client.app[RUNTIME].worker()
     pace = Pace()
     hook = served_model(client.app).model.register_forward_pre_hook(pace)
-
-    async def a_token_per_noop_frame() -> None:
-        # The noop stream's frames are the clock: a token per frame, about 30 per second as
-        # an 8B model on a GPU, so the stream spans STREAMED_TOKENS frames on any machine.
-        seen = noop_stats.frames_out
-        while True:
-            await poll_until(lambda seen=seen: noop_stats.frames_out > seen, within=60)
-            seen = noop_stats.frames_out
-            pace.allow(1)
-
     pacing: asyncio.Task[None] | None = None
-    try:
-        await wait_until(
-            lambda: noop_stats.frames_out > 10 and diffusion_stats.frames_out > 3,
-            "both live sessions to put out frames",
-            within=30,
-        )
-        before = (noop_stats.frames_in, noop_stats.frames_out, diffusion_stats.frames_out)
-        live_before = worker.done_live
-        pacing = asyncio.create_task(a_token_per_noop_frame())
-        request = {**GREEDY, "max_tokens": STREAMED_TOKENS}
-        async with aclosing(api(client).llm_stream(**request)) as stream:
-            chunks = [chunk async for chunk in stream]
-        after = (noop_stats.frames_in, noop_stats.frames_out, diffusion_stats.frames_out)
-        assert not all(task.done() for task in publishing), "the clip ended before the stream"
-    finally:
-        tasks = [*publishing, *([pacing] if pacing else [])]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        hook.remove()
+    async with live_pair(client, frames=900) as live:  # 30 s: outlasts the stream
+
+        async def a_token_per_noop_frame() -> None:
+            # The noop stream's frames are the clock: a token per frame, about 30 per second
+            # as an 8B model on a GPU, so the stream spans STREAMED_TOKENS frames anywhere.
+            seen = live.noop.frames_out
+            while True:
+                await poll_until(lambda seen=seen: live.noop.frames_out > seen, within=60)
+                seen = live.noop.frames_out
+                pace.allow(1)
+
+        try:
+            before, live_before = live.counts(), worker.done_live
+            pacing = asyncio.create_task(a_token_per_noop_frame())
+            request = {**GREEDY, "max_tokens": STREAMED_TOKENS}
+            async with aclosing(api(client).llm_stream(**request)) as stream:
+                chunks = [chunk async for chunk in stream]
+            after = live.counts()
+            assert live.still_publishing(), "the clip ended before the stream"
+        finally:
+            if pacing is not None:
+                pacing.cancel()
+                await asyncio.gather(pacing, return_exceptions=True)
+            hook.remove()
 
     assert chunks[-1].usage.completion_tokens == pace.calls
-    # The job stopped at each token to let live frames through: none waited longer than the
-    # token under way, and the diffusion session's frames ran between the tokens.
-    assert worker.max_live_wait_steps <= 1
     assert worker.done_live > live_before
-    assert after[2] > before[2]
-    # The noop session kept its output flowing while the tokens streamed.
-    noop_in, noop_out = after[0] - before[0], after[1] - before[1]
-    assert noop_in > 0
-    assert noop_out >= 0.8 * noop_in, (noop_in, noop_out)
+    assert_live_kept_up(worker, before, after)

@@ -6,7 +6,6 @@ both jobs step their gate (the worker's safe point for live frames and cancellat
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -28,18 +27,6 @@ CAPTION = ("image-to-text",)
 SEGMENT = ("segment-anything-2",)
 WIDTH, HEIGHT = 96, 64  # not square: masks must come back at the image's own size
 CPU = DeviceSpec("cpu", "float32")
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """One torch thread: the tiny models gain nothing from more, and on two busy cores two
-    threads made them many times slower."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def arrays(body) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # type: ignore[no-untyped-def]

@@ -18,22 +18,12 @@ from runtime import tiny
 # about the environment, not about the model folder.
 ALLOWED = ("requires torchvision",)
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 @pytest.fixture(autouse=True)
 def offline(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """One torch thread: these models are too small to gain from more, and when other
-    processes load the CPUs, 2 threads ran these tests 10-50x slower (0.3 s -> 15 s)."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @contextmanager
