@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
+from batch import ROUTES as BATCH_ROUTES
 from batch import add_batch_routes
 from protocol.errors import error_middleware
 from protocol.trickle import TrickleServer, create_trickle_app
@@ -15,7 +16,8 @@ from runtime.runtime import Runtime
 
 from .event_stream import add_event_stream_routes
 from .health import add_health_routes
-from .keys import RUNTIME, SESSIONS, SETTINGS, TRICKLE
+from .keys import METRICS, RUNTIME, SESSIONS, SETTINGS, TRICKLE
+from .metrics import ServiceMetrics, add_metrics_route
 from .openapi import add_openapi_routes
 from .page import add_page_routes
 from .pipelines import LivePipeline, builtin_pipelines
@@ -54,6 +56,12 @@ def create_app(
     # Registered before the trickle sub-app's own shutdown (which ends every channel), so that
     # sessions end first and their final status still reaches the events channel.
     app.on_shutdown.append(_stop_sessions)
+    metrics = app[METRICS] = ServiceMetrics(
+        app[SESSIONS], trickle, runtime, (r.operation.path for r in BATCH_ROUTES)
+    )
+    # Outermost, so that batch requests are counted with the status the client got.
+    app.middlewares.insert(0, metrics.middleware)
+    add_metrics_route(app)
     add_health_routes(app)
     add_live_routes(app)
     add_batch_routes(app, runtime, settings.batch())

@@ -38,7 +38,19 @@ def build_parser() -> argparse.ArgumentParser:
         "tiny", help="write tiny random-weight models under the real ids (smoke tests)"
     )
     tiny.add_argument("dir", type=Path, help="models directory to write into")
-    for sub in (listing, pull):
+    replay = commands.add_parser(
+        "replay",
+        help="run a session recording through a pipeline offline",
+        description="Run a recorded session's input through a pipeline at full rate (no "
+        "pacing, every frame) and write the output next to the recording.",
+    )
+    replay.add_argument("dir", type=Path, help="a recording: --record-dir/<session id>")
+    replay.add_argument("--pipeline", required=True, help="live pipeline name, e.g. noop")
+    replay.add_argument(
+        "--params", default=None, help="params as JSON (default: the recorded params changes)"
+    )
+    replay.add_argument("--output", type=Path, default=None, help="output MPEG-TS file")
+    for sub in (listing, pull, replay):
         sub.add_argument(
             "--models-dir",
             type=Path,
@@ -134,11 +146,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "models":
         configure_logging("WARNING")
         return run_models(args)
+    if args.command == "replay":
+        configure_logging("WARNING")
+        from .recording import run_replay
+
+        return run_replay(args)
     try:
         settings = load_settings(args)
     except ValidationError as exc:
         parser.error(_one_line(exc))
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     try:
         asyncio.run(serve(settings))
     except (StartupError, ValueError) as exc:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from protocol.media import AUDIO_LEAD, CLOCK, AudioPacket, VideoFrame
 
 from .edges import FrameSink, FrameSource, MediaContext, OutputClosed, OutputFrame
+from .logs import STAGE
 from .slot import LatestSlot
 
 AUDIO_BACKLOG = 500  # packets a sink keeps waiting for video (about 10 s): bounded if video stalls
@@ -81,6 +82,7 @@ class _SinkRunner:
 
     async def run(self) -> None:
         context = self.loop.context
+        STAGE.set("encode")  # this task's log lines (and its threads'): the sink's encode and send
         try:
             await self.sink.open(context)
             while (frame := await self.slot.get()) is not None:
@@ -173,6 +175,7 @@ class FrameLoop:
         return self.reason or "input ended"
 
     async def _read(self) -> None:
+        STAGE.set("decode")
         stats = self.context.stats
         items = self.source.items(self.context)
         try:
@@ -211,6 +214,7 @@ class FrameLoop:
             await self.source.close()
 
     async def _infer(self) -> None:
+        STAGE.set("inference")
         stats = self.context.stats
         try:
             while (released := await self._frames.get()) is not None:

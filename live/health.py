@@ -25,10 +25,15 @@ def service_version() -> str:
 
 
 async def get_health(request: web.Request) -> web.Response:
-    status = request.app[SESSIONS].health()
+    """`status` as go-livepeer reads it; `capacity` is ours, beyond the spec: what the service
+    can still take (sessions, model memory, device streams; see live/admission.py)."""
+    sessions = request.app[SESSIONS]
+    status = sessions.health()
     if status in ("IDLE", "OK") and request.app[RUNTIME].loading():
         status = "LOADING"  # a model is loading for a batch route (or a warm list)
-    return web.json_response({"status": status})
+    return web.json_response(
+        {"status": status, "capacity": sessions.capacity().model_dump(mode="json")}
+    )
 
 
 async def get_version(request: web.Request) -> web.Response:
@@ -48,11 +53,18 @@ async def get_hardware_info(request: web.Request) -> web.Response:
 
 
 async def get_hardware_stats(request: web.Request) -> web.Response:
+    """The runner spec's fields, and ours beyond it: `capacity`, what the service can still
+    take (as on /health)."""
     from runtime.hardware import gpu_stats
 
     gpus = await asyncio.get_running_loop().run_in_executor(None, gpu_stats)
     model_id = request.app[SESSIONS].default_pipeline()
-    body = HardwareStats(pipeline=PIPELINE, model_id=model_id, gpu_stats=gpus)
+    body = HardwareStats(
+        pipeline=PIPELINE,
+        model_id=model_id,
+        gpu_stats=gpus,
+        capacity=request.app[SESSIONS].capacity(),
+    )
     return web.json_response(body.model_dump())
 
 

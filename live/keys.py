@@ -12,9 +12,11 @@ from runtime.runtime import Runtime
 from .settings import Settings
 
 if TYPE_CHECKING:
+    from .metrics import ServiceMetrics
     from .sessions import SessionManager
 
 SETTINGS = web.AppKey("settings", Settings)
 TRICKLE = web.AppKey("trickle", TrickleServer)
 SESSIONS: web.AppKey[SessionManager] = web.AppKey("sessions")
 RUNTIME = web.AppKey("runtime", Runtime)
+METRICS: web.AppKey[ServiceMetrics] = web.AppKey("metrics")

@@ -1,36 +1,93 @@
-"""Log context: the session id rides in a context variable, so every line a session's tasks and
-threads write names it (tasks inherit the context; threads get it from `run_in`)."""
+"""Log context: the session id, its pipeline and the frame-loop stage ride in context variables,
+so every line a session's tasks and threads write names them (tasks inherit the context; threads
+get it from `run_in`).
+
+Two formats: `text` for people (`... [session]: message`) and `json` for log collectors, one
+object per line with time, level, logger, message, and session, pipeline, stage and exc_info
+when known.
+"""
 
 from __future__ import annotations
 
 import contextvars
+import datetime
+import json
 import logging
 import sys
+from typing import Any, Literal
 
 from protocol.http_errors import quiet_client_errors
 
 SESSION_ID: contextvars.ContextVar[str] = contextvars.ContextVar("session_id", default="-")
+PIPELINE: contextvars.ContextVar[str | None] = contextvars.ContextVar("pipeline", default=None)
+STAGE: contextvars.ContextVar[str | None] = contextvars.ContextVar("stage", default=None)
+"""The frame loop's task a line comes from: ingest, inference, or a sink's name."""
+
+LogFormat = Literal["text", "json"]
+NOISY = ("aiohttp.access", "aioice", "aiortc", "libav")
+"""Loggers held at WARNING or above: their INFO lines are per packet or per request."""
 
 
 class SessionFilter(logging.Filter):
-    """Adds `session` to every record (a handler filter: it sees records of every logger)."""
+    """Adds `session`, `pipeline` and `stage` to every record (a handler filter: it sees records
+    of every logger). A `session` passed in `extra` (a session's own log adapter) wins."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if not hasattr(record, "session"):
             record.session = SESSION_ID.get()
+        if not hasattr(record, "pipeline"):
+            record.pipeline = PIPELINE.get()
+        if not hasattr(record, "stage"):
+            record.stage = STAGE.get()
         return True
 
 
-def configure_logging(level: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line; fields without a value are left out rather than null."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        body: dict[str, Any] = {
+            "time": datetime.datetime.fromtimestamp(record.created, datetime.UTC).isoformat(
+                timespec="milliseconds"
+            ),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        session = getattr(record, "session", None)
+        if session and session != "-":
+            body["session"] = session
+        for name in ("pipeline", "stage"):
+            value = getattr(record, name, None)
+            if value:
+                body[name] = value
+        if record.exc_info:
+            body["exc_info"] = self.formatException(record.exc_info)
+        if record.stack_info:
+            body["stack_info"] = self.formatStack(record.stack_info)
+        # default=str: a message argument that JSON cannot hold is already text in `message`;
+        # this only guards an odd `extra` value.
+        return json.dumps(body, default=str)
+
+
+def make_handler(log_format: LogFormat = "text", stream: Any = None) -> logging.Handler:
+    """The service's log handler: context filter and formatter (stderr by default)."""
+    handler = logging.StreamHandler(sys.stderr if stream is None else stream)
     handler.addFilter(SessionFilter())
-    handler.setFormatter(
-        logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(session)s]: %(message)s")
-    )
+    if log_format == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(
+            logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(session)s]: %(message)s")
+        )
+    return handler
+
+
+def configure_logging(level: str, log_format: LogFormat = "text", stream: Any = None) -> None:
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    root.handlers[:] = [make_handler(log_format, stream)]
     root.setLevel(level.upper())
-    for noisy in ("aiohttp.access", "aioice", "aiortc", "libav"):
+    for noisy in NOISY:
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
     # A request aiohttp cannot even parse (an 8 KiB path) is the client's mistake: one line.
     quiet_client_errors()

@@ -20,6 +20,7 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, RootModel
 
 from protocol.api import (
+    Capacity,
     HardwareInformation,
     HardwareStats,
     LiveVideoToVideoParams,
@@ -48,6 +49,9 @@ class HealthCheck(BaseModel):
     status: Literal["LOADING", "OK", "ERROR", "IDLE"] = Field(
         description="IDLE: no session; LOADING: a session or a batch model is loading; "
         "ERROR: a session failed; OK: sessions running."
+    )
+    capacity: Capacity | None = Field(
+        None, description="Ours, beyond the spec: what the service can still take."
     )
 
 
@@ -363,6 +367,18 @@ def live_operations(trickle_base_path: str = "/trickle/") -> list[Operation]:
             response=HardwareStats,
             errors=(500,),
             auth=False,
+            tags=SERVICE,
+        ),
+        # live/metrics.py
+        Operation(
+            method="GET",
+            path="/metrics",
+            operation_id="metrics",
+            summary="Prometheus Metrics",
+            description="Sessions, frames, stage times, batch requests, trickle and WebRTC "
+            "figures in Prometheus's text format. Takes the token when one is set.",
+            response_type="text/plain",
+            errors=(401, 500),
             tags=SERVICE,
         ),
         # live/page.py

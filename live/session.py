@@ -43,7 +43,7 @@ from protocol.trickle.interface import Publisher, Subscriber
 from .edges import FrameSink, FrameSource, InputFailed, MediaContext, OutputFrame
 from .frame_loop import FrameLoop
 from .loading import LoadingFrames
-from .logs import SESSION_ID
+from .logs import PIPELINE, SESSION_ID
 from .pipelines.base import LivePipeline, PipelineContext, PipelineParams
 from .slot import put_dropping_oldest
 from .stats import SessionStats, percentiles
@@ -69,6 +69,10 @@ class SessionConfig:
     input_timeout_s: float = 60.0
     status_interval_s: float = 10.0
     max_consecutive_failures: int = 3
+    max_restarts: int = 5
+    """Restarts in a row (no frame processed between them) before the session gives up."""
+    frame_timeout_s: float = 30.0
+    """A pipeline that takes longer on one frame is taken as hung: the session ends."""
     pace: bool = True
     """Release input frames at their presentation times (see `Pacer`)."""
     encoder: EncoderSettings = field(default_factory=EncoderSettings)
@@ -144,9 +148,13 @@ class LiveSession:
         self._last_output: np.ndarray | None = None
         self._input_size: tuple[int, int] | None = None
         self._failures = 0
+        self._restarts_in_a_row = 0
+        self._in_process = False  # a frame is on the inference thread (it may be stuck there)
         self._params_sent = False
         self._restart_logs: list[str] | None = None
         self._task: asyncio.Task[None] | None = None
+        self.params_listeners: list[Callable[[PipelineParams, str], None]] = []
+        """Told of each params change that took (a recording logs them)."""
 
         self._infer_thread = ThreadPoolExecutor(1, thread_name_prefix="infer")
         self._load_thread = ThreadPoolExecutor(1, thread_name_prefix="load")
@@ -198,6 +206,7 @@ class LiveSession:
 
     async def run(self) -> None:
         SESSION_ID.set(self.id)  # this task's context: every child task and thread inherits it
+        PIPELINE.set(self.pipeline_cls.name)
         self.emit(TraceEvent(type="runner_receive_stream_request"))
         try:
             async with asyncio.TaskGroup() as group:
@@ -241,11 +250,16 @@ class LiveSession:
                 with contextlib.suppress(Exception):
                     await closing.close()
         pipeline, self._pipeline = self._pipeline, None
-        if pipeline is not None:
+        # A frame still on the inference thread never came back (a hung pipeline): unloading
+        # under it or waiting for its thread would hang the release too, so both are left.
+        stuck = self._in_process
+        if pipeline is not None and not stuck:
             with contextlib.suppress(Exception):
                 await run_in(self._load_thread, pipeline.unload)
         loop = asyncio.get_running_loop()
-        for pool in (self._infer_thread, self._load_thread):
+        if stuck:
+            self._infer_thread.shutdown(wait=False)
+        for pool in (self._load_thread,) if stuck else (self._infer_thread, self._load_thread):
             await loop.run_in_executor(None, pool.shutdown, True)
         if self._on_close is not None:
             await self._on_close()
@@ -262,17 +276,32 @@ class LiveSession:
     async def _process(self, frame: VideoFrame) -> OutputFrame | None:
         height, width = frame.image.shape[:2]
         self._input_size = (width, height)
+        if self._in_process:
+            return None  # the previous frame never came back (hung): the session is ending
         pipeline = self._pipeline
         if pipeline is None or (self._loading and not self._serve_old):
             return OutputFrame(self._loading_frame(frame), frame.pts, frame.arrived, True)
         started = time.perf_counter()
+        timeout = self.config.frame_timeout_s
+        self._in_process = True
         try:
-            image = await run_in(self._infer_pool, pipeline.process, frame.image)
+            async with asyncio.timeout(timeout):
+                image = await run_in(self._infer_pool, pipeline.process, frame.image)
+        except TimeoutError:
+            self.error(
+                f"pipeline {self.pipeline_cls.name} took over {timeout:g} s on one frame: "
+                "taken as hung, the session ends"
+            )
+            self.loop.stop("pipeline hung")
+            return None
         except Exception as exc:
+            self._in_process = False
             self._failed(exc)
             return None
+        self._in_process = False
         self.stats.stage("inference", time.perf_counter() - started)
         self._failures = 0
+        self._restarts_in_a_row = 0
         self._last_output = image
         return OutputFrame(image, frame.pts, frame.arrived, False)
 
@@ -290,6 +319,14 @@ class LiveSession:
         if self._failures >= self.config.max_consecutive_failures and not self._loading:
             self._restart_logs = [f"{self._failures} consecutive failures, last: {exc!r}"]
             self._failures = 0
+            if self._restarts_in_a_row >= self.config.max_restarts:
+                self.error(
+                    f"pipeline {self.pipeline_cls.name} failed again after "
+                    f"{self._restarts_in_a_row} restarts without a good frame: the session ends"
+                )
+                self.loop.stop("pipeline failed")
+                return
+            self._restarts_in_a_row += 1
             self.restart_count += 1
             self.last_restart_time = now_ms()
             self.emit(
@@ -365,7 +402,10 @@ class LiveSession:
         self.params = new
         self.params_time = now_ms()
         self._params_sent = False
-        if self.pipeline_cls.needs_reload(old, new):
+        reload = self.pipeline_cls.needs_reload(old, new)
+        for listener in self.params_listeners:
+            listener(new, "reload" if reload else "live")
+        if reload:
             serve_old = self._pipeline is not None and self._pipeline.keeps_serving_during_reload(
                 new
             )
@@ -514,7 +554,17 @@ class LiveSession:
             stages=stats.stage_percentiles(),
             sinks=stats.sink_status(),
             end_reason=self.ended,
+            hint=stats.hint(self._output_size()),
         )
+
+    def _output_size(self) -> tuple[int, int] | None:
+        """The pipeline's output size: its params', else the last output's, else the input's."""
+        if self.params.width and self.params.height:
+            return self.params.width, self.params.height
+        if self._last_output is not None:
+            height, width = self._last_output.shape[:2]
+            return width, height
+        return self._input_size
 
 
 def _summary(exc: ValidationError) -> str:

@@ -6,11 +6,12 @@ import asyncio
 import logging
 import secrets
 from dataclasses import dataclass
+from typing import Protocol
 from urllib.parse import urlsplit
 
 from pydantic import ValidationError
 
-from protocol.api import LiveVideoToVideoParams, LiveVideoToVideoResponse
+from protocol.api import Capacity, LiveVideoToVideoParams, LiveVideoToVideoResponse
 from protocol.errors import Forbidden, InvalidFields, InvalidRequest, NotFound, TooBusy, Unavailable
 from protocol.trickle import (
     LocalPublisher,
@@ -23,8 +24,10 @@ from protocol.trickle.interface import Publisher, Subscriber
 from protocol.trickle.server import ChannelRefused
 from runtime.runtime import Runtime
 
-from .edges import FrameSource
+from .admission import Admission
+from .edges import FrameSink, FrameSource
 from .pipelines.base import LivePipeline, PipelineContext, PipelineParams
+from .recording import SessionRecording
 from .session import LiveSession, SessionConfig
 from .settings import Settings
 from .sources import FirstOfSource
@@ -45,6 +48,14 @@ class SessionChannels:
     output: Publisher
     control: Subscriber | None = None
     events: Publisher | None = None
+
+
+class SessionListener(Protocol):
+    """Told when a session starts and, once it has released everything, ends (metrics)."""
+
+    def started(self, session: LiveSession) -> None: ...
+
+    def ended(self, session: LiveSession) -> None: ...
 
 
 def check_remote_url(name: str, url: str) -> None:
@@ -69,6 +80,8 @@ class SessionManager:
         self.sessions: dict[str, LiveSession] = {}
         self.peers = Peers(settings.ice())
         self.runtime = runtime
+        self.admission = Admission(settings, runtime)
+        self.listeners: list[SessionListener] = []
 
     @property
     def context(self) -> PipelineContext:
@@ -113,6 +126,7 @@ class SessionManager:
         config = SessionConfig(
             input_timeout_s=self.settings.input_timeout_s,
             status_interval_s=self.settings.status_interval_s,
+            frame_timeout_s=self.settings.frame_timeout_s,
             context=self.context,
             device_worker=self.runtime.worker(),
         )
@@ -130,14 +144,21 @@ class SessionManager:
         reason = self.unavailable_reason(pipeline_cls, params)
         if reason is not None:
             raise Unavailable(f"pipeline {pipeline_cls.name} is unavailable: {reason}")
-        if len(self.sessions) >= self.settings.max_sessions:
-            raise Unavailable(
-                f"the service runs its maximum of {self.settings.max_sessions} live sessions; "
-                "retry later",
-                retry_after_s=10,
-            )
+        # Sessions, model memory, device throughput: 503 with the limit named.
+        self.admission.check(pipeline_cls, params, self.context, list(self.sessions.values()))
         self.check_runner_urls(request)
+        record_dir = self.settings.record_dir
+        if request.record and record_dir is None:
+            raise InvalidRequest(
+                "recording is off on this service: the operator enables it with --record-dir"
+            )
         session_id = secrets.token_hex(16)
+        recording = None
+        if record_dir is not None and (request.record or self.settings.record_all):
+            try:
+                recording = SessionRecording(record_dir / session_id)
+            except OSError as exc:
+                raise Unavailable(f"cannot record the session: {exc.strerror or exc}") from exc
         standalone = not request.subscribe_url
         owned: list[str] = []
         if standalone:
@@ -146,7 +167,11 @@ class SessionManager:
             channels, response = self._remote_channels(request, session_id)
 
         async def on_close() -> None:
-            self.sessions.pop(session_id, None)
+            self.admission.observe(session)  # its measured throughput outlives it
+            ended = self.sessions.pop(session_id, None)
+            # In the same step as the pop: a scrape sees the session live or ended, never both.
+            for listener in self.listeners if ended is not None else ():
+                listener.ended(ended)
             await self.peers.close_session(session_id)
             for name in owned:
                 self.trickle.delete_channel(name)
@@ -159,21 +184,30 @@ class SessionManager:
             # Fed over trickle or WHIP, whichever the publisher uses first.
             whip = WhipSource(size)
             source = FirstOfSource([source, whip])
+        sinks: list[FrameSink] = [TrickleSink(channels.output, config.encoder)]
+        if recording is not None:
+            source = recording.source(source)
+            sinks.append(recording.sink())
         session = LiveSession(
             session_id,
             pipeline_cls,
             params,
             source,
-            [TrickleSink(channels.output, config.encoder)],
+            sinks,
             config,
             control=channels.control,
             events=channels.events,
             on_close=on_close,
         )
+        if recording is not None:
+            recording.params_changed(params, "start")
+            session.params_listeners.append(recording.params_changed)
         session.whip = whip
         if standalone:
             session.channels = dict(zip(ROLES, owned, strict=True))
         self.sessions[session_id] = session
+        for listener in self.listeners:
+            listener.started(session)
         session.start()
         logger.info(
             "session started session=%s pipeline=%s mode=%s stream_id=%s request_id=%s",
@@ -303,6 +337,9 @@ class SessionManager:
         sessions = list(self.sessions.values())
         await asyncio.gather(*(session.stop("shutdown") for session in sessions))
         await self.peers.close_all()
+
+    def capacity(self) -> Capacity:
+        return self.admission.capacity(list(self.sessions.values()))
 
     def health(self) -> str:
         states = {session.state for session in self.sessions.values() if session.running}

@@ -40,6 +40,9 @@ class Settings(BaseModel):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         "INFO", description="DEBUG, INFO, WARNING or ERROR"
     )
+    log_format: Literal["text", "json"] = Field(
+        "text", description="text (for people) or json (one object per line, for collectors)"
+    )
     default_pipeline: str = Field(
         "auto",
         description="live pipeline used when a request names none "
@@ -74,6 +77,9 @@ class Settings(BaseModel):
         60.0, gt=0, description="a session ends after this long without input"
     )
     status_interval_s: float = Field(10.0, gt=0, description="period of status events")
+    frame_timeout_s: float = Field(
+        30.0, gt=0, description="a pipeline taking longer on one frame is hung: its session ends"
+    )
     segment_s: float = Field(1.0, gt=0, le=10, description="output segment (GOP) length")
     runner_hosts: str = Field(
         "",
@@ -97,6 +103,16 @@ class Settings(BaseModel):
         "",
         pattern=r"^(\d{1,5}-\d{1,5})?$",
         description="UDP ports WebRTC may use, LOW-HIGH (default: any the system gives)",
+    )
+    record_dir: Path | None = Field(
+        None,
+        description="record sessions (input, output, params changes) under DIR/<session id>/ "
+        "for `live-v2v replay`; unset: recording off",
+    )
+    record_all: bool = Field(
+        True,
+        description="with --record-dir: record every session (--no-record-all: only those "
+        'whose start request asks with "record": true)',
     )
     trickle_base_path: str = Field(
         "/trickle/", description="where the trickle server is mounted (/ai/trickle/ for Livepeer)"

@@ -1,8 +1,9 @@
 """One stats object per session: counters and per-stage timings of the frame loop.
 
 Writers are the frame loop's stages (each on the event loop); readers are status events, the
-GET route and, later, Prometheus. Reading changes nothing: fps come from timestamps of recent
-frames, percentiles from bounded windows, so two readers at once see the same figures.
+GET route and Prometheus (live/metrics.py, which also observes each timing). Reading changes
+nothing: fps come from timestamps of recent frames, percentiles from bounded windows, so two
+readers at once see the same figures.
 """
 
 from __future__ import annotations
@@ -10,8 +11,9 @@ from __future__ import annotations
 import collections
 import time
 from dataclasses import dataclass, field
+from typing import Protocol
 
-from protocol.messages import SinkStatus, StagePercentiles
+from protocol.messages import PublishHint, SinkStatus, StagePercentiles
 
 WINDOW = 300  # frames kept per timing window: 10 s at 30 fps
 FPS_WINDOW_S = 2.0
@@ -30,6 +32,15 @@ def percentiles(values: collections.deque[float] | list[float]) -> StagePercenti
         p95_ms=round(ordered[min(len(ordered) - 1, int(len(ordered) * 0.95))] * 1000, 2),
         frames=len(ordered),
     )
+
+
+class StatsObserver(Protocol):
+    """Sees each timing as it is taken (Prometheus histograms); called on the writer's thread,
+    so it must be cheap and thread-safe."""
+
+    def stage(self, name: str, seconds: float) -> None: ...
+
+    def delay(self, seconds: float) -> None: ...
 
 
 @dataclass
@@ -59,6 +70,9 @@ class SessionStats:
     sinks: dict[str, SinkStats] = field(default_factory=dict)
     primary: str | None = None
     """The sink whose deliveries are `frames_out` (the session's own output)."""
+    observer: StatsObserver | None = None
+    """Sees every stage timing and ingest-to-output delay (the windows above keep only recent
+    ones)."""
     _in_times: collections.deque[float] = field(
         default_factory=lambda: collections.deque(maxlen=WINDOW)
     )
@@ -77,9 +91,13 @@ class SessionStats:
         self.last_output_time = _now_ms()
         self._out_times.append(now)
         self.latencies.append(now - arrived)
+        if self.observer is not None:
+            self.observer.delay(now - arrived)
 
     def stage(self, name: str, seconds: float) -> None:
         self.stages[name].append(seconds)
+        if self.observer is not None:
+            self.observer.stage(name, seconds)
 
     def sink(self, name: str) -> SinkStats:
         found = self.sinks.get(name)
@@ -99,6 +117,21 @@ class SessionStats:
 
     def stage_percentiles(self) -> dict[str, StagePercentiles]:
         return {name: percentiles(values) for name, values in self.stages.items() if values}
+
+    def inference_p50_s(self, min_frames: int = 1) -> float | None:
+        """Median inference time of recent frames (seconds), once `min_frames` were measured."""
+        values = sorted(self.stages["inference"])
+        if len(values) < min_frames or not values:
+            return None
+        return values[len(values) // 2]
+
+    def hint(self, size: tuple[int, int] | None) -> PublishHint | None:
+        """What a publisher may send: the rate inference sustains, at the output size."""
+        p50 = self.inference_p50_s()
+        if p50 is None:
+            return None
+        width, height = size or (None, None)
+        return PublishHint(max_fps=round(1 / max(p50, 1e-3), 2), width=width, height=height)
 
     def sink_status(self) -> list[SinkStatus]:
         return [

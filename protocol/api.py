@@ -26,6 +26,8 @@ class LiveVideoToVideoParams(BaseModel):
     gateway_request_id: str = Field("", description="The ID of the Gateway request (logging).")
     manifest_id: str = Field("", description="The manifest ID from the orchestrator (logging).")
     stream_id: str = Field("", description="The Stream ID (logging).")
+    # Ours, beyond the spec: ask for this session to be recorded (the operator's --record-dir).
+    record: bool = Field(False, description="Record this session (needs --record-dir).")
 
 
 class LiveVideoToVideoResponse(BaseModel):
@@ -78,7 +80,27 @@ class HardwareInformation(BaseModel):
     gpu_info: dict[str, GPUComputeInfo]
 
 
+class Capacity(BaseModel):
+    """Ours, beyond the spec: what the service can still take (see live/admission.py)."""
+
+    sessions_max: int
+    sessions_left: int
+    model_memory_budget_bytes: int | None = Field(
+        description="Memory cached models may take; null: unbounded (CPU without a budget)."
+    )
+    model_memory_left_bytes: int | None = Field(
+        description="The budget less the models in use or loading; null: unbounded."
+    )
+    streams_left: dict[str, int] = Field(
+        default_factory=dict,
+        description="Per device-bound pipeline with measured inference times: about how many "
+        "more streams the device sustains, at the running streams' input rate.",
+    )
+
+
 class HardwareStats(BaseModel):
     pipeline: str
     model_id: str
     gpu_stats: dict[str, GPUUtilizationInfo]
+    capacity: Capacity | None = None
+    """Ours, beyond the spec."""

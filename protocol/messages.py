@@ -64,6 +64,15 @@ class SinkStatus(BaseModel):
     dropped: int = 0
 
 
+class PublishHint(BaseModel):
+    """Ours: what the publisher may send without the service dropping frames: the input rate the
+    pipeline sustains (1 / its median inference time) and its output size."""
+
+    max_fps: float
+    width: int | None = None
+    height: int | None = None
+
+
 class StatusEvent(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -83,6 +92,8 @@ class StatusEvent(BaseModel):
     sinks: list[SinkStatus] = Field(default_factory=list)
     end_reason: str | None = None
     """Ours: set in the final status of a session, why it ended."""
+    hint: PublishHint | None = None
+    """Ours: set once inference times are measured; a client may send at most this."""
     last_status_timestamp: int | None = None
     timestamp: int = Field(default_factory=now_ms)
 

@@ -72,6 +72,15 @@ class LivePipeline(ABC):
         cannot run here (weights missing, no suitable device). Cheap: no loading."""
         return
 
+    @classmethod
+    def model_memory(
+        cls, params: PipelineParams, context: PipelineContext
+    ) -> tuple[str, int] | None:
+        """The cached model a session with `params` loads (its id in the runtime's model cache,
+        under `kind=cls.name`) and its estimated bytes, or None when it loads none. Cheap:
+        admission asks it before a session starts."""
+        return None
+
     def keeps_serving_during_reload(self, new: PipelineParams) -> bool:
         """Whether this (old) pipeline may go on processing while `new` loads beside it."""
         return False

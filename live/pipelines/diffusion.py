@@ -12,6 +12,7 @@ torch and diffusers are imported inside methods: importing this module stays che
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 from pathlib import Path
@@ -207,6 +208,17 @@ class StreamDiffusionPipeline(LivePipeline):
                 "streamdiffusion needs a GPU (CUDA or MPS) for real time and none was found; "
                 "start the service with --device cpu to run it on the CPU anyway"
             )
+
+    @classmethod
+    def model_memory(cls, params: PipelineParams, context: PipelineContext) -> tuple[str, int]:
+        # The same id and estimate `load` gives the model cache.
+        assert isinstance(params, StreamDiffusionParams)
+        model = params.model_id
+        if params.vae_id:
+            with contextlib.suppress(LookupError):
+                resolve_model(params.vae_id, context.models_dir)
+                model = f"{params.model_id}+{params.vae_id}"
+        return model, folder_size(resolve_model(params.model_id, context.models_dir))
 
     def keeps_serving_during_reload(self, new: PipelineParams) -> bool:
         # The old pipeline keeps serving while the new one loads beside it, when the GPU

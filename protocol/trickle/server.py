@@ -63,6 +63,10 @@ class TrickleServer:
     def __init__(self, config: TrickleConfig | None = None) -> None:
         self.config = config or TrickleConfig()
         self.channels: dict[str, Channel] = {}
+        self.bytes_in = 0
+        """Segment bytes HTTP publishers wrote (in-process clients are not counted)."""
+        self.bytes_out = 0
+        """Segment bytes sent to HTTP subscribers."""
 
     def check_name(self, name: str) -> str | None:
         """Why `name` cannot be a channel name, or None when it can."""
@@ -353,6 +357,7 @@ class _Routes:
                     response.force_close()
                     return response
                 segment.append(chunk)
+                self.server.bytes_in += len(chunk)
                 chunk = await self._next_chunk(request, channel, closed)
                 if chunk is None:
                     # The channel was deleted (or the server is shutting down) mid-upload:
@@ -490,6 +495,7 @@ class _Routes:
             async for chunk in segment.iter_chunks():
                 async with asyncio.timeout(timeout):
                     await response.write(chunk)
+                self.server.bytes_out += len(chunk)
             await response.write_eof()
         except TimeoutError:
             # A reader that accepts nothing for this long is cut off: the server holds at most

@@ -44,7 +44,7 @@ async def test_health_is_idle_without_sessions(aiohttp_client) -> None:
     client = await aiohttp_client(create_app(Settings()))
     response = await client.get("/health")
     assert response.status == 200
-    assert await response.json() == {"status": "IDLE"}
+    assert (await response.json())["status"] == "IDLE"
 
 
 async def test_unknown_route_answers_json_detail(aiohttp_client) -> None:
@@ -96,7 +96,7 @@ async def test_cli_serves_and_stops_cleanly_on_sigterm(command: list[str]) -> No
             async def serving() -> bool:
                 try:
                     async with session.get(f"http://127.0.0.1:{port}/health") as response:
-                        assert await response.json() == {"status": "IDLE"}
+                        assert (await response.json())["status"] == "IDLE"
                         return True
                 except aiohttp.ClientConnectionError:
                     return False
