@@ -7,7 +7,7 @@ streamed answer whose client went away stops at its next token. Without `stream`
 one `LLMResponse` with the whole message; with it, server-sent events as the runner sends them:
 
     data: {"id": "chatcmpl-...", ..., "choices": [{"index": 0, "finish_reason": "",
-           "delta": {"role": "assistant", "content": " the"}, "message": null}],
+           "delta": {"role": "assistant", "content": " the"}}],
            "usage": {"prompt_tokens": 12, "completion_tokens": 1, "total_tokens": 13}}
     ...                                    one event per generated token, usage so far
     data: {..., "choices": [{"index": 0, "finish_reason": "stop", "delta": {...}}], ...}
@@ -15,6 +15,11 @@ one `LLMResponse` with the whole message; with it, server-sent events as the run
 
 The last event carries `finish_reason` ("stop" at the end of the turn, "length" at
 `max_tokens`, as OpenAI says; the runner says "stop" for both) and the final usage.
+
+A choice leaves out the one of `delta` and `message` it does not carry. The runner writes it
+as null, but its spec types both as an `LLMMessage` object (not nullable), and the spec is the
+reference (tests/batch/test_runner_spec.py); a client reading either key gets "no message" from
+an absent key just as from a null.
 """
 
 from __future__ import annotations
@@ -196,6 +201,9 @@ def next_token(logits: Any, request: LLMRequest, generator: Any) -> int:
         probs = ordered.softmax(-1)
         # Keep the likeliest tokens until their mass reaches top_p; the first always stays.
         outside = probs.cumsum(-1) - probs >= request.top_p
+        # Set, not left to the sum: a top_p below float32's smallest number (5e-324 is a
+        # valid top_p) compares as 0, which left no token at all (a 500).
+        outside[0] = False
         logits = logits.scatter(0, order, ordered.masked_fill(outside, float("-inf")))
     probs = logits.softmax(-1)
     return int(torch.multinomial(probs, 1, generator=generator))
@@ -293,7 +301,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
     )
     choice = LLMChoice(index=0, finish_reason=done.finish_reason, message=assistant(done.text))
     body = answer.response(done.prompt_tokens, done.completion_tokens, choice)
-    return web.json_response(body.model_dump(mode="json"))
+    return web.json_response(body.model_dump(mode="json", exclude_none=True))
 
 
 async def stream(
@@ -333,7 +341,7 @@ async def stream(
         while progress is not None:
             choice = LLMChoice(index=0, delta=assistant(progress.text))
             chunk = answer.response(progress.prompt_tokens, progress.completion_tokens, choice)
-            await response.write(sse(chunk.model_dump_json()))
+            await response.write(sse(chunk.model_dump_json(exclude_none=True)))
             progress = await tokens.get()
         try:
             done = job.result()
@@ -344,7 +352,7 @@ async def stream(
             return response
         last = LLMChoice(index=0, finish_reason=done.finish_reason, delta=assistant(done.rest))
         final = answer.response(done.prompt_tokens, done.completion_tokens, last)
-        await response.write(sse(final.model_dump_json()))
+        await response.write(sse(final.model_dump_json(exclude_none=True)))
         await response.write(DONE)
         return response
     except ConnectionResetError:

@@ -189,8 +189,13 @@ class LLMChoice(BaseModel):
     finish_reason: str = Field(
         "", description='"stop" (end of turn), "length" (max_tokens); "" until the last chunk.'
     )
-    delta: LLMMessage | None = Field(None, description="The new text (streamed chunks).")
-    message: LLMMessage | None = Field(None, description="The whole answer (no stream).")
+    # Either may be absent, never null: the spec types both as an object (see batch/llm.py).
+    delta: LLMMessage | SkipJsonSchema[None] = Field(
+        None, description="The new text (streamed chunks)."
+    )
+    message: LLMMessage | SkipJsonSchema[None] = Field(
+        None, description="The whole answer (no stream)."
+    )
 
 
 class LLMResponse(BaseModel):
@@ -340,22 +345,22 @@ class SegmentAnything2Form(_Body):
 
     image: Upload = Field(description="Image to segment.")
     model_id: str = Field("", description=MODEL_ID)
-    point_coords: str | None = Field(
+    point_coords: str | SkipJsonSchema[None] = Field(
         None,
         description="Nx2 array of point prompts to the model, where each point is in (X,Y) "
         f"in pixels. {JSON_ARRAY}[[120, 80], [40, 60]].",
     )
-    point_labels: str | None = Field(
+    point_labels: str | SkipJsonSchema[None] = Field(
         None,
         description="Labels for the point prompts, where 1 indicates a foreground point and 0 "
         f"indicates a background point. {JSON_ARRAY}[1, 0].",
     )
-    box: str | None = Field(
+    box: str | SkipJsonSchema[None] = Field(
         None,
         description="A length 4 array given as a box prompt to the model, in XYXY format. "
         f"{JSON_ARRAY}[10, 20, 200, 150].",
     )
-    mask_input: str | None = Field(
+    mask_input: str | SkipJsonSchema[None] = Field(
         None,
         description="A low-resolution mask input to the model, typically from a previous "
         "prediction iteration, with the form 1xHxW (H=W=256 for SAM): an entry of a previous "

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from aiohttp import web
 from pydantic import ValidationError
@@ -68,7 +69,34 @@ class InvalidFields(ServiceError, ValueError):
     @classmethod
     def from_validation(cls, exc: ValidationError, *loc: str | int) -> InvalidFields:
         errors = exc.errors(include_url=False, include_context=False, include_input=False)
-        return cls([{**e, "loc": [*loc, *e["loc"]]} for e in errors])
+        return cls(
+            [{**e, "loc": [*loc, *_field_path(e["loc"])]} for e in _one_per_optional(errors)]
+        )
+
+
+# Where a field is `X | None`, pydantic reports a bad value once per member of the union,
+# each with the member's tag in `loc` ("constrained-int", "none"). A client wants one error
+# on the field: the one against X.
+_UNION_TAGS = {"none", "int", "float", "str", "bool", "bytes", "dict", "list"}
+
+
+def _is_union_tag(part: object) -> bool:
+    return isinstance(part, str) and (part in _UNION_TAGS or "-" in part or "[" in part)
+
+
+def _field_path(loc: tuple[str | int, ...] | list[str | int]) -> list[str | int]:
+    return [part for part in loc if not _is_union_tag(part)]
+
+
+def _one_per_optional(errors: list[Any]) -> list[Any]:
+    fields_with_others = {
+        tuple(_field_path(e["loc"])) for e in errors if e["type"] != "none_required"
+    }
+    return [
+        e
+        for e in errors
+        if not (e["type"] == "none_required" and tuple(_field_path(e["loc"])) in fields_with_others)
+    ]
 
 
 class NotFound(ServiceError, LookupError):

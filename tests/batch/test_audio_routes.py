@@ -30,7 +30,7 @@ from .audio_clips import FLAC, M4A_AAC, MP3, OGG_OPUS, WAV, WEBM_OPUS, tone, vid
 from .conftest import png
 from .test_image_routes import api
 
-RUNNER_SPEC = Path("/work/shared/seeds/livepeer-ai-runner-openapi.yaml")
+RUNNER_SPEC = Path(__file__).parents[1] / "data" / "livepeer-ai-runner-openapi.yaml"
 CPU = DeviceSpec("cpu", "float32")
 
 

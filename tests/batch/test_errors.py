@@ -58,6 +58,9 @@ async def test_json_fields_of_the_wrong_type_are_422_naming_them(batch_service) 
         ({"prompt": "a cat", "width": "1024"}, ["body", "width"]),
         ({"prompt": "a cat", "width": 100}, ["body", "width"]),  # not a multiple of 8
         ({"prompt": "a cat", "num_images_per_prompt": 1000}, ["body", "num_images_per_prompt"]),
+        # An optional field: one error on the field, not one per member of `int | None`.
+        ({"prompt": "a cat", "seed": -1}, ["body", "seed"]),
+        ({"prompt": "a cat", "seed": "7"}, ["body", "seed"]),
     ]
     for body, loc in cases:
         response = await client.post("/text-to-image", json=body)
