@@ -407,15 +407,9 @@ async def _view(url: str, received: dict[int, float], audio: list[int] | None = 
             decoder.end_segment()
 
 
-async def outside(service: Service, clip: Clip) -> dict[str, Any]:
-    """Frames published one by one at their presentation times over HTTP."""
-    info = await service.start_session()
-    sent: dict[int, float] = {}
-    received: dict[int, float] = {}
-    audio: list[int] = []
-    viewer = asyncio.create_task(_view(info["subscribe_url"], received, audio))
-    cpu_start = _cpu_seconds(service.pid)
-    publisher = TricklePublisher(info["publish_url"])
+async def publish_paced(publisher: TricklePublisher, clip: Clip, sent: dict[int, float]) -> float:
+    """Publish `clip` frame by frame at its presentation times, as a camera does, noting when
+    each frame went (`sent`). Returns the seconds it took; the publisher stays open."""
     start = time.monotonic()
     index = 0
     for frames in clip.segments:
@@ -426,7 +420,19 @@ async def outside(service: Service, clip: Clip) -> dict[str, Any]:
                 sent[index] = time.monotonic()
                 await writer.write(data)
                 index += 1
-    elapsed = time.monotonic() - start
+    return time.monotonic() - start
+
+
+async def outside(service: Service, clip: Clip) -> dict[str, Any]:
+    """Frames published one by one at their presentation times over HTTP."""
+    info = await service.start_session()
+    sent: dict[int, float] = {}
+    received: dict[int, float] = {}
+    audio: list[int] = []
+    viewer = asyncio.create_task(_view(info["subscribe_url"], received, audio))
+    cpu_start = _cpu_seconds(service.pid)
+    publisher = TricklePublisher(info["publish_url"])
+    elapsed = await publish_paced(publisher, clip, sent)
     cpu = _cpu_seconds(service.pid) - cpu_start
     await asyncio.sleep(0.3)  # the last frames on their way out
     status = await service.status(info.get("session_id", ""))

@@ -23,9 +23,8 @@ import sys
 import time
 from typing import Any
 
-from bench.frame_loop import Service, _cpu_seconds, _view, ms
+from bench.frame_loop import Service, _cpu_seconds, _view, ms, publish_paced
 from protocol.clips import Clip, make_clip
-from protocol.media import CLOCK
 from protocol.trickle import TricklePublisher
 
 FPS = 30
@@ -45,18 +44,8 @@ async def one_session(service: Service, clip: Clip, started: asyncio.Event) -> d
     viewer = asyncio.create_task(_view(info["subscribe_url"], received))
     started.set()
     publisher = TricklePublisher(info["publish_url"])
-    start = time.monotonic()
-    index = 0
     try:
-        for frames in clip.segments:
-            async with publisher.segment() as writer:
-                for data in frames:
-                    due = start + (clip.pts[index] - clip.pts[0]) / CLOCK
-                    await asyncio.sleep(max(0.0, due - time.monotonic()))
-                    sent[index] = time.monotonic()
-                    await writer.write(data)
-                    index += 1
-        elapsed = time.monotonic() - start
+        elapsed = await publish_paced(publisher, clip, sent)
         await asyncio.sleep(0.3)  # the last frames on their way out
         status = await service.status(info.get("session_id", ""))
     finally:
