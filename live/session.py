@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
@@ -316,8 +317,17 @@ class LiveSession:
     def _failed(self, exc: Exception) -> None:
         self._failures += 1
         self.error(f"pipeline failed on a frame: {exc!r}")
+        # Out of memory: the pipeline's state is suspect and the next frames would fail the
+        # same way, so restart now; the reload unloads first, which gives the memory back.
+        out_of_memory = _out_of_memory(exc)
+        if out_of_memory:
+            self._failures = max(self._failures, self.config.max_consecutive_failures)
         if self._failures >= self.config.max_consecutive_failures and not self._loading:
-            self._restart_logs = [f"{self._failures} consecutive failures, last: {exc!r}"]
+            self._restart_logs = [
+                f"out of memory: {exc!r}"
+                if out_of_memory
+                else f"{self._failures} consecutive failures, last: {exc!r}"
+            ]
             self._failures = 0
             if self._restarts_in_a_row >= self.config.max_restarts:
                 self.error(
@@ -571,3 +581,10 @@ def _summary(exc: ValidationError) -> str:
     return "; ".join(
         f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
     )
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    if isinstance(exc, MemoryError):
+        return True
+    torch = sys.modules.get("torch")  # only a pipeline that imported torch can raise its OOM
+    return torch is not None and isinstance(exc, torch.OutOfMemoryError)

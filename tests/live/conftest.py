@@ -45,11 +45,27 @@ class FlakyPipeline(NoopPipeline):
         return image
 
 
+class OutOfMemoryOnce(NoopPipeline):
+    """Runs out of memory on frame 10 of its first load only, as a GPU pipeline can."""
+
+    name = "oom-once"
+    loads = 0
+
+    def load(self) -> None:
+        type(self).loads += 1
+        self.load_number = type(self).loads
+
+    def process(self, image: np.ndarray) -> np.ndarray:
+        if self.load_number == 1 and read_index(image) == 10:
+            raise MemoryError("CUDA out of memory (simulated)")
+        return image
+
+
 FRAME_S = 1 / 30
 
 PIPELINES = {
     **builtin_pipelines(),
-    **{cls.name: cls for cls in (SlowPipeline, SlowLoadingCartoon, FlakyPipeline)},
+    **{cls.name: cls for cls in (SlowPipeline, SlowLoadingCartoon, FlakyPipeline, OutOfMemoryOnce)},
 }
 
 

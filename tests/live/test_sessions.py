@@ -11,7 +11,7 @@ from aiohttp.test_utils import TestServer
 from live.app import create_app
 from live.settings import Settings
 from protocol.clips import make_clip, numbered_frame
-from tests.live.conftest import FRAME_S, PIPELINES
+from tests.live.conftest import FRAME_S, PIPELINES, OutOfMemoryOnce
 from tests.live.streams import (
     EventLog,
     Viewer,
@@ -170,6 +170,18 @@ async def test_pipeline_failures_are_reported_and_the_pipeline_restarts(service)
     assert restarts and restarts[0]["restart_count"] == 1
     good = [i for i in viewer.indices if i is not None]
     assert good[-1] == 59 and not set(good) & set(range(10, 14))
+
+
+async def test_out_of_memory_restarts_the_pipeline_at_once(service) -> None:
+    OutOfMemoryOnce.loads = 0
+    client = await service()
+    _, viewer, events = await run_stream(client, make_clip(60), body={"model_id": "oom-once"})
+    # One failure is enough: a restart (a fresh load at the same params), not three errors.
+    (restart,) = events.of_type("restart")
+    assert "out of memory" in restart["restart_logs"][0]
+    assert OutOfMemoryOnce.loads == 2
+    good = [i for i in viewer.indices if i is not None]
+    assert good[-1] == 59
 
 
 async def test_bad_segments_are_reported_and_the_session_recovers(service) -> None:
