@@ -188,6 +188,53 @@ async def llm_bench(base: str, models: Path, requests: int, tokens: int = 64) ->
             )
 
 
+def wav_tone(seconds: float, rate: int = 16_000) -> bytes:
+    """A sine at 440 Hz as 16-bit mono WAV (the stdlib writes it; nothing to encode)."""
+    import io
+    import wave
+
+    t = np.arange(round(seconds * rate)) / rate
+    samples = (0.3 * 32767 * np.sin(2 * np.pi * 440 * t)).astype("<i2")
+    buffer = io.BytesIO()
+    with wave.open(buffer, "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(rate)
+        out.writeframes(samples.tobytes())
+    return buffer.getvalue()
+
+
+async def audio_bench(base: str, models: Path, seconds: float = 60.0, runs: int = 3) -> None:
+    """`POST /audio-to-text` of a `seconds` clip on the tiny Whisper-shaped model: the
+    real-time factor (processing seconds per second of audio), decode and windows included."""
+    from runtime.tiny_audio import WHISPER, build_tiny_whisper
+
+    await asyncio.to_thread(build_tiny_whisper, models / WHISPER)
+    clip = wav_tone(seconds)
+
+    async def transcribe(session: aiohttp.ClientSession) -> tuple[int, float]:
+        form = aiohttp.FormData()
+        form.add_field("audio", clip, filename="clip.wav", content_type="audio/wav")
+        started = time.perf_counter()
+        async with session.post(f"{base}/audio-to-text", data=form) as response:
+            await response.read()
+            return response.status, time.perf_counter() - started
+
+    async with aiohttp.ClientSession() as session:
+        while (await transcribe(session))[0] == 503:  # the first request starts the load
+            await asyncio.sleep(0.2)
+        took = []
+        for _ in range(runs):
+            status, seconds_taken = await transcribe(session)
+            assert status == 200, status
+            took.append(seconds_taken)
+    best = min(took)
+    print(
+        f"# audio-to-text, tiny Whisper, {seconds:.0f} s WAV: {best:.2f} s "
+        f"(real-time factor {best / seconds:.4f}, {seconds / best:.0f}x real time; best of {runs})"
+    )
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--requests", type=int, default=24)
@@ -248,6 +295,7 @@ async def main() -> None:
             )
             await live_beside_batch(app, url, models, args.live_steps)
             await llm_bench(base, models, args.requests)
+            await audio_bench(base, models)
         finally:
             await runner.cleanup()
 
