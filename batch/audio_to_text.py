@@ -19,7 +19,6 @@ from typing import Any
 from aiohttp import web
 
 from protocol.batch_api import AudioToTextForm, Chunk, TextResponse
-from protocol.openapi import Operation
 from runtime.device import DeviceSpec
 
 from .audio import DecodedAudio, decode_audio, step_each_token
@@ -241,16 +240,9 @@ ROUTE = BatchRoute(
     default_model=DEFAULT_MODEL,
     load=load,
     handler=handle,
-    operation=Operation(
-        method="POST",
-        path="/audio-to-text",
-        operation_id="genAudioToText",
-        summary="Audio To Text",
-        description="Transcribe audio files to text.",
-        request=AudioToTextForm,
-        request_type="multipart/form-data",
-        response=TextResponse,
-        errors=(400, 401, 413, 415, 422, 500, 503),
-        tags=("generate",),
-    ),
+    operation_id="genAudioToText",
+    summary="Audio To Text",
+    description="Transcribe audio files to text.",
+    request=AudioToTextForm,
+    response=TextResponse,
 )

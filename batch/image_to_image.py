@@ -10,12 +10,11 @@ from typing import Any
 
 from aiohttp import web
 
-from protocol.batch_api import ImageResponse, ImageToImageForm, Media
+from protocol.batch_api import ImageResponse, ImageToImageForm
 from protocol.errors import InvalidRequest
-from protocol.openapi import Operation
 from runtime.device import DeviceSpec
 
-from .images import open_image, png_data_urls
+from .images import image_response, one_image_per_seed, open_image
 from .jobs import StepGate
 from .models import pipeline_class_name, quiet_loading
 from .route import BatchRoute, batch_state, parse_form, pick_seed, run_on_model
@@ -39,8 +38,6 @@ def load(path: Path, spec: DeviceSpec) -> Any:
 
 
 def generate(pipe: Any, form: ImageToImageForm, image: Any, seed: int, gate: StepGate) -> list[Any]:
-    import torch
-
     steps, guidance = few_step_defaults(form, form.model_id or DEFAULT_MODEL)
     kwargs: dict[str, Any] = {}
     if type(pipe).__name__ == "StableDiffusionInstructPix2PixPipeline":
@@ -53,20 +50,18 @@ def generate(pipe: Any, form: ImageToImageForm, image: Any, seed: int, gate: Ste
                 "denoising step; raise either"
             )
         kwargs["strength"] = form.strength
-    images = []
-    for i in range(form.num_images_per_prompt):
-        result = pipe(
-            prompt=form.prompt,
-            image=image,
-            negative_prompt=form.negative_prompt or None,
-            guidance_scale=guidance,
-            num_inference_steps=steps,
-            generator=torch.Generator("cpu").manual_seed(seed + i),
-            callback_on_step_end=gate.on_step_end,
-            **kwargs,
-        )
-        images.append(result.images[0])
-    return images
+    return one_image_per_seed(
+        pipe,
+        form.num_images_per_prompt,
+        seed,
+        gate,
+        prompt=form.prompt,
+        image=image,
+        negative_prompt=form.negative_prompt or None,
+        guidance_scale=guidance,
+        num_inference_steps=steps,
+        **kwargs,
+    )
 
 
 async def handle(request: web.Request) -> web.Response:
@@ -79,11 +74,7 @@ async def handle(request: web.Request) -> web.Response:
     images = await run_on_model(
         state, ROUTE, form.model_id, lambda pipe, gate: generate(pipe, form, image, seed, gate)
     )
-    urls = await png_data_urls(images)
-    body = ImageResponse(
-        images=[Media(url=url, seed=seed + i, nsfw=False) for i, url in enumerate(urls)]
-    )
-    return web.json_response(body.model_dump())
+    return await image_response(images, seed)
 
 
 ROUTE = BatchRoute(
@@ -91,16 +82,9 @@ ROUTE = BatchRoute(
     default_model=DEFAULT_MODEL,
     load=load,
     handler=handle,
-    operation=Operation(
-        method="POST",
-        path="/image-to-image",
-        operation_id="genImageToImage",
-        summary="Image To Image",
-        description="Apply image transformations to a provided image.",
-        request=ImageToImageForm,
-        request_type="multipart/form-data",
-        response=ImageResponse,
-        errors=(400, 401, 413, 415, 422, 500, 503),
-        tags=("generate",),
-    ),
+    operation_id="genImageToImage",
+    summary="Image To Image",
+    description="Apply image transformations to a provided image.",
+    request=ImageToImageForm,
+    response=ImageResponse,
 )

@@ -18,7 +18,6 @@ from aiohttp import web
 
 from protocol.batch_api import ImageToTextForm, ImageToTextResponse
 from protocol.errors import InvalidRequest
-from protocol.openapi import Operation
 from runtime.device import DeviceSpec
 
 from .images import open_image
@@ -119,16 +118,9 @@ ROUTE = BatchRoute(
     default_model=DEFAULT_MODEL,
     load=load,
     handler=handle,
-    operation=Operation(
-        method="POST",
-        path="/image-to-text",
-        operation_id="genImageToText",
-        summary="Image To Text",
-        description="Transform image files to text.",
-        request=ImageToTextForm,
-        request_type="multipart/form-data",
-        response=ImageToTextResponse,
-        errors=(400, 401, 413, 415, 422, 500, 503),
-        tags=("generate",),
-    ),
+    operation_id="genImageToText",
+    summary="Image To Text",
+    description="Transform image files to text.",
+    request=ImageToTextForm,
+    response=ImageToTextResponse,
 )

@@ -10,7 +10,6 @@ from typing import Any
 from aiohttp import web
 
 from protocol.batch_api import ImageToVideoForm, Media, VideoResponse
-from protocol.openapi import Operation
 from runtime.device import DeviceSpec
 
 from .images import open_image, png_data_urls
@@ -71,16 +70,9 @@ ROUTE = BatchRoute(
     default_model=DEFAULT_MODEL,
     load=load,
     handler=handle,
-    operation=Operation(
-        method="POST",
-        path="/image-to-video",
-        operation_id="genImageToVideo",
-        summary="Image To Video",
-        description="Generate a video from a provided image.",
-        request=ImageToVideoForm,
-        request_type="multipart/form-data",
-        response=VideoResponse,
-        errors=(400, 401, 413, 415, 422, 500, 503),
-        tags=("generate",),
-    ),
+    operation_id="genImageToVideo",
+    summary="Image To Video",
+    description="Generate a video from a provided image.",
+    request=ImageToVideoForm,
+    response=VideoResponse,
 )

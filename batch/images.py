@@ -7,12 +7,17 @@ import asyncio
 import base64
 import io
 import warnings
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from aiohttp import web
+
+from protocol.batch_api import ImageResponse, Media
 from protocol.errors import InvalidRequest
 
 if TYPE_CHECKING:
     from PIL import Image
+
+    from .jobs import StepGate
 
 
 def open_image(
@@ -63,6 +68,33 @@ def png_data_url(image: Image.Image) -> str:
 async def png_data_urls(images: list[Image.Image]) -> list[str]:
     # PNG encoding is CPU work: off the event loop, and off the device's worker.
     return await asyncio.to_thread(lambda: [png_data_url(image) for image in images])
+
+
+def one_image_per_seed(
+    pipe: Any, count: int, seed: int, gate: StepGate, **kwargs: Any
+) -> list[Any]:
+    """`count` images, the i-th from seed `seed + i`, one call at a time: the peak memory of
+    one image whatever the count, as the runner does. `kwargs` go to the diffusers pipeline."""
+    import torch
+
+    images = []
+    for i in range(count):
+        result = pipe(
+            generator=torch.Generator("cpu").manual_seed(seed + i),
+            callback_on_step_end=gate.on_step_end,
+            **kwargs,
+        )
+        images.append(result.images[0])
+    return images
+
+
+async def image_response(images: list[Image.Image], seed: int) -> web.Response:
+    """The runner's `ImageResponse`: PNG data URLs, the i-th image with seed `seed + i`."""
+    urls = await png_data_urls(images)
+    body = ImageResponse(
+        images=[Media(url=url, seed=seed + i, nsfw=False) for i, url in enumerate(urls)]
+    )
+    return web.json_response(body.model_dump())
 
 
 def decode_data_url(url: str) -> Image.Image:

@@ -46,7 +46,6 @@ from protocol.batch_api import (
     LLMTokenUsage,
 )
 from protocol.errors import InvalidRequest, ServiceError
-from protocol.openapi import Operation
 from runtime.device import DeviceSpec
 
 from .jobs import StepGate
@@ -375,21 +374,14 @@ ROUTE = BatchRoute(
     default_model=DEFAULT_MODEL,
     load=load,
     handler=handle,
-    operation=Operation(
-        method="POST",
-        path="/llm",
-        operation_id="genLLM",
-        summary="LLM",
-        description=(
-            "Generate text using a language model. With `stream: true` the answer is "
-            "text/event-stream: one `data: {LLMResponse}` event per generated token (the new "
-            "text in `choices[0].delta`, the usage so far), the last one with `finish_reason` "
-            "and the final usage, then `data: [DONE]`."
-        ),
-        request=LLMRequest,
-        request_type="application/json",
-        response=LLMResponse,
-        errors=(400, 401, 413, 415, 422, 500, 503),
-        tags=("generate",),
+    operation_id="genLLM",
+    summary="LLM",
+    description=(
+        "Generate text using a language model. With `stream: true` the answer is "
+        "text/event-stream: one `data: {LLMResponse}` event per generated token (the new "
+        "text in `choices[0].delta`, the usage so far), the last one with `finish_reason` "
+        "and the final usage, then `data: [DONE]`."
     ),
+    request=LLMRequest,
+    response=LLMResponse,
 )

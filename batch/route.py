@@ -30,15 +30,41 @@ T = TypeVar("T")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
+# What every batch route may answer besides 200 (the runner's list, with 413, 415 and 503).
+BATCH_ERRORS = (400, 401, 413, 415, 422, 500, 503)
+
+
 @dataclass(frozen=True)
 class BatchRoute:
-    """One batch pipeline: its route, its default model and how to load a model for it."""
+    """One batch pipeline: its route, its default model, how to load a model for it, and what
+    the OpenAPI document says of it (`operation`, derived from the rest)."""
 
     name: str  # the route without its slash, also the model cache's kind
     default_model: str
     load: Loader
     handler: Handler
-    operation: Operation
+    operation_id: str
+    summary: str
+    description: str
+    request: type[BaseModel]
+    response: type[BaseModel]
+
+    @property
+    def operation(self) -> Operation:
+        # A body with an uploaded file is a form; any other is JSON.
+        multipart = any(f.annotation is bytes for f in self.request.model_fields.values())
+        return Operation(
+            method="POST",
+            path=f"/{self.name}",
+            operation_id=self.operation_id,
+            summary=self.summary,
+            description=self.description,
+            request=self.request,
+            request_type="multipart/form-data" if multipart else "application/json",
+            response=self.response,
+            errors=BATCH_ERRORS,
+            tags=("generate",),
+        )
 
 
 @dataclass(frozen=True)

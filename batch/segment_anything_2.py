@@ -29,7 +29,6 @@ from aiohttp import web
 
 from protocol.batch_api import MasksResponse, SegmentAnything2Form
 from protocol.errors import InvalidFields
-from protocol.openapi import Operation
 from runtime.device import DeviceSpec
 
 from .images import open_image
@@ -385,16 +384,9 @@ ROUTE = BatchRoute(
     default_model=DEFAULT_MODEL,
     load=load,
     handler=handle,
-    operation=Operation(
-        method="POST",
-        path="/segment-anything-2",
-        operation_id="genSegmentAnything2",
-        summary="Segment Anything 2",
-        description="Segment objects in an image.",
-        request=SegmentAnything2Form,
-        request_type="multipart/form-data",
-        response=MasksResponse,
-        errors=(400, 401, 413, 415, 422, 500, 503),
-        tags=("generate",),
-    ),
+    operation_id="genSegmentAnything2",
+    summary="Segment Anything 2",
+    description="Segment objects in an image.",
+    request=SegmentAnything2Form,
+    response=MasksResponse,
 )

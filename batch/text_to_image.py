@@ -8,12 +8,11 @@ from typing import Any
 
 from aiohttp import web
 
-from protocol.batch_api import ImageResponse, Media, TextToImageParams
+from protocol.batch_api import ImageResponse, TextToImageParams
 from protocol.errors import InvalidRequest
-from protocol.openapi import Operation
 from runtime.device import DeviceSpec
 
-from .images import png_data_urls
+from .images import image_response, one_image_per_seed
 from .jobs import StepGate
 from .models import quiet_loading
 from .route import BatchRoute, batch_state, parse_json, pick_seed, run_on_model
@@ -32,26 +31,19 @@ def load(path: Path, spec: DeviceSpec) -> Any:
 
 
 def generate(pipe: Any, params: TextToImageParams, seed: int, gate: StepGate) -> list[Any]:
-    """One image per seed (seed, seed+1, ...), one at a time: the peak memory of one image
-    whatever the count, as the runner does."""
-    import torch
-
     steps, guidance = few_step_defaults(params, params.model_id or DEFAULT_MODEL)
-    images = []
-    for i in range(params.num_images_per_prompt):
-        generator = torch.Generator("cpu").manual_seed(seed + i)
-        result = pipe(
-            prompt=params.prompt,
-            negative_prompt=params.negative_prompt or None,
-            width=params.width,
-            height=params.height,
-            guidance_scale=guidance,
-            num_inference_steps=steps,
-            generator=generator,
-            callback_on_step_end=gate.on_step_end,
-        )
-        images.append(result.images[0])
-    return images
+    return one_image_per_seed(
+        pipe,
+        params.num_images_per_prompt,
+        seed,
+        gate,
+        prompt=params.prompt,
+        negative_prompt=params.negative_prompt or None,
+        width=params.width,
+        height=params.height,
+        guidance_scale=guidance,
+        num_inference_steps=steps,
+    )
 
 
 async def handle(request: web.Request) -> web.Response:
@@ -66,11 +58,7 @@ async def handle(request: web.Request) -> web.Response:
         params.model_id,
         lambda pipe, gate: generate(pipe, params, seed, gate),
     )
-    urls = await png_data_urls(images)
-    body = ImageResponse(
-        images=[Media(url=url, seed=seed + i, nsfw=False) for i, url in enumerate(urls)]
-    )
-    return web.json_response(body.model_dump())
+    return await image_response(images, seed)
 
 
 ROUTE = BatchRoute(
@@ -78,16 +66,9 @@ ROUTE = BatchRoute(
     default_model=DEFAULT_MODEL,
     load=load,
     handler=handle,
-    operation=Operation(
-        method="POST",
-        path="/text-to-image",
-        operation_id="genTextToImage",
-        summary="Text To Image",
-        description="Generate images from text prompts.",
-        request=TextToImageParams,
-        request_type="application/json",
-        response=ImageResponse,
-        errors=(400, 401, 413, 415, 422, 500, 503),
-        tags=("generate",),
-    ),
+    operation_id="genTextToImage",
+    summary="Text To Image",
+    description="Generate images from text prompts.",
+    request=TextToImageParams,
+    response=ImageResponse,
 )

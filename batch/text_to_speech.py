@@ -21,7 +21,6 @@ from aiohttp import web
 
 from protocol.batch_api import AudioResponse, MediaURL, TextToSpeechParams
 from protocol.errors import InvalidRequest
-from protocol.openapi import Operation
 from runtime.device import DeviceSpec
 
 from .audio import step_each_token, wav_data_url
@@ -147,19 +146,12 @@ ROUTE = BatchRoute(
     default_model=DEFAULT_MODEL,
     load=load,
     handler=handle,
-    operation=Operation(
-        method="POST",
-        path="/text-to-speech",
-        operation_id="genTextToSpeech",
-        summary="Text To Speech",
-        description=(
-            "Generate a text-to-speech audio file based on the provided text input and "
-            "speaker description."
-        ),
-        request=TextToSpeechParams,
-        request_type="application/json",
-        response=AudioResponse,
-        errors=(400, 401, 413, 415, 422, 500, 503),
-        tags=("generate",),
+    operation_id="genTextToSpeech",
+    summary="Text To Speech",
+    description=(
+        "Generate a text-to-speech audio file based on the provided text input and "
+        "speaker description."
     ),
+    request=TextToSpeechParams,
+    response=AudioResponse,
 )

@@ -8,11 +8,10 @@ from typing import Any
 
 from aiohttp import web
 
-from protocol.batch_api import ImageResponse, Media, UpscaleForm
-from protocol.openapi import Operation
+from protocol.batch_api import ImageResponse, UpscaleForm
 from runtime.device import DeviceSpec
 
-from .images import open_image, png_data_urls
+from .images import image_response, open_image
 from .jobs import StepGate
 from .models import quiet_loading
 from .route import BatchRoute, batch_state, parse_form, pick_seed, run_on_model
@@ -55,10 +54,7 @@ async def handle(request: web.Request) -> web.Response:
     upscaled = await run_on_model(
         state, ROUTE, form.model_id, lambda pipe, gate: generate(pipe, form, image, seed, gate)
     )
-    (url,) = await png_data_urls([upscaled])
-    return web.json_response(
-        ImageResponse(images=[Media(url=url, seed=seed, nsfw=False)]).model_dump()
-    )
+    return await image_response([upscaled], seed)
 
 
 ROUTE = BatchRoute(
@@ -66,16 +62,9 @@ ROUTE = BatchRoute(
     default_model=DEFAULT_MODEL,
     load=load,
     handler=handle,
-    operation=Operation(
-        method="POST",
-        path="/upscale",
-        operation_id="genUpscale",
-        summary="Upscale",
-        description="Upscale an image by increasing its resolution.",
-        request=UpscaleForm,
-        request_type="multipart/form-data",
-        response=ImageResponse,
-        errors=(400, 401, 413, 415, 422, 500, 503),
-        tags=("generate",),
-    ),
+    operation_id="genUpscale",
+    summary="Upscale",
+    description="Upscale an image by increasing its resolution.",
+    request=UpscaleForm,
+    response=ImageResponse,
 )
