@@ -42,6 +42,12 @@ def quiet_loading() -> None:
 def _lease(
     runtime: Runtime, kind: str, model_id: str, load: Loader, retry_after_s: float
 ) -> Lease[Any]:
+    key = runtime.key(kind, model_id)
+    # The common case, a loaded model, touches no disk: finding the folder and sizing it
+    # (a walk of every file) is only for a model that has to be loaded.
+    loaded = runtime.models.ready(key)
+    if loaded is not None:
+        return loaded
     try:
         path = resolve_model(model_id, runtime.config.models_dir)
     except ModelNotFound as exc:
@@ -49,7 +55,7 @@ def _lease(
     spec = runtime.spec
     try:
         return runtime.models.request(
-            runtime.key(kind, model_id),
+            key,
             lambda: load(path, spec),
             estimate=folder_size(path),
             retry_after_s=retry_after_s,

@@ -179,6 +179,14 @@ class ModelCache:
                 if self._entries.get(key) is entry:
                     return self._lease(entry)
 
+    def ready(self, key: ModelKey) -> Lease[Any] | None:
+        """The model of `key` if it is loaded and sound, else None (never loads)."""
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None and entry.loaded.is_set() and entry.error is None:
+                return self._lease(entry)
+            return None
+
     def request(
         self, key: ModelKey, load: Callable[[], T], estimate: int = 0, retry_after_s: float = 5
     ) -> Lease[T]:
