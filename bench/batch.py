@@ -189,19 +189,11 @@ async def llm_bench(base: str, models: Path, requests: int, tokens: int = 64) ->
 
 
 def wav_tone(seconds: float, rate: int = 16_000) -> bytes:
-    """A sine at 440 Hz as 16-bit mono WAV (the stdlib writes it; nothing to encode)."""
-    import io
-    import wave
+    """A sine at 440 Hz as 16-bit mono WAV, written as the text-to-speech route writes its."""
+    from batch.audio import wav_bytes
 
     t = np.arange(round(seconds * rate)) / rate
-    samples = (0.3 * 32767 * np.sin(2 * np.pi * 440 * t)).astype("<i2")
-    buffer = io.BytesIO()
-    with wave.open(buffer, "wb") as out:
-        out.setnchannels(1)
-        out.setsampwidth(2)
-        out.setframerate(rate)
-        out.writeframes(samples.tobytes())
-    return buffer.getvalue()
+    return wav_bytes(0.3 * np.sin(2 * np.pi * 440 * t), rate)
 
 
 async def audio_bench(base: str, models: Path, seconds: float = 60.0, runs: int = 3) -> None:
