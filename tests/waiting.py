@@ -46,3 +46,16 @@ async def wait_until(
     """Return as soon as `condition()` (plain or async) holds; fail the test after `within` s."""
     if not await poll_until(condition, within=within, poll=poll):
         pytest.fail(f"timed out after {within}s waiting for {what}")
+
+
+def poll_until_blocking(condition: Callable[[], bool], *, within: float = WAIT_S) -> bool:
+    """`poll_until` for plain (not async) tests of thread-based code: True as soon as
+    `condition()` holds, False after `within` seconds."""
+    import time
+
+    deadline = time.monotonic() + within
+    while not condition():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(POLL_S)
+    return True

@@ -149,10 +149,14 @@ async def test_a_subscriber_that_never_reads_holds_no_growing_backlog(service) -
     assert output is not None
     retained: list[int] = []
 
+    stats = client.app[SESSIONS].get(info["session_id"]).stats
+
     async def sample() -> None:
+        # Once per frame the session puts out: each may have added to the channel's ring.
         while True:
+            sent = stats.frames_out
             retained.append(sum(s.size for s in output.ring if s is not None))
-            await asyncio.sleep(0.05)
+            await poll_until(lambda sent=sent: stats.frames_out > sent, within=60)
 
     sampling = asyncio.create_task(sample())
     clip = make_clip(90, width=256, height=256)

@@ -4,13 +4,13 @@ evicted within the budget, never a model in use, failures reported and retried."
 from __future__ import annotations
 
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 
 from runtime.model_cache import ModelCache, ModelKey, OverBudget, StillLoading
+from tests.waiting import poll_until_blocking
 
 MB = 2**20
 
@@ -118,19 +118,9 @@ def test_request_loads_in_the_background_and_reports_its_failure_once() -> None:
 
     with pytest.raises(StillLoading):
         cache.request(key("b"), broken)
-    assert wait_for(lambda: not cache.loading()), "the background load never ended"
+    assert poll_until_blocking(lambda: not cache.loading()), "the background load never ended"
     with pytest.raises(ValueError, match="corrupt"):
         cache.request(key("b"), broken)
     with pytest.raises(StillLoading):  # reported once; the next request tries again
         cache.request(key("b"), broken)
     cache.close()
-
-
-def wait_for(condition, within: float = 10.0) -> bool:  # type: ignore[no-untyped-def]
-    """Poll a condition from a plain (not async) test."""
-    deadline = time.monotonic() + within
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
