@@ -14,6 +14,7 @@ from protocol.errors import error_middleware
 from protocol.trickle import TrickleServer, create_trickle_app
 from runtime.runtime import Runtime
 
+from .cors import add_cors
 from .event_stream import add_event_stream_routes
 from .health import add_health_routes
 from .keys import METRICS, RUNTIME, SESSIONS, SETTINGS, TRICKLE
@@ -61,6 +62,8 @@ def create_app(
     )
     # Outermost, so that batch requests are counted with the status the client got.
     app.middlewares.insert(0, metrics.middleware)
+    # Outermost of all, so that a preflight is answered before any route would refuse OPTIONS.
+    add_cors(app, settings.cors())
     add_metrics_route(app)
     add_health_routes(app)
     add_live_routes(app)

@@ -19,6 +19,7 @@ from batch.config import BatchConfig
 from protocol.trickle import TrickleConfig
 from runtime.runtime import RuntimeConfig
 
+from .cors import CorsPolicy
 from .ice import IceSettings
 
 ENV_PREFIX = "LIVE_V2V_"
@@ -35,6 +36,11 @@ class Settings(BaseModel):
     )
     auth_token: str | None = Field(
         None, description="bearer token required on API routes (env AUTH_TOKEN)"
+    )
+    cors_origins: str = Field(
+        "*",
+        description="origins whose pages may call the service from a browser (CORS): * for "
+        "any, or comma-separated scheme://host[:port]; empty: none (no CORS headers)",
     )
     models_dir: Path = Field(Path("models"), description="directory holding local models")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
@@ -150,6 +156,9 @@ class Settings(BaseModel):
             max_jobs=self.batch_queue,
             warm=warm,
         )
+
+    def cors(self) -> CorsPolicy:
+        return CorsPolicy.parse(self.cors_origins)
 
     def ice(self) -> IceSettings:
         return IceSettings(
