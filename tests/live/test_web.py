@@ -38,8 +38,10 @@ CHROMIUM_ARGS = [
     # Real host addresses in ICE candidates instead of mDNS names, which aiortc cannot resolve.
     "--disable-features=WebRtcHideLocalIpsWithMdns,MediaRouter,OptimizationHints,Translate,"
     "AutofillServerCommunication,CertificateTransparencyComponentUpdater",
-    # Off the network: no host name resolves but localhost, no proxy, no background traffic.
-    "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE localhost",
+    # Off the network: no host name resolves but localhost (and loopback's address, which the
+    # rule would map too: the cross-origin test serves its page there), no proxy, no background
+    # traffic.
+    "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE localhost, EXCLUDE 127.0.0.1",
     "--no-proxy-server",
     "--disable-background-networking",
     "--disable-component-update",
