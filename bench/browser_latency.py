@@ -1,0 +1,430 @@
+"""Browser benchmark: glass-to-glass delay of a page through a `noop` session, against the
+browser's own floor.
+
+    python -m bench.browser_latency [--runs 3] [--seconds 10] [--size 512] [--codec vp8|h264]
+        [--json]
+
+Headless Chromium (Debian's, the flags of tests/live/test_web.py) opens a page that this script
+serves on its own origin (http://localhost:PORT; the service is http://127.0.0.1:PORT2, so every
+call is cross-origin, as in tests/live/test_cross_origin.py). The page paints a clock into a
+SIZE x SIZE canvas 30 times a second: the time of the paint in ms (mod 2^20), as 20 black or white
+blocks of SIZE/8 pixels plus a 4-bit check, which survive lossy coding. Each painted frame is
+handed to the canvas's capture track at once (`captureStream(0)` + `requestFrame()`). The
+receiving side reads the clock back from every frame the video element presents
+(`requestVideoFrameCallback`, `drawImage` into a canvas, block centres thresholded); the delay is
+the callback's time minus the painted time, on the page's one clock. Two cases, alternated
+(floor, noop, floor, noop, ...) so that load from elsewhere on the machine weighs on both alike:
+
+- floor: the canvas track sent from one RTCPeerConnection to another inside the page, no server:
+  one encode, RTP over loopback, the receiver's jitter buffer, one decode, and the painting and
+  reading that both cases share. What a browser cannot go below.
+- noop: the page publishes the track over WHIP to `POST /live-video-to-video/whip?model_id=noop`
+  (a fresh session per run, `python -m live serve` in its own process) and watches the session's
+  WHEP URL: two hops (the service decodes, runs the frame loop, encodes again).
+
+Each run drops its first WARMUP_S seconds after the first frame read (keyframes, the bitrate
+ramp) and measures `--seconds`. Printed per case over all its runs: p50, p90, max, received fps,
+the frames read and those whose clock did not check out, the size the receiver got (Chromium
+scales its encoder down under CPU load), and the service's CPU share during the noop runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import sys
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from bench.frame_loop import Process, _cpu_seconds, _free_port, pct
+
+CHROMIUM = Path("/usr/bin/chromium")
+TOKEN = "bench"
+WARMUP_S = 2.0
+RUN_TIMEOUT_S = 120.0
+
+PAGE = """<!doctype html>
+<meta charset="utf-8">
+<title>browser glass-to-glass</title>
+<link rel="icon" href="data:,">
+<canvas id="clock"></canvas>
+<script>
+const FPS = 30;
+const BITS = 20, CHECK_BITS = 4, COLS = 8;
+const MOD = 2 ** BITS;
+let SIZE = 512, BLOCK = 64, track = null, painter = null;
+
+function check(value) {
+  let ones = 0;
+  for (let v = value; v; v >>= 1) ones += v & 1;
+  return (ones * 7 + 5) % (2 ** CHECK_BITS);
+}
+
+function paint(context) {
+  const now = Math.round(performance.now()) % MOD;
+  const word = now | (check(now) << BITS);
+  context.fillStyle = "#808080";
+  context.fillRect(0, 0, SIZE, SIZE);
+  for (let bit = 0; bit < BITS + CHECK_BITS; bit++) {
+    context.fillStyle = (word >> bit) & 1 ? "#ffffff" : "#000000";
+    context.fillRect((bit % COLS) * BLOCK, Math.floor(bit / COLS) * BLOCK, BLOCK, BLOCK);
+  }
+  track.requestFrame();
+}
+
+window.startClock = (size) => {
+  SIZE = size;
+  BLOCK = size / COLS;
+  const canvas = document.getElementById("clock");
+  canvas.width = canvas.height = size;
+  const context = canvas.getContext("2d");
+  track = canvas.captureStream(0).getVideoTracks()[0];
+  painter = setInterval(() => paint(context), 1000 / FPS);
+};
+
+function reader(video, size) {
+  const canvas = new OffscreenCanvas(size, size);
+  const context = canvas.getContext("2d", { willReadFrequently: true });
+  const block = size / COLS;
+  return () => {
+    context.drawImage(video, 0, 0, size, size);
+    const pixels = context.getImageData(0, 0, size, size).data;
+    let word = 0;
+    for (let bit = 0; bit < BITS + CHECK_BITS; bit++) {
+      const x = Math.floor((bit % COLS) * block + block / 2);
+      const y = Math.floor(Math.floor(bit / COLS) * block + block / 2);
+      const i = (y * size + x) * 4;
+      if (pixels[i] + pixels[i + 1] + pixels[i + 2] > 3 * 128) word |= 1 << bit;
+    }
+    const value = word & (MOD - 1);
+    return (word >>> BITS) === check(value) ? value : null;
+  };
+}
+
+// Reads the clock from every presented frame; resolves once `seconds` are measured after
+// `warmup` seconds from the first frame.
+function measure(video, size, seconds, warmup) {
+  return new Promise((resolve, reject) => {
+    const read = reader(video, size);
+    const delays = [];
+    let start = null, bad = 0, frames = 0;
+    const timeout = setTimeout(() => reject(new Error("no frame played")), 30000);
+    const onFrame = (now) => {
+      const received = performance.now();
+      const painted = read();
+      if (start === null) {
+        start = received;
+        clearTimeout(timeout);
+      }
+      const t = received - start;
+      if (t >= warmup) {
+        frames++;
+        if (painted === null) bad++;
+        else delays.push(((Math.round(received) - painted) % MOD + MOD) % MOD);
+      }
+      if (t >= warmup + seconds) {
+        resolve({ delays, frames, bad, seconds: t - warmup,
+                  width: video.videoWidth, height: video.videoHeight });
+        return;
+      }
+      video.requestVideoFrameCallback(onFrame);
+    };
+    video.requestVideoFrameCallback(onFrame);
+  });
+}
+
+// The browser's side of where delay goes: what its receiver got, dropped, buffered and decoded,
+// and what its sender encoded.
+function per(total, count) {
+  return count ? (1000 * total) / count : 0;  // seconds in total -> ms each
+}
+
+async function rtcStats(sender, receiver) {
+  const out = {};
+  for (const report of (await receiver.getStats()).values()) {
+    if (report.type !== "inbound-rtp" || report.kind !== "video") continue;
+    Object.assign(out, {
+      received: report.framesReceived, decoded: report.framesDecoded,
+      dropped: report.framesDropped, lost: report.packetsLost, nacks: report.nackCount,
+      freezes: report.freezeCount,
+      jitter_buffer_ms: per(report.jitterBufferDelay, report.jitterBufferEmittedCount),
+      target_delay_ms: per(report.jitterBufferTargetDelay, report.jitterBufferEmittedCount),
+      decode_ms: per(report.totalDecodeTime, report.framesDecoded),
+      assembly_ms: per(report.totalAssemblyTime, report.framesAssembledFromMultiplePackets),
+    });
+  }
+  for (const report of (await sender.getStats()).values()) {
+    if (report.type !== "outbound-rtp" || report.kind !== "video") continue;
+    Object.assign(out, {
+      encoded: report.framesEncoded,
+      encode_ms: per(report.totalEncodeTime, report.framesEncoded),
+      limited_by: report.qualityLimitationReason,
+    });
+  }
+  return out;
+}
+
+function player(stream) {
+  const video = document.createElement("video");
+  video.muted = true;
+  video.autoplay = true;
+  video.playsInline = true;
+  video.srcObject = stream;
+  document.body.append(video);
+  return video;
+}
+
+function prefer(transceiver, codec) {
+  const wanted = `video/${codec}`.toLowerCase();
+  const codecs = RTCRtpReceiver.getCapabilities("video").codecs.filter(
+    (c) => c.mimeType.toLowerCase() === wanted || c.mimeType.toLowerCase() === "video/rtx");
+  transceiver.setCodecPreferences(codecs);
+}
+
+function gathered(pc) {
+  return new Promise((resolve) => {
+    if (pc.iceGatheringState === "complete") return resolve();
+    pc.addEventListener("icegatheringstatechange", () => {
+      if (pc.iceGatheringState === "complete") resolve();
+    });
+  });
+}
+
+window.runFloor = async (codec, seconds, warmup) => {
+  const sender = new RTCPeerConnection(), receiver = new RTCPeerConnection();
+  sender.onicecandidate = (e) => e.candidate && receiver.addIceCandidate(e.candidate);
+  receiver.onicecandidate = (e) => e.candidate && sender.addIceCandidate(e.candidate);
+  prefer(sender.addTransceiver(track, { direction: "sendonly" }), codec);
+  const arrived = new Promise((resolve) => { receiver.ontrack = (e) => resolve(e.track); });
+  await sender.setLocalDescription(await sender.createOffer());
+  await receiver.setRemoteDescription(sender.localDescription);
+  await receiver.setLocalDescription(await receiver.createAnswer());
+  await sender.setRemoteDescription(receiver.localDescription);
+  const video = player(new MediaStream([await arrived]));
+  try {
+    const measured = await measure(video, SIZE, seconds, warmup);
+    return { rtc: await rtcStats(sender, receiver), ...measured };
+  } finally {
+    video.remove();
+    sender.close();
+    receiver.close();
+  }
+};
+
+async function exchange(pc, url, token) {
+  await pc.setLocalDescription(await pc.createOffer());
+  await gathered(pc);
+  const response = await fetch(url, {
+    method: "POST",
+    headers: { "Content-Type": "application/sdp", Authorization: `Bearer ${token}` },
+    body: pc.localDescription.sdp,
+  });
+  if (response.status !== 201) {
+    throw new Error(`${url}: ${response.status} ${await response.text()}`);
+  }
+  await pc.setRemoteDescription({ type: "answer", sdp: await response.text() });
+  return response;
+}
+
+window.runNoop = async (service, token, codec, seconds, warmup) => {
+  const publisher = new RTCPeerConnection(), viewer = new RTCPeerConnection();
+  const leave = [];
+  let video = null, session = null;
+  try {
+    prefer(publisher.addTransceiver(track, { direction: "sendonly" }), codec);
+    const published = await exchange(
+      publisher, `${service}/live-video-to-video/whip?model_id=noop`, token);
+    leave.push(new URL(published.headers.get("Location"), service).href);
+    session = published.headers.get("X-Session-Id");
+    const whep = /<([^>]+)>;\\s*rel="urn:ietf:params:whep"/.exec(published.headers.get("Link"))[1];
+    prefer(viewer.addTransceiver("video", { direction: "recvonly" }), codec);
+    const arrived = new Promise((resolve) => { viewer.ontrack = (e) => resolve(e.track); });
+    const watched = await exchange(viewer, whep, token);
+    leave.push(new URL(watched.headers.get("Location"), service).href);
+    video = player(new MediaStream([await arrived]));
+    const measured = await measure(video, SIZE, seconds, warmup);
+    const rtc = await rtcStats(publisher, viewer);
+    // The session's own view (fps in and out, frames dropped, time per stage): where delay goes.
+    const status = await (await fetch(`${service}/live-video-to-video/${session}`, {
+      headers: { Authorization: `Bearer ${token}` } })).json();
+    return { session, status, rtc, ...measured };
+  } finally {
+    if (video) video.remove();
+    for (const url of leave.reverse()) {
+      await fetch(url, { method: "DELETE", headers: { Authorization: `Bearer ${token}` } });
+    }
+    viewer.close();
+    publisher.close();
+    if (session) {
+      await fetch(`${service}/live-video-to-video/${session}`, {
+        method: "DELETE", headers: { Authorization: `Bearer ${token}` } });
+    }
+  }
+};
+</script>
+"""
+
+
+@contextlib.asynccontextmanager
+async def page_server() -> AsyncIterator[str]:
+    """The page on its own origin: localhost (where Chromium allows media), its own port."""
+
+    async def index(request: web.Request) -> web.Response:
+        return web.Response(text=PAGE, content_type="text/html")
+
+    app = web.Application()
+    app.router.add_get("/", index)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    port = _free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        yield f"http://localhost:{port}"
+    finally:
+        await runner.cleanup()
+
+
+def service_process(page_origin: str) -> Process:
+    port = _free_port()
+    command = [sys.executable, "-m", "live", "serve", "--port", str(port)]
+    command += ["--ice-host-addresses", "127.0.0.1", "--log-level", "WARNING"]
+    command += ["--auth-token", TOKEN, "--cors-origins", page_origin]
+    return Process(command, port)
+
+
+def summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    delays = [d for run in runs for d in run["delays"]]
+    frames = sum(run["frames"] for run in runs)
+    seconds = sum(run["seconds"] for run in runs) / 1000
+    return {
+        "p50_ms": pct(delays, 0.5),
+        "p90_ms": pct(delays, 0.9),
+        "max_ms": max(delays) if delays else float("nan"),
+        "fps": round(frames / seconds, 1) if seconds else 0.0,
+        "frames": frames,
+        "unreadable": sum(run["bad"] for run in runs),
+        "run_p50_ms": [pct(run["delays"], 0.5) for run in runs],
+        "sizes": sorted({f"{run['width']}x{run['height']}" for run in runs}),
+    }
+
+
+def _rtc(rtc: dict[str, Any]) -> str:
+    return " ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}" for k, v in rtc.items())
+
+
+def _session(status: dict[str, Any]) -> str:
+    stages = " ".join(
+        f"{name} {p.get('p50_ms', 0):.1f}" for name, p in (status.get("stages") or {}).items()
+    )
+    return (
+        f"session fps in {status['input_status']['fps']:.1f} out "
+        f"{status['inference_status']['fps']:.1f}, in->out p50 "
+        f"{status['latency'].get('p50_ms') or 0:.1f} ms, frames in {status['frames_in']} out "
+        f"{status['frames_out']} dropped {status['frames_dropped']}, stage p50 ms: {stages}"
+    )
+
+
+def _line(case: str, s: dict[str, Any], extra: str = "") -> str:
+    runs = " ".join(f"{p:.0f}" for p in s["run_p50_ms"])
+    return (
+        f"{case:6s} p50 {s['p50_ms']:6.1f} ms  p90 {s['p90_ms']:6.1f}  max {s['max_ms']:6.1f}  "
+        f"fps {s['fps']:5.1f}  frames {s['frames']} (unreadable {s['unreadable']})  "
+        f"size {','.join(s['sizes'])}  run p50s [{runs}]{extra}"
+    )
+
+
+async def main(args: argparse.Namespace) -> dict[str, Any]:
+    from playwright.async_api import async_playwright
+
+    from tests.live.test_web import CHROMIUM_ARGS
+
+    print(
+        f"# browser_latency python={platform.python_version()} cpus={os.cpu_count()} "
+        f"load={' '.join(f'{x:.2f}' for x in os.getloadavg())} size={args.size} fps=30 "
+        f"codec={args.codec} runs={args.runs}x{args.seconds:g}s warmup={WARMUP_S:g}s",
+        flush=True,
+    )
+    results: dict[str, list[dict[str, Any]]] = {"floor": [], "noop": []}
+    service_cpu = 0.0
+    noop_wall = 0.0
+    async with page_server() as origin, service_process(origin) as service:
+        async with async_playwright() as playwright:
+            browser = await playwright.chromium.launch(
+                executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS
+            )
+            try:
+                page = await browser.new_page()
+                await page.goto(origin + "/")
+                await page.evaluate("(size) => window.startClock(size)", args.size)
+                for _ in range(args.runs):
+                    floor = await asyncio.wait_for(
+                        page.evaluate(
+                            "([c, s, w]) => window.runFloor(c, s, w)",
+                            [args.codec, args.seconds * 1000, WARMUP_S * 1000],
+                        ),
+                        RUN_TIMEOUT_S,
+                    )
+                    results["floor"].append(floor)
+                    cpu = _cpu_seconds(service.pid)
+                    wall = asyncio.get_running_loop().time()
+                    noop = await asyncio.wait_for(
+                        page.evaluate(
+                            "([b, t, c, s, w]) => window.runNoop(b, t, c, s, w)",
+                            [service.base, TOKEN, args.codec, args.seconds * 1000, WARMUP_S * 1000],
+                        ),
+                        RUN_TIMEOUT_S,
+                    )
+                    service_cpu += _cpu_seconds(service.pid) - cpu
+                    noop_wall += asyncio.get_running_loop().time() - wall
+                    results["noop"].append(noop)
+                    print(
+                        f"  floor p50 {pct(floor['delays'], 0.5):.1f} ms; {_rtc(floor['rtc'])}\n"
+                        f"  noop  p50 {pct(noop['delays'], 0.5):.1f} ms; {_rtc(noop['rtc'])}\n"
+                        f"        {_session(noop['status'])}",
+                        flush=True,
+                    )
+            finally:
+                await browser.close()
+    floor_s, noop_s = summary(results["floor"]), summary(results["noop"])
+    print(_line("floor", floor_s), flush=True)
+    share = service_cpu / noop_wall if noop_wall else 0.0
+    print(_line("noop", noop_s, f"  service cpu {share:.2f} core"), flush=True)
+    added = noop_s["p50_ms"] - floor_s["p50_ms"]
+    print(
+        f"noop - floor: p50 {added:+.1f} ms (goal <= 5 ms: {'met' if added <= 5 else 'not met'}), "
+        f"p90 {noop_s['p90_ms'] - floor_s['p90_ms']:+.1f} ms; "
+        f"load after {' '.join(f'{x:.2f}' for x in os.getloadavg())}",
+        flush=True,
+    )
+    outcome = {"floor": floor_s, "noop": noop_s, "added_p50_ms": added, "service_cpu": share}
+    if args.json:
+        print(json.dumps(outcome))
+    return outcome
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--runs", type=int, default=3, help="runs of each case, alternated")
+    parser.add_argument("--seconds", type=float, default=10.0, help="measured window per run")
+    parser.add_argument("--size", type=int, default=512, help="canvas width and height")
+    parser.add_argument("--codec", choices=("vp8", "h264"), default="vp8")
+    parser.add_argument("--json", action="store_true", help="also print the figures as JSON")
+    args = parser.parse_args(argv)
+    if args.size % 8:
+        parser.error("--size must be a multiple of 8 (the clock's blocks)")
+    if not CHROMIUM.exists():
+        parser.error(f"needs Debian's Chromium at {CHROMIUM} (apt-get install chromium)")
+    return args
+
+
+if __name__ == "__main__":
+    asyncio.run(main(parse_args()))
