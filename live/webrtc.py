@@ -442,10 +442,6 @@ class _SharedEncoder:
         codec.time_base = TIME_BASE
         codec.framerate = 30
         codec.bit_rate = 1_000_000
-        # One thread: a frame this size takes a few ms on one core, and an encoder's worker
-        # threads wait for each other, so on a busy machine (one of them descheduled) a frame
-        # took up to 250 ms with libvpx's default of a thread per core (bench.browser_latency).
-        codec.thread_count = 1
         if self.mime == "video/H264":
             # What aiortc's own H.264 sender offers: constrained baseline, no B-frames.
             codec.options = {"profile": "baseline", "tune": "zerolatency", "preset": "superfast"}
