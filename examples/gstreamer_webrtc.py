@@ -355,7 +355,7 @@ def publish(args: argparse.Namespace) -> None:
 
 
 def watch(args: argparse.Namespace) -> None:
-    client = Client(args, "webrtcbin name=webrtc bundle-policy=max-bundle")
+    client = Client(args, f"webrtcbin name=webrtc bundle-policy=max-bundle latency={args.latency}")
     frames = 0
     done = threading.Event()
     if args.save:
@@ -454,6 +454,12 @@ def main() -> None:
     parser.add_argument("--save", help="watch: save the first --frames frames as PPM here")
     parser.add_argument(
         "--read-index", action="store_true", help="watch: print each frame's painted index"
+    )
+    parser.add_argument(
+        "--latency",
+        type=int,
+        default=200,
+        help="watch: jitter buffer in ms (GStreamer's default 200; 0 for the least delay)",
     )
     args = parser.parse_args()
     Gst.init(None)
