@@ -34,6 +34,8 @@ def _check_candidate(number: int, value: str) -> None:
     if ok:
         try:
             ok = int(bits[1]) >= 1 and int(bits[3]) >= 0 and 0 <= int(bits[5]) <= 65535
+            extensions = dict(zip(bits[8::2], bits[9::2], strict=False))
+            ok = ok and 0 <= int(extensions.get("rport", "0")) <= 65535
         except ValueError:
             ok = False
     if not ok:

@@ -513,12 +513,11 @@ def take_dtls_server_role(pc: RTCPeerConnection, offer: aiortc_sdp.SessionDescri
     setLocalDescription applies it): no aiortc code is replaced. An offer that says `active`
     already made aiortc the server; one that says `passive` keeps aiortc the client.
     """
-    roles = [media.dtls.role if media.dtls else None for media in offer.media]
+    if any(media.dtls is not None and media.dtls.role == "server" for media in offer.media):
+        return  # the client insists on being the DTLS server: stay the client
     transports = {id(t.receiver.transport): t.receiver.transport for t in pc.getTransceivers()}
     if pc.sctp is not None:
         transports[id(pc.sctp.transport)] = pc.sctp.transport
-    if "server" in roles:  # the client insists on being the DTLS server: stay the client
-        return
     for transport in transports.values():
         if transport.state == "new":
             transport._set_role("server")  # aiortc's own setter, used by setRemoteDescription
@@ -537,7 +536,7 @@ class Peer:
     remote_ice: tuple[str, str] = ("", "")
     """The client's ICE ufrag and password from its offer; others in a PATCH are a restart."""
     trickled: int = 0
-    """Remote candidates added by PATCH so far (bounded by --webrtc-max-candidates)."""
+    """Remote candidates received by PATCH so far (bounded by --webrtc-max-candidates)."""
 
 
 class Peers:
@@ -643,7 +642,6 @@ class Peers:
                 continue
             with contextlib.suppress(ValueError):  # aioice: after end-of-candidates
                 await peer.pc.addIceCandidate(candidate)
-            peer.trickled += 1
         if fragment.end_of_candidates:
             with contextlib.suppress(ValueError):
                 await peer.pc.addIceCandidate(None)

@@ -216,6 +216,7 @@ async def patch_peer(request: web.Request) -> web.Response:
             f"more than {limit} trickled ICE candidates for one connection "
             "(--webrtc-max-candidates)"
         )
+    peer.trickled += len(fragment.candidates)  # before any await: PATCHes may overlap
     await request.app[SESSIONS].peers.trickle(peer, fragment)
     return web.Response(status=204)
 

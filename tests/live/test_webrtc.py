@@ -585,3 +585,24 @@ async def test_patch_refusals_follow_rfc_9725(rtc_service) -> None:
         await watcher.close()
         await publisher.close()
         await client.delete(f"/live-video-to-video/{info['session_id']}")
+
+
+def test_a_trickle_fragment_is_read_per_m_section() -> None:
+    from live.sdpfrag import parse_fragment
+
+    fragment = parse_fragment(
+        "a=ice-ufrag:EsAw\r\na=ice-pwd:P2uYro0UCOQ4zxjKXaWCBui1\r\n"
+        "m=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=mid:0\r\n"
+        "a=candidate:1 1 udp 2122260223 192.0.2.1 61764 typ host generation 0 ufrag EsAw\r\n"
+        "m=video 9 UDP/TLS/RTP/SAVPF 96\r\na=mid:1\r\n"
+        "a=candidate:2 1 udp 1686052607 198.51.100.2 61765 typ srflx raddr 192.0.2.1 rport 9\r\n"
+        "a=end-of-candidates\r\n"
+    )
+    assert (fragment.ufrag, fragment.pwd) == ("EsAw", "P2uYro0UCOQ4zxjKXaWCBui1")
+    assert [(c.mid, c.mline_index) for c in fragment.candidates] == [("0", 0), ("1", 1)]
+    assert fragment.candidates[1].line.endswith("rport 9") and fragment.end_of_candidates
+    # Without m= lines the candidates belong to the first m-section (the bundle's).
+    bare = parse_fragment("a=candidate:1 1 udp 1 127.0.0.1 9 typ host\n")
+    assert [(c.mid, c.mline_index) for c in bare.candidates] == [(None, 0)]
+    with pytest.raises(ValueError, match=r"line 1 .* not an ICE candidate"):
+        parse_fragment("a=candidate:1 1 udp 1 127.0.0.1 9 typ srflx raddr 1.2.3.4 rport x\n")
