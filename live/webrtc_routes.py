@@ -45,10 +45,6 @@ class PreconditionRequired(ServiceError):
     status = 428
 
 
-class UnprocessableContent(ServiceError):
-    status = 422
-
-
 async def _read_sdp(request: web.Request, what: str) -> str:
     if (request.content_length or 0) > MAX_SDP_BYTES:
         raise InvalidRequest(f"{what} over {MAX_SDP_BYTES} bytes")
@@ -206,9 +202,17 @@ async def patch_peer(request: web.Request) -> web.Response:
     if (fragment.ufrag is not None and fragment.ufrag != ufrag) or (
         fragment.pwd is not None and fragment.pwd != pwd
     ):
-        raise UnprocessableContent(
-            "ICE restarts are not supported: new ICE credentials in a PATCH are refused; "
-            "the connection keeps its ICE session (start a new one with POST to restart)"
+        # 422 in the service's validation shape (`detail` a list), as the document says.
+        raise InvalidFields(
+            [
+                {
+                    "loc": ["body", "ice-ufrag"],
+                    "msg": "ICE restarts are not supported: new ICE credentials in a PATCH "
+                    "are refused; the connection keeps its ICE session (POST again to start "
+                    "a new one)",
+                    "type": "ice_restart",
+                }
+            ]
         )
     limit = request.app[SETTINGS].webrtc_max_candidates
     if peer.trickled + len(fragment.candidates) > limit:
