@@ -2,9 +2,9 @@
 """A WHIP publisher and a WHEP viewer on GStreamer's webrtcbin, for live-v2v or any WHIP/WHEP
 server. Runs under Debian's python3 with its own packages only:
 
-    apt install python3-gi gir1.2-gst-plugins-bad-1.0 gstreamer1.0-nice \\
-        gstreamer1.0-plugins-good gstreamer1.0-plugins-bad gstreamer1.0-plugins-ugly \\
-        gstreamer1.0-libav
+    apt install python3-gi gir1.2-gst-plugins-base-1.0 gir1.2-gst-plugins-bad-1.0 \\
+        gstreamer1.0-nice gstreamer1.0-plugins-good gstreamer1.0-plugins-bad \\
+        gstreamer1.0-plugins-ugly gstreamer1.0-libav
 
     # publish a test pattern (or --source numbered, frames that carry their index)
     python3 gstreamer_webrtc.py publish \\
