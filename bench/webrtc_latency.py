@@ -1,7 +1,7 @@
 """WebRTC benchmark: glass-to-glass delay through a `noop` session, against a plain aiortc relay.
 
     python -m bench.webrtc_latency [--seconds 10] [--size 512] [--viewers 1,3]
-        [--codec h264|vp8|h264,vp8] [--browser-viewers] [--json]
+        [--codec h264|vp8|h264,vp8] [--browser-viewers] [--no-gstreamer] [--json]
 
 An aiortc publisher (a 30 fps camera whose frames carry their index, painted by
 `protocol.clips.numbered_frame`) publishes over WHIP and aiortc viewers watch over WHEP, all in
@@ -34,6 +34,17 @@ are unchanged), to show what a browser watching would see.
 
 The first second after every viewer decoded its first frame is left out (encoders' first
 keyframes, bitrate ramp-up).
+
+4. gst, per codec: the session path again with GStreamer's webrtcbin at both ends
+   (examples/gstreamer_webrtc.py under Debian's python3, two subprocesses): the publisher
+   pushes frames painted with their index through x264enc or vp8enc, one viewer decodes them
+   (no jitter buffer, `--latency 0`) and reads the index back. Each end stamps its frames on
+   CLOCK_MONOTONIC, the clock of time.monotonic() here, so the delay is the same measure as
+   the aiortc cases': handed to the encoder -> decoded. Its ratio is against the aiortc
+   session case with the first viewer count (aiortc's viewers end frames one frame late
+   unless `--browser-viewers`; GStreamer's end them on the marker bit). "client" CPU is the
+   two GStreamer processes. Left out when /usr/bin/python3 has no GStreamer webrtcbin, or
+   with `--no-gstreamer`.
 """
 
 from __future__ import annotations
@@ -46,11 +57,14 @@ import logging
 import os
 import platform
 import secrets
+import signal
+import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from urllib.parse import urljoin
 
@@ -353,6 +367,145 @@ async def run_case(case: Case, process: Process | None, target: Target | None) -
     return result
 
 
+# -- the GStreamer client (webrtcbin, another WebRTC stack) ------------------------------------
+
+GST_SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "gstreamer_webrtc.py"
+GST_PYTHON = "/usr/bin/python3"  # Debian's, with python3-gi (the venv has no PyGObject)
+
+
+def gstreamer_missing() -> str | None:
+    """Why the GStreamer client cannot run here, or None."""
+    probe = (
+        "import gi; gi.require_version('Gst', '1.0'); gi.require_version('GstWebRTC', '1.0');"
+        "from gi.repository import Gst; Gst.init(None);"
+        "raise SystemExit(0 if Gst.ElementFactory.find('webrtcbin') else 3)"
+    )
+    try:
+        done = subprocess.run([GST_PYTHON, "-c", probe], capture_output=True, timeout=60)
+    except (FileNotFoundError, subprocess.TimeoutExpired) as exc:
+        return f"{GST_PYTHON}: {exc}"
+    return None if done.returncode == 0 else "no PyGObject with GStreamer's webrtcbin"
+
+
+class GstClient:
+    """examples/gstreamer_webrtc.py in a subprocess: when each painted index was sent (publish)
+    or first decoded (watch, `--read-index`), on CLOCK_MONOTONIC, which is time.monotonic()
+    here too."""
+
+    def __init__(self, *args: str) -> None:
+        self.args = [GST_PYTHON, str(GST_SCRIPT), *args, "--ice-address", "127.0.0.1"]
+        self.times: dict[int, float] = {}
+        self.connected = asyncio.Event()
+        self.first = asyncio.Event()
+        self.ended = asyncio.Event()
+        self.error: str | None = None
+        self.process: asyncio.subprocess.Process | None = None
+        self._reader: asyncio.Task[None] | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    async def start(self) -> None:
+        self.process = await asyncio.create_subprocess_exec(
+            *self.args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL
+        )
+        self._reader = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        assert self.process is not None and self.process.stdout is not None
+        try:
+            async for line in self.process.stdout:
+                event = json.loads(line)
+                kind = event["event"]
+                if kind in ("sent", "frame") and event["index"] is not None:
+                    self.times.setdefault(event["index"], event["at"])
+                    self.first.set()
+                elif kind == "connected":
+                    self.connected.set()
+                elif kind == "error":
+                    self.error = event["detail"]
+        finally:
+            self.ended.set()
+
+    async def until(self, event: asyncio.Event) -> None:
+        """`event`, or the client's own error if it ends first."""
+        ended = asyncio.ensure_future(self.ended.wait())
+        waiting = asyncio.ensure_future(event.wait())
+        try:
+            async with asyncio.timeout(FIRST_FRAME_TIMEOUT_S):
+                await asyncio.wait((ended, waiting), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            ended.cancel()
+            waiting.cancel()
+        if not event.is_set():
+            raise RuntimeError(f"{' '.join(self.args[2:4])}: {self.error or 'ended early'}")
+
+    async def stop(self) -> None:
+        """Ctrl-C (the script leaves with DELETE), then wait for it."""
+        if self.process is None:
+            return
+        if self.process.returncode is None:
+            self.process.send_signal(signal.SIGINT)
+            try:
+                await asyncio.wait_for(self.process.wait(), 10)
+            except TimeoutError:
+                self.process.kill()
+                await self.process.wait()
+        if self._reader is not None:
+            await self._reader
+
+
+async def run_gstreamer_case(case: Case, service: Process) -> dict[str, Any]:
+    """A GStreamer publisher (frames painted with their index, pushed at 30 fps) into a fresh
+    `noop` session, one GStreamer viewer out of it; both are subprocesses of this one."""
+    target = await open_session(service)
+    lasts = FIRST_FRAME_TIMEOUT_S + WARMUP_S + case.seconds + TAIL_S + 10
+    common = ("--codec", case.codec, "--seconds", str(lasts))
+    publisher = GstClient(
+        "publish", target.whip_url, *common, "--source", "numbered", "--size", str(case.size)
+    )
+    # No jitter buffer (GStreamer's default holds 200 ms): frames go to the decoder as
+    # their last packet arrives, as a browser's would on a clean loopback.
+    viewer = GstClient("watch", target.whep_url, *common, "--read-index", "--latency", "0")
+    try:
+        await publisher.start()
+        await publisher.until(publisher.connected)
+        await viewer.start()
+        await viewer.until(viewer.first)
+        await asyncio.sleep(WARMUP_S)
+        pids = [publisher.pid, viewer.pid, service.pid]
+        before = await target.status()
+        cpu = [_cpu_seconds(pid) for pid in pids]
+        start = time.monotonic()
+        await asyncio.sleep(case.seconds)
+        end = time.monotonic()
+        cpu = [_cpu_seconds(pid) - used for pid, used in zip(pids, cpu, strict=True)]
+        after = await target.status()
+        await asyncio.sleep(TAIL_S)
+    finally:
+        await viewer.stop()
+        await publisher.stop()
+        await target.end()
+    window = [i for i, t in publisher.times.items() if start <= t < end]
+    delays = [viewer.times[i] - publisher.times[i] for i in window if i in viewer.times]
+    result: dict[str, Any] = {
+        **ms(delays),
+        "fps": round(len(delays) / (end - start), 2),
+        "sent": len(window),
+        "lost": len(window) - len(delays),
+        "client_cpu_cores": round((cpu[0] + cpu[1]) / (end - start), 3),
+        "cpu_cores": round(cpu[2] / (end - start), 3),
+    }
+    if before and after:
+        result["service"] = {
+            k: after.get(k, 0) - before.get(k, 0)
+            for k in ("frames_in", "frames_out", "frames_dropped")
+        }
+    return result
+
+
 # -- the relay helper (its own process) ------------------------------------------------------
 
 
@@ -422,12 +575,19 @@ def serve_relay(port: int) -> None:
 # -- the run -----------------------------------------------------------------------------------
 
 
-def _line(codec: str, name: str, viewers: int, r: dict[str, Any], base: dict[str, Any]) -> str:
+def _line(
+    codec: str,
+    name: str,
+    viewers: int,
+    r: dict[str, Any],
+    base: dict[str, Any],
+    against: str = "relay",
+) -> str:
     server = "" if r["cpu_cores"] is None else f"server CPU {r['cpu_cores']:.2f} cores  "
     ratio = ""
     if base is not r:
         ratio = (
-            f"  vs relay: p50 x{r['p50_ms'] / base['p50_ms']:.2f}, "
+            f"  vs {against}: p50 x{r['p50_ms'] / base['p50_ms']:.2f}, "
             f"CPU x{r['cpu_cores'] / base['cpu_cores']:.2f}"
         )
     if "service" in r:
@@ -452,6 +612,11 @@ async def main(args: argparse.Namespace) -> None:
         f"viewer_framing={'marker' if args.browser_viewers else 'aiortc'}",
         flush=True,
     )
+    gstreamer = None if args.no_gstreamer else gstreamer_missing()
+    if args.no_gstreamer:
+        gstreamer = "--no-gstreamer"
+    elif gstreamer is not None:
+        print(f"# GStreamer client left out: {gstreamer}", flush=True)
     results: dict[str, Any] = {}
     async with service_process() as service, relay_process() as relay:
         for codec in codecs:
@@ -469,6 +634,14 @@ async def main(args: argparse.Namespace) -> None:
                 session = await run_case(case, service, await open_session(service))
                 print(_line(codec, "session", viewers, session, base), flush=True)
                 results[codec][f"viewers_{viewers}"] = {"relay": base, "session": session}
+            if gstreamer is None:
+                # The same session path with GStreamer's webrtcbin at both ends (publisher
+                # and one viewer), beside the aiortc clients' figure above.
+                case = Case(codec, args.size, 1, args.seconds)
+                gst = await run_gstreamer_case(case, service)
+                aiortc_session = results[codec][f"viewers_{counts[0]}"]["session"]
+                print(_line(codec, "gst", 1, gst, aiortc_session, "aiortc session"), flush=True)
+                results[codec]["gstreamer"] = gst
     if args.json:
         print(json.dumps(results))
 
@@ -486,6 +659,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="viewers end each frame on its RTP marker bit, as browsers do, not one frame later "
         "as aiortc does (the servers' receivers are unchanged)",
+    )
+    parser.add_argument(
+        "--no-gstreamer",
+        action="store_true",
+        help="leave out the GStreamer client case (examples/gstreamer_webrtc.py)",
     )
     parser.add_argument("--json", action="store_true", help="all figures as one JSON line")
     parser.add_argument("--relay-helper", type=int, metavar="PORT", help=argparse.SUPPRESS)

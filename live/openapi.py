@@ -123,8 +123,10 @@ SERVICE = ("service",)
 WEBRTC = ("webrtc",)
 TRICKLE_TAG = ("trickle",)
 WHIP_HEADERS = (
-    ("Location", "The WebRTC resource, to DELETE to end this peer."),
+    ("Location", "The WebRTC resource, to DELETE to end this peer and PATCH to trickle ICE."),
     ("Link", "The ICE servers (RFC 9725), and for WHIP the session's WHEP URL."),
+    ("ETag", "The ICE session's entity-tag, for If-Match on PATCH (RFC 9725 §4.3.1)."),
+    ("Accept-Patch", "application/trickle-ice-sdpfrag"),
 )
 
 
@@ -305,6 +307,39 @@ def live_operations(trickle_base_path: str = "/trickle/") -> list[Operation]:
             description="End a WHIP or WHEP peer (the `Location` of its answer).",
             response_type="",
             errors=(404, 500),
+            path_params=(("peer", "The peer id."),),
+            auth=False,
+            tags=WEBRTC,
+        ),
+        Operation(
+            method="PATCH",
+            path="/webrtc/{peer}",
+            operation_id="trickleWebrtcPeer",
+            summary="Trickle ICE to WebRTC Peer",
+            description="Add the client's ICE candidates (RFC 9725 §4.3): an RFC 8840 "
+            "fragment, with If-Match naming the answer's ETag (428 without, 412 for another). "
+            "An ICE restart (new ufrag/pwd) is refused with 422: not supported.",
+            request_type="application/trickle-ice-sdpfrag",
+            response_type="",
+            status=204,
+            errors=(400, 404, 412, 415, 428, 500, 422),
+            path_params=(("peer", "The peer id."),),
+            auth=False,
+            tags=WEBRTC,
+        ),
+        Operation(
+            method="OPTIONS",
+            path="/webrtc/{peer}",
+            operation_id="optionsWebrtcPeer",
+            summary="WebRTC Peer Options",
+            description="What the resource takes: DELETE, and PATCH with trickle ICE.",
+            response_type="",
+            status=204,
+            response_headers=(
+                ("Allow", "DELETE, OPTIONS, PATCH"),
+                ("Accept-Patch", "application/trickle-ice-sdpfrag"),
+            ),
+            errors=(500,),
             path_params=(("peer", "The peer id."),),
             auth=False,
             tags=WEBRTC,

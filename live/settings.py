@@ -93,6 +93,13 @@ class Settings(BaseModel):
         "whose URLs a start request may name; empty: runner mode off, only standalone sessions",
     )
     max_viewers: int = Field(4, ge=1, description="WHEP viewers per session (429 beyond)")
+    webrtc_max_candidates: int = Field(
+        32,
+        ge=1,
+        le=1000,
+        description="ICE candidates a WHIP or WHEP client may trickle per connection "
+        "(PATCH; 400 beyond)",
+    )
     ice_servers: str = Field(
         "",
         description="STUN/TURN URLs for WebRTC, comma-separated (none: host candidates only, "

@@ -28,13 +28,16 @@ from aiortc import (
     RTCPeerConnection,
     RTCSessionDescription,
 )
+from aiortc import sdp as aiortc_sdp
 from aiortc.mediastreams import MediaStreamError
+from aiortc.sdp import candidate_from_sdp
 from av.video.frame import PictureType
 
 from protocol.media import CLOCK, TIME_BASE, AudioPacket, VideoFrame, to_rgb
 
 from .edges import FrameSink, FrameSource, MediaContext, MediaItem, OutputClosed, OutputFrame
 from .ice import IceSettings
+from .sdpfrag import Fragment
 from .slot import LatestSlot, put_dropping_oldest
 from .threads import run_in
 
@@ -497,6 +500,29 @@ class SharedVideoSink(FrameSink):
         self._thread.shutdown(wait=False)
 
 
+def take_dtls_server_role(pc: RTCPeerConnection, offer: aiortc_sdp.SessionDescription) -> None:
+    """Answer `a=setup:passive` to an offer that leaves the DTLS role to us (`actpass`), and
+    really be the DTLS server, as WHIP endpoints commonly are.
+
+    aiortc answers `active` (it is the DTLS client) unless its transport already has a role,
+    and as a client it offers only ECDHE-ECDSA ciphers: a client whose DTLS server holds an
+    RSA certificate (GStreamer's webrtcbin) finds "no shared cipher". As the server aiortc
+    presents its own ECDSA certificate, which every WebRTC stack accepts. The role is set on
+    this connection's transports between the offer and the answer, the one window where
+    aiortc keeps a role that is already set (createAnswer writes it into the answer and
+    setLocalDescription applies it): no aiortc code is replaced. An offer that says `active`
+    already made aiortc the server; one that says `passive` keeps aiortc the client.
+    """
+    if any(media.dtls is not None and media.dtls.role == "server" for media in offer.media):
+        return  # the client insists on being the DTLS server: stay the client
+    transports = {id(t.receiver.transport): t.receiver.transport for t in pc.getTransceivers()}
+    if pc.sctp is not None:
+        transports[id(pc.sctp.transport)] = pc.sctp.transport
+    for transport in transports.values():
+        if transport.state == "new":
+            transport._set_role("server")  # aiortc's own setter, used by setRemoteDescription
+
+
 @dataclass
 class Peer:
     id: str
@@ -505,6 +531,12 @@ class Peer:
     pc: RTCPeerConnection
     sink: WhepSink | None = None
     closed: asyncio.Event = field(default_factory=asyncio.Event)
+    etag: str = field(default_factory=lambda: f'"{secrets.token_hex(8)}"')
+    """The strong entity-tag of the ICE session (RFC 9725 §4.3.1): PATCHes must name it."""
+    remote_ice: tuple[str, str] = ("", "")
+    """The client's ICE ufrag and password from its offer; others in a PATCH are a restart."""
+    trickled: int = 0
+    """Remote candidates received by PATCH so far (bounded by --webrtc-max-candidates)."""
 
 
 class Peers:
@@ -580,15 +612,39 @@ class Peers:
         self, peer: Peer, offer: str, before_answer: Callable[[], None] = lambda: None
     ) -> str:
         try:
+            description = aiortc_sdp.SessionDescription.parse(offer)
             await peer.pc.setRemoteDescription(RTCSessionDescription(offer, "offer"))
+            take_dtls_server_role(peer.pc, description)
+            ice = next((m.ice for m in description.media if m.ice is not None), None)
+            if ice is not None:
+                peer.remote_ice = (ice.usernameFragment or "", ice.password or "")
             before_answer()
             # aiortc gathers every candidate before it returns: the answer is complete
-            # (no trickle ICE needed from the client).
+            # (the client may still trickle its own candidates: `trickle`).
             await peer.pc.setLocalDescription(await peer.pc.createAnswer())
         except Exception:
             await self.close(peer.id)
             raise
         return peer.pc.localDescription.sdp
+
+    async def trickle(self, peer: Peer, fragment: Fragment) -> None:
+        """Add a client's trickled candidates (and its end-of-candidates) to its connection.
+        Candidates aiortc cannot use (TCP, another transport's, after end-of-candidates) are
+        dropped silently, as RFC 9725 §4.3.2 asks."""
+        mids = [t.mid for t in peer.pc.getTransceivers()]
+        for item in fragment.candidates:
+            candidate = candidate_from_sdp(item.line)
+            candidate.sdpMid = item.mid
+            candidate.sdpMLineIndex = item.mline_index
+            if item.mid is None and item.mline_index < len(mids):
+                candidate.sdpMid = mids[item.mline_index]
+            if candidate.protocol.lower() != "udp":
+                continue
+            with contextlib.suppress(ValueError):  # aioice: after end-of-candidates
+                await peer.pc.addIceCandidate(candidate)
+        if fragment.end_of_candidates:
+            with contextlib.suppress(ValueError):
+                await peer.pc.addIceCandidate(None)
 
     def _schedule_close(self, peer_id: str) -> None:
         task = asyncio.ensure_future(self.close(peer_id))

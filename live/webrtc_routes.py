@@ -21,37 +21,55 @@ from protocol.errors import (
     InvalidFields,
     InvalidRequest,
     NotFound,
+    ServiceError,
     TooBusy,
     UnsupportedMediaType,
 )
 
 from .keys import SESSIONS, SETTINGS
 from .routes import check_auth, public_origin
+from .sdpfrag import TRICKLE_ICE, parse_fragment
 from .session import LiveSession
 from .webrtc import Peer
 
 SDP = "application/sdp"
 MAX_SDP_BYTES = 64 * 1024
+"""The largest SDP offer or trickle-ICE fragment taken (a browser's offer is 5-10 KiB)."""
+
+
+class PreconditionFailed(ServiceError):
+    status = 412
+
+
+class PreconditionRequired(ServiceError):
+    status = 428
+
+
+async def _read_sdp(request: web.Request, what: str) -> str:
+    if (request.content_length or 0) > MAX_SDP_BYTES:
+        raise InvalidRequest(f"{what} over {MAX_SDP_BYTES} bytes")
+    body = await request.content.read(MAX_SDP_BYTES + 1)
+    if len(body) > MAX_SDP_BYTES:
+        raise InvalidRequest(f"{what} over {MAX_SDP_BYTES} bytes")
+    return body.decode("utf-8", errors="replace")
 
 
 async def read_offer(request: web.Request) -> str:
     if request.content_type != SDP:
         raise UnsupportedMediaType(f"send the SDP offer as {SDP}")
-    if (request.content_length or 0) > MAX_SDP_BYTES:
-        raise InvalidRequest(f"an SDP offer over {MAX_SDP_BYTES} bytes")
-    body = await request.content.read(MAX_SDP_BYTES + 1)
-    if len(body) > MAX_SDP_BYTES:
-        raise InvalidRequest(f"an SDP offer over {MAX_SDP_BYTES} bytes")
-    offer = body.decode("utf-8", errors="replace")
+    offer = await _read_sdp(request, "an SDP offer")
     if "v=0" not in offer or "m=" not in offer:
         raise InvalidRequest("the body is not an SDP offer (no v= or m= line)")
     return offer
 
 
-def _created(request: web.Request, answer: str, peer_id: str, links: list[str]) -> web.Response:
+def _created(request: web.Request, answer: str, peer: Peer, links: list[str]) -> web.Response:
     ice = request.app[SETTINGS].ice().link_headers()
     response = web.Response(
-        status=201, text=answer, content_type=SDP, headers={"Location": f"/webrtc/{peer_id}"}
+        status=201,
+        text=answer,
+        content_type=SDP,
+        headers={"Location": f"/webrtc/{peer.id}", "ETag": peer.etag, "Accept-Patch": TRICKLE_ICE},
     )
     for link in [*ice, *links]:
         response.headers.add("Link", link)
@@ -77,7 +95,7 @@ async def _publish(
             await peers.close(peer.id)
     peer, answer = await _negotiate(peers.publish(session.id, whip, offer))
     whep = f"{public_origin(request)}/whep/{session.channels.get('output', '')}"
-    return _created(request, answer, peer.id, [f'<{whep}>; rel="urn:ietf:params:whep"'])
+    return _created(request, answer, peer, [f'<{whep}>; rel="urn:ietf:params:whep"'])
 
 
 async def _play(request: web.Request, session: LiveSession) -> web.Response:
@@ -92,7 +110,7 @@ async def _play(request: web.Request, session: LiveSession) -> web.Response:
         )
     offer = await read_offer(request)
     peer, answer = await _negotiate(peers.play(session.id, offer, session.add_sink))
-    return _created(request, answer, peer.id, [])
+    return _created(request, answer, peer, [])
 
 
 async def _negotiate(negotiation: Awaitable[tuple[Peer, str]]) -> tuple[Peer, str]:
@@ -154,6 +172,65 @@ async def delete_peer(request: web.Request) -> web.Response:
     return web.Response(status=200)
 
 
+def _check_if_match(request: web.Request, peer: Peer) -> None:
+    # RFC 9725 §4.3.1: PATCHes may arrive out of order, so each names the ICE session it was
+    # meant for; a missing tag is 428, another session's (or a weak one) 412.
+    header = request.headers.get("If-Match")
+    if header is None:
+        raise PreconditionRequired(
+            "send If-Match with the ETag of the WHIP or WHEP answer (or * for an ICE restart)"
+        )
+    tags = [tag.strip() for tag in header.split(",")]
+    if "*" not in tags and peer.etag not in tags:
+        raise PreconditionFailed(
+            "If-Match does not name this connection's ICE session (its ETag is in the answer)"
+        )
+
+
+async def patch_peer(request: web.Request) -> web.Response:
+    """Trickle ICE (RFC 9725 §4.3): the client's late candidates, 204. ICE restarts are
+    refused with 422, as the RFC asks of a session that trickles but cannot restart (aiortc
+    has no ICE restart); the connection goes on with its current ICE session."""
+    peer = request.app[SESSIONS].peers.peers.get(request.match_info["peer"])
+    if peer is None:
+        raise NotFound("no such WHIP or WHEP session")
+    _check_if_match(request, peer)
+    if request.content_type != TRICKLE_ICE:
+        raise UnsupportedMediaType(f"send ICE candidates as {TRICKLE_ICE}")
+    fragment = parse_fragment(await _read_sdp(request, "an SDP fragment"))
+    ufrag, pwd = peer.remote_ice
+    if (fragment.ufrag is not None and fragment.ufrag != ufrag) or (
+        fragment.pwd is not None and fragment.pwd != pwd
+    ):
+        # 422 in the service's validation shape (`detail` a list), as the document says.
+        raise InvalidFields(
+            [
+                {
+                    "loc": ["body", "ice-ufrag"],
+                    "msg": "ICE restarts are not supported: new ICE credentials in a PATCH "
+                    "are refused; the connection keeps its ICE session (POST again to start "
+                    "a new one)",
+                    "type": "ice_restart",
+                }
+            ]
+        )
+    limit = request.app[SETTINGS].webrtc_max_candidates
+    if peer.trickled + len(fragment.candidates) > limit:
+        raise InvalidRequest(
+            f"more than {limit} trickled ICE candidates for one connection "
+            "(--webrtc-max-candidates)"
+        )
+    peer.trickled += len(fragment.candidates)  # before any await: PATCHes may overlap
+    await request.app[SESSIONS].peers.trickle(peer, fragment)
+    return web.Response(status=204)
+
+
+async def peer_options(request: web.Request) -> web.Response:
+    return web.Response(
+        status=204, headers={"Allow": "DELETE, OPTIONS, PATCH", "Accept-Patch": TRICKLE_ICE}
+    )
+
+
 async def options(request: web.Request) -> web.Response:
     # RFC 9725 §4.4: OPTIONS may be used for CORS preflight and to learn the ICE servers.
     response = web.Response(status=204, headers={"Accept-Post": SDP, "Allow": "OPTIONS, POST"})
@@ -170,6 +247,8 @@ def add_webrtc_routes(app: web.Application) -> None:
     router.add_post("/whip/{channel}", post_whip_capability)
     router.add_post("/whep/{channel}", post_whep_capability)
     router.add_delete("/webrtc/{peer}", delete_peer)
+    router.add_patch("/webrtc/{peer}", patch_peer)
+    router.add_route("OPTIONS", "/webrtc/{peer}", peer_options)
     for path in (
         "/live-video-to-video/whip",
         "/live-video-to-video/{id}/whip",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from fractions import Fraction
 
 import aiohttp
@@ -412,3 +413,197 @@ def test_a_bad_udp_port_range_is_refused() -> None:
 
     with pytest.raises(ValueError, match="webrtc-udp-ports"):
         create_app(Settings(webrtc_udp_ports="9000-8000"))
+
+
+def setup_of(sdp: str) -> set[str]:
+    return {line.split(":", 1)[1] for line in sdp.splitlines() if line.startswith("a=setup:")}
+
+
+@pytest.mark.parametrize(("offered", "answered"), [("actpass", "passive"), ("passive", "active")])
+async def test_the_service_is_the_dtls_server_unless_the_client_insists(
+    rtc_service, offered: str, answered: str
+) -> None:
+    # A client that leaves the role open (browsers, GStreamer, OBS) gets `passive`: the
+    # service is the DTLS server. One that must be the server itself is answered `active`.
+    client = await rtc_service()
+    info = await start_session(client, model_id="noop")
+    publisher = peer()
+    publisher.addTrack(NumberedTrack())
+    viewer = Viewer(info["subscribe_url"])
+    reading = asyncio.create_task(viewer.run())
+    try:
+        await publisher.setLocalDescription(await publisher.createOffer())
+        offer = publisher.localDescription.sdp.replace("a=setup:actpass", f"a=setup:{offered}")
+        async with aiohttp.ClientSession() as http:
+            async with http.post(
+                info["whip_url"], data=offer, headers={"Content-Type": "application/sdp"}
+            ) as response:
+                answer = await response.text()
+                assert response.status == 201, answer
+        assert setup_of(answer) == {answered}
+        await publisher.setRemoteDescription(RTCSessionDescription(answer, "answer"))
+        await viewer.wait_frames(10)  # DTLS completed with those roles: media flows
+    finally:
+        await publisher.close()
+        await client.delete(f"/live-video-to-video/{info['session_id']}")
+        await asyncio.wait_for(reading, WAIT_S)
+
+
+TRICKLE = "application/trickle-ice-sdpfrag"
+
+
+def without_candidates(sdp: str) -> str:
+    return "".join(
+        line + "\r\n"
+        for line in sdp.splitlines()
+        if not line.startswith(("a=candidate:", "a=end-of-candidates"))
+    )
+
+
+def trickle_fragment(offer: str) -> str:
+    """RFC 8840's fragment for the candidates of `offer`'s first m-section (max-bundle)."""
+    lines = offer.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("m="))
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("m=")), len(lines))
+    section = lines[start:end]
+    keep = [line for line in section if line.startswith(("a=ice-ufrag:", "a=ice-pwd:", "a=mid:"))]
+    candidates = [line for line in section if line.startswith("a=candidate:")]
+    return "\r\n".join([section[0], *keep, *candidates, "a=end-of-candidates", ""])
+
+
+async def patch(url: str, body: str, headers: dict[str, str]) -> tuple[int, str, dict[str, str]]:
+    async with aiohttp.ClientSession() as http:
+        async with http.patch(url, data=body, headers=headers) as response:
+            return response.status, await response.text(), dict(response.headers)
+
+
+async def test_a_whip_publisher_connects_through_trickled_candidates(rtc_service) -> None:
+    client = await rtc_service()
+    info = await start_session(client, model_id="noop")
+    publisher = peer()
+    publisher.addTrack(NumberedTrack())
+    viewer = Viewer(info["subscribe_url"])
+    reading = asyncio.create_task(viewer.run())
+    try:
+        await publisher.setLocalDescription(await publisher.createOffer())
+        offer = publisher.localDescription.sdp
+        async with aiohttp.ClientSession() as http:
+            async with http.post(
+                info["whip_url"],
+                data=without_candidates(offer),  # the offer goes before any candidate
+                headers={"Content-Type": "application/sdp"},
+            ) as response:
+                answer = await response.text()
+                assert response.status == 201, answer
+                etag = response.headers["ETag"]
+                assert response.headers["Accept-Patch"] == TRICKLE
+                resource = absolute(client, response.headers["Location"])
+        # Without the service's candidates the publisher cannot start checks itself: the
+        # connection comes up only if the service checks the candidates trickled to it.
+        await publisher.setRemoteDescription(
+            RTCSessionDescription(without_candidates(answer), "answer")
+        )
+        status, body, headers = await patch(
+            resource, trickle_fragment(offer), {"Content-Type": TRICKLE, "If-Match": etag}
+        )
+        assert status == 204 and body == "" and "ETag" not in headers
+        await viewer.wait_frames(10)
+        server_peer = client.app[SESSIONS].peers.peers[resource.rsplit("/", 1)[1]]
+        assert server_peer.trickled >= 1
+    finally:
+        await publisher.close()
+        await client.delete(f"/live-video-to-video/{info['session_id']}")
+        await asyncio.wait_for(reading, WAIT_S)
+
+
+async def test_patch_refusals_follow_rfc_9725(rtc_service) -> None:
+    client = await rtc_service(webrtc_max_candidates=2)
+    info = await start_session(client, model_id="noop")
+    publisher = peer()
+    publisher.addTrack(NumberedTrack())
+    watcher = Watcher()
+    try:
+        await negotiate(publisher, info["whip_url"])
+        await watcher.pc.setLocalDescription(await watcher.pc.createOffer())
+        offer = watcher.pc.localDescription.sdp
+        async with aiohttp.ClientSession() as http:
+            async with http.post(
+                info["whep_url"], data=offer, headers={"Content-Type": "application/sdp"}
+            ) as response:
+                answer = await response.text()
+                assert response.status == 201, answer
+                etag = response.headers["ETag"]
+                assert etag.startswith('"') and response.headers["Accept-Patch"] == TRICKLE
+                resource = absolute(client, response.headers["Location"])
+        await watcher.pc.setRemoteDescription(RTCSessionDescription(answer, "answer"))
+        await watcher.wait_frames(5)
+        fragment = trickle_fragment(offer)
+        frag = {"Content-Type": TRICKLE}
+
+        async def refused(status: int, body: str, headers: dict[str, str], words: str) -> None:
+            got, text, _ = await patch(resource, body, headers)
+            assert got == status, text
+            detail = json.loads(text)["detail"]
+            assert words in (detail[0] if status == 422 else detail)["msg"]
+
+        await refused(428, fragment, frag, "If-Match")
+        await refused(412, fragment, {**frag, "If-Match": '"not-this-one"'}, "ETag")
+        await refused(412, fragment, {**frag, "If-Match": f"W/{etag}"}, "ETag")
+        await refused(415, fragment, {"Content-Type": "application/sdp", "If-Match": etag}, TRICKLE)
+        ok = {**frag, "If-Match": etag}
+        await refused(400, "hello", ok, "line 1")
+        await refused(400, "a=candidate:1 1 udp x 127.0.0.1 9 typ host\r\n", ok, "candidate")
+        await refused(400, "a=ice-options:trickle\r\n", ok, "no ICE candidate")
+        await refused(400, "a=x:" + "y" * 70_000, ok, "bytes")
+        many = "".join(
+            f"a=candidate:{n} 1 udp 2122260223 127.0.0.1 {40000 + n} typ host\r\n" for n in range(3)
+        )
+        await refused(400, many, ok, "--webrtc-max-candidates")
+        # An ICE restart (new credentials, If-Match: *) is refused; the connection goes on.
+        restart = "\r\n".join(
+            [
+                "a=ice-ufrag:newU",
+                "a=ice-pwd:" + "p" * 24,
+                "m=video 9 UDP/TLS/RTP/SAVPF 96",
+                "a=mid:0",
+                "",
+            ]
+        )
+        await refused(422, restart, {**frag, "If-Match": "*"}, "ICE restarts are not supported")
+        before = len(watcher.indices)
+        await watcher.wait_frames(before + 10)
+        # Candidates it already has, trickled again, are taken (and counted against the bound).
+        status, _, _ = await patch(resource, fragment, ok)
+        assert status == 204
+        status, _, _ = await patch(resource + "0", fragment, ok)
+        assert status == 404
+        async with aiohttp.ClientSession() as http:
+            async with http.options(resource) as response:
+                assert response.status == 204
+                assert response.headers["Accept-Patch"] == TRICKLE
+                assert "PATCH" in response.headers["Allow"]
+    finally:
+        await watcher.close()
+        await publisher.close()
+        await client.delete(f"/live-video-to-video/{info['session_id']}")
+
+
+def test_a_trickle_fragment_is_read_per_m_section() -> None:
+    from live.sdpfrag import parse_fragment
+
+    fragment = parse_fragment(
+        "a=ice-ufrag:EsAw\r\na=ice-pwd:P2uYro0UCOQ4zxjKXaWCBui1\r\n"
+        "m=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=mid:0\r\n"
+        "a=candidate:1 1 udp 2122260223 192.0.2.1 61764 typ host generation 0 ufrag EsAw\r\n"
+        "m=video 9 UDP/TLS/RTP/SAVPF 96\r\na=mid:1\r\n"
+        "a=candidate:2 1 udp 1686052607 198.51.100.2 61765 typ srflx raddr 192.0.2.1 rport 9\r\n"
+        "a=end-of-candidates\r\n"
+    )
+    assert (fragment.ufrag, fragment.pwd) == ("EsAw", "P2uYro0UCOQ4zxjKXaWCBui1")
+    assert [(c.mid, c.mline_index) for c in fragment.candidates] == [("0", 0), ("1", 1)]
+    assert fragment.candidates[1].line.endswith("rport 9") and fragment.end_of_candidates
+    # Without m= lines the candidates belong to the first m-section (the bundle's).
+    bare = parse_fragment("a=candidate:1 1 udp 1 127.0.0.1 9 typ host\n")
+    assert [(c.mid, c.mline_index) for c in bare.candidates] == [(None, 0)]
+    with pytest.raises(ValueError, match=r"line 1 .* not an ICE candidate"):
+        parse_fragment("a=candidate:1 1 udp 1 127.0.0.1 9 typ srflx raddr 1.2.3.4 rport x\n")
