@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 
 from .headers import LATEST_SEQ, NEXT_SEQ
 
@@ -22,13 +22,16 @@ RING_SIZE = 5
 class Segment:
     """One published unit: chunks appended by one publisher, read from byte 0 by any reader."""
 
-    __slots__ = ("_changed", "chunks", "closed", "seq", "size")
+    __slots__ = ("_changed", "_on_close", "chunks", "closed", "seq", "size", "writer")
 
     def __init__(self, seq: int) -> None:
         self.seq = seq
         self.chunks: list[bytes] = []
         self.size = 0
         self.closed = False
+        self.writer: object | None = None
+        """The publisher whose first byte claimed this segment (Channel.claim); None before."""
+        self._on_close: list[Callable[[], None]] | None = None
         # One event per generation: set on every change, then replaced, so a waiter that is
         # cancelled never disturbs the others (awaiting a shared future would cancel it).
         self._changed: asyncio.Event | None = None
@@ -47,6 +50,26 @@ class Segment:
         if not self.closed:
             self.closed = True
             self._notify()
+            callbacks, self._on_close = self._on_close, None
+            for callback in callbacks or ():
+                callback()
+
+    @contextlib.contextmanager
+    def on_close(self, callback: Callable[[], None]) -> Iterator[None]:
+        """Call `callback` if the segment is closed while the block runs (at once if it already
+        is): a POST waiting for its first byte is woken this way without a task of its own."""
+        if self.closed:
+            callback()
+            yield
+            return
+        if self._on_close is None:
+            self._on_close = []
+        self._on_close.append(callback)
+        try:
+            yield
+        finally:
+            if self._on_close is not None and callback in self._on_close:
+                self._on_close.remove(callback)
 
     def _notify(self) -> None:
         event, self._changed = self._changed, None
@@ -117,6 +140,7 @@ class Channel:
         # every one of them and answer only after they have been answered.
         self._parked: list[Segment] = []
         self._unparked: asyncio.Event | None = None
+        self._on_close: list[Callable[[], None]] = []
 
     # -- seq resolution -------------------------------------------------------------------------
 
@@ -165,6 +189,30 @@ class Channel:
             return fresh
         return None
 
+    def claim(self, segment: Segment, writer: object) -> Segment:
+        """The segment that `writer`'s first byte goes into, marked written.
+
+        `segment` itself, unless another publisher already claimed it: then a fresh segment at
+        the live edge. Two publishers on one seq happen with clients that mix `-1` and explicit
+        seqs (a POST to -1 is filed at next_write, and the client's next explicit seq can be
+        that same number): go-livepeer appends both bodies into one segment, whose readers
+        then see the second one cut short or not at all. Here the later body becomes the next
+        segment and its answer's Lp-Trickle-Seq says where it went.
+        """
+        if segment.writer is None or segment.writer is writer:
+            segment.writer = writer
+            self.mark_written(segment.seq)
+            return segment
+        seq = self.next_write
+        while True:
+            target = self.get_for_write(seq)
+            if target.writer is None:
+                break
+            seq += 1
+        target.writer = writer
+        self.mark_written(seq)
+        return target
+
     def mark_written(self, seq: int) -> None:
         """Record a first byte (or an empty completion) on `seq`.
 
@@ -193,9 +241,21 @@ class Channel:
             if found is not None and found.seq < seq:
                 found.close()
 
+    @contextlib.contextmanager
+    def on_close(self, callback: Callable[[], None]) -> Iterator[None]:
+        """Call `callback` if the channel is closed while the block runs: an upload in progress
+        learns of it without a task of its own."""
+        self._on_close.append(callback)
+        try:
+            yield
+        finally:
+            self._on_close.remove(callback)
+
     def close(self) -> None:
         """Close every segment, releasing all waiting readers and preconnected publishers."""
         self.closed = True
+        for callback in list(self._on_close):
+            callback()
         for found in self.ring:
             if found is not None:
                 found.close()
