@@ -312,6 +312,8 @@ class _Routes:
             return None, _forbidden("this channel is written by the service only")
         if access == "read" and not channel.outside_reads:
             return None, _forbidden("this channel is read by the service only")
+        if access == "read or write" and not (channel.outside_reads or channel.outside_writes):
+            return None, _forbidden("this channel is read and written by the service only")
         return channel, None
 
     def _seq(self, request: web.Request, lowest: int) -> tuple[int | None, web.Response | None]:
@@ -332,6 +334,20 @@ class _Routes:
         problem = self.server.check_name(name)
         if problem:
             return _text(400, problem)
+        if await self._has_body(request):
+            # Ours: go-livepeer reads nothing here and answers 200, so a client that publishes
+            # to the channel URL itself (`ffmpeg -method POST $URL`) loses every byte silently.
+            segment_url = request.url.with_path(request.path.rstrip("/") + "/-1")
+            response = web.json_response(
+                {
+                    "detail": f"POST {request.path} creates the channel and takes no body; "
+                    f"publish a segment to {segment_url} (the next seq) or to "
+                    f"{request.url}/<seq>"
+                },
+                status=400,
+            )
+            response.force_close()
+            return response
         if self.server.get(name) is not None:
             return web.Response(status=200)
         if not self.config.autocreate:
@@ -342,6 +358,20 @@ class _Routes:
         except ChannelRefused as exc:
             return _text(exc.status, str(exc))
         return web.Response(status=200)
+
+    async def _has_body(self, request: web.Request) -> bool:
+        """Whether a POST to the create route carries bytes: a Content-Length above 0, or a
+        chunked body whose first chunk is not its end (waited for no longer than a keepalive
+        interval; a chunked body that stays silent that long counts as one)."""
+        if request.content_length is not None:
+            return request.content_length > 0
+        if "chunked" not in request.headers.get("Transfer-Encoding", "").lower():
+            return False
+        try:
+            async with asyncio.timeout(self.config.keepalive_interval_s):
+                return bool(await request.content.readany())
+        except TimeoutError:
+            return True
 
     async def delete_channel(self, request: web.Request) -> web.Response:
         name = request.match_info["channel"]
@@ -374,7 +404,9 @@ class _Routes:
         return web.Response(status=200)
 
     async def get_next(self, request: web.Request) -> web.Response:
-        channel, error = self._channel(request)
+        # The publisher's question as much as the subscriber's: Livepeer's gateway SDK asks it
+        # before its first POST, so it is answered to whoever may read or write the channel.
+        channel, error = self._channel(request, "read or write")
         if channel is None:
             return error  # type: ignore[return-value]
         extra = {h.LATEST: str(channel.next_write)}
