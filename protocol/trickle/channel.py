@@ -17,6 +17,8 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from .headers import LATEST_SEQ, NEXT_SEQ
 
 RING_SIZE = 5
+MAX_READERS_FOLLOWED = 64
+"""Readers whose next request a channel remembers (Channel.wait_for_readers); the oldest go."""
 
 
 class Segment:
@@ -141,6 +143,9 @@ class Channel:
         self._parked: list[Segment] = []
         self._unparked: asyncio.Event | None = None
         self._on_close: list[Callable[[], None]] = []
+        # The seq each recent reader will ask for next, and when it asked for the one before.
+        self._wanted: list[tuple[int, float]] = []
+        self._reader_moved: asyncio.Event | None = None
 
     # -- seq resolution -------------------------------------------------------------------------
 
@@ -179,6 +184,7 @@ class Channel:
         (or seq 1 on a fresh channel, go-livepeer's grace case); None means 470."""
         found = self.segment(seq)
         if found is not None:
+            self._note_reader(seq)
             return found
         if self.closed:
             return None
@@ -186,8 +192,51 @@ class Channel:
             # livepeer-compat: pre-creation replaces the slot occupant without closing it
             # (protocol/trickle.md §1.3.3 step 3); a reader attached to it keeps its object.
             fresh = self.ring[seq % RING_SIZE] = Segment(seq)
+            self._note_reader(seq)
             return fresh
         return None
+
+    # -- readers a publisher waits for ----------------------------------------------------------
+
+    def _note_reader(self, seq: int) -> None:
+        """A reader asked for `seq`: it will ask for `seq + 1` next, if it reads in order."""
+        now = time.monotonic()
+        wanted = self._wanted
+        for index, (want, _) in enumerate(wanted):
+            if want == seq:
+                wanted[index] = (seq + 1, now)
+                break
+        else:
+            wanted.append((seq + 1, now))
+            if len(wanted) > MAX_READERS_FOLLOWED:
+                del wanted[0]
+        if self._reader_moved is not None:
+            self._reader_moved.set()
+            self._reader_moved = None
+
+    def _reader_needs(self, seq: int, grace_s: float) -> float | None:
+        """If writing `seq` would push out of the ring a segment that a reader reading in order
+        (one that asked for its predecessor less than `grace_s` ago) has yet to ask for: how
+        long that reader may still take. None when no such reader."""
+        occupant = self.ring[seq % RING_SIZE]
+        if occupant is None or occupant.seq >= seq:
+            return None
+        now = time.monotonic()
+        self._wanted = [(want, at) for want, at in self._wanted if now - at < grace_s]
+        waits = [at + grace_s - now for want, at in self._wanted if want <= occupant.seq]
+        return max(waits) if waits else None
+
+    async def wait_for_readers(self, seq: int, grace_s: float) -> None:
+        """Hold the writer of `seq` while a reader still needs the segment it would push out
+        of the ring, each reader at most `grace_s` after its last request."""
+        while not self.closed and (left := self._reader_needs(seq, grace_s)) is not None:
+            if self._reader_moved is None:
+                self._reader_moved = asyncio.Event()
+            try:
+                async with asyncio.timeout(left):
+                    await self._reader_moved.wait()
+            except TimeoutError:
+                pass
 
     def claim(self, segment: Segment, writer: object) -> Segment:
         """The segment that `writer`'s first byte goes into, marked written.
@@ -256,6 +305,9 @@ class Channel:
         self.closed = True
         for callback in list(self._on_close):
             callback()
+        if self._reader_moved is not None:
+            self._reader_moved.set()
+            self._reader_moved = None
         for found in self.ring:
             if found is not None:
                 found.close()

@@ -47,6 +47,12 @@ class TrickleConfig(BaseModel):
     write_timeout_s: float = Field(
         30.0, gt=0, description="a subscriber that accepts no bytes this long is disconnected"
     )
+    reader_grace_s: float = Field(
+        1.0,
+        ge=0,
+        description="an HTTP publisher a whole ring ahead of a subscriber reading in order "
+        "waits for it, at most this long after the subscriber's last request",
+    )
 
 
 class ChannelRefused(ValueError):
@@ -435,6 +441,14 @@ class _Routes:
         if raw_seq is None:
             return error  # type: ignore[return-value]
         seq = channel.resolve_write_seq(raw_seq)
+        # A publisher bursting segments back to back would push them out of the ring before
+        # a subscriber reading in order asks for them: it waits (its body unread, so TCP holds
+        # it) while such a subscriber keeps asking. In-process writers (a session's output)
+        # never wait: a slow viewer must not hold a session.
+        await channel.wait_for_readers(seq, self.config.reader_grace_s)
+        if channel.closed:
+            # Closed meanwhile: answered as a preconnect released by that close.
+            return await _send_now(request, self._empty_write(channel, seq, None))
         segment = channel.get_for_write(seq)
         if request.headers.get(h.RESET):
             channel.reset_below(seq)
@@ -555,12 +569,12 @@ class _Routes:
                 except (_Released, _ChannelClosed):
                     return b""
 
-    def _empty_write(self, channel: Channel, seq: int, segment: Segment) -> web.Response:
+    def _empty_write(self, channel: Channel, seq: int, segment: Segment | None) -> web.Response:
         # livepeer-compat: a zero-byte write still advances next_write so that readers waiting
         # on the next seq are not stranded (§1.3.2 step 8). A segment another publisher is
         # writing is left to it.
         channel.mark_written(seq)
-        if segment.writer is None:
+        if segment is not None and segment.writer is None:
             segment.close()
         extra = {h.SEQ: str(seq)}
         if channel.closed:

@@ -205,3 +205,25 @@ async def test_a_body_posted_to_the_create_route_is_refused_naming_the_segment_r
     assert (await fetch(http, "POST", c)).status == 200
     assert (await fetch(http, "POST", c, data=b"")).status == 200
     assert CLOSED not in (await fetch(http, "GET", f"{c}/next")).headers
+
+
+async def test_a_reader_that_stops_asking_holds_the_publisher_only_briefly(
+    trickle_factory, http
+) -> None:
+    # The wait for readers is bounded: one that read seq 0 and left delays the publisher by
+    # at most the grace, then the ring moves on without it (seq 1 is gone: 470).
+    host = await trickle_factory(reader_grace_s=0.2)
+    host.server.create_channel("c", "video/MP2T")
+    c = host.url("c")
+    waiting = start_get(http, f"{c}/0")
+    await until(lambda: host.server.get("c").parked_count == 1, "the reader to wait")
+    publisher = PreconnectingPublisher(c, 0)
+    for seq in range(12):
+        await publisher.segment(b"segment %d" % seq)
+    answers = await asyncio.wait_for(publisher.close(), WAIT_S)
+    assert [int(a.headers[SEQ]) for a in answers] == list(range(12))
+    resp = await asyncio.wait_for(waiting, WAIT_S)
+    assert await read_all(resp) == b"segment 0"
+    reply = await fetch(http, "GET", f"{c}/1")
+    assert reply.status == 470
+    assert reply.headers[LATEST] == "12"
