@@ -344,6 +344,7 @@ class _Routes:
             # Ours: go-livepeer reads nothing here and answers 200, so a client that publishes
             # to the channel URL itself (`ffmpeg -method POST $URL`) loses every byte silently.
             segment_url = request.url.with_path(request.path.rstrip("/") + "/-1")
+            logger.info("body posted to the create route refused channel=%s", name)
             response = web.json_response(
                 {
                     "detail": f"POST {request.path} creates the channel and takes no body; "

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import re
 import shutil
@@ -98,3 +99,24 @@ async def test_readme_ffmpeg_recipe_feeds_a_session_and_the_reader_gets_its_outp
     output = tmp_path / "output.ts"
     assert output.exists(), (await reader.stderr.read()).decode()[-2000:]
     assert video_frames(output) >= FRAMES
+
+
+async def test_ffmpeg_posting_to_the_channel_url_itself_is_refused_and_logged(
+    service, tmp_path, caplog
+) -> None:
+    # `-method POST $PUBLISH_URL` (no seq) was answered 200, every byte dropped, nothing
+    # logged. ffmpeg never reads a POST's answer (it exits 0 either way), so the refusal shows
+    # in the service's log, and the 400 names the URL to use (tests/protocol).
+    caplog.set_level(logging.INFO, logger="protocol.trickle.server")
+    client = await service()
+    info = await start_session(client, model_id="noop")
+    session = client.app[SESSIONS].sessions[info["session_id"]]
+    command = (
+        "ffmpeg -nostdin -re -f lavfi -i testsrc=size=320x240:rate=30 -t 2 -c:v libx264 "
+        '-preset ultrafast -f mpegts -method POST "$PUBLISH_URL"'
+    )
+    ffmpeg = await run(command, tmp_path, PUBLISH_URL=info["publish_url"])
+    await asyncio.wait_for(ffmpeg.communicate(), 60)
+    assert "body posted to the create route refused" in caplog.text
+    assert session.stats.frames_in == 0
+    await client.delete(f"/live-video-to-video/{info['session_id']}")
