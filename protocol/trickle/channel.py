@@ -12,23 +12,28 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 
 from .headers import LATEST_SEQ, NEXT_SEQ
 
 RING_SIZE = 5
+MAX_READERS_FOLLOWED = 64
+"""Readers whose next request a channel remembers (Channel.wait_for_readers); the oldest go."""
 
 
 class Segment:
     """One published unit: chunks appended by one publisher, read from byte 0 by any reader."""
 
-    __slots__ = ("_changed", "chunks", "closed", "seq", "size")
+    __slots__ = ("_changed", "_on_close", "chunks", "closed", "seq", "size", "writer")
 
     def __init__(self, seq: int) -> None:
         self.seq = seq
         self.chunks: list[bytes] = []
         self.size = 0
         self.closed = False
+        self.writer: object | None = None
+        """The publisher whose first byte claimed this segment (Channel.claim); None before."""
+        self._on_close: list[Callable[[], None]] | None = None
         # One event per generation: set on every change, then replaced, so a waiter that is
         # cancelled never disturbs the others (awaiting a shared future would cancel it).
         self._changed: asyncio.Event | None = None
@@ -47,6 +52,26 @@ class Segment:
         if not self.closed:
             self.closed = True
             self._notify()
+            callbacks, self._on_close = self._on_close, None
+            for callback in callbacks or ():
+                callback()
+
+    @contextlib.contextmanager
+    def on_close(self, callback: Callable[[], None]) -> Iterator[None]:
+        """Call `callback` if the segment is closed while the block runs (at once if it already
+        is): a POST waiting for its first byte is woken this way without a task of its own."""
+        if self.closed:
+            callback()
+            yield
+            return
+        if self._on_close is None:
+            self._on_close = []
+        self._on_close.append(callback)
+        try:
+            yield
+        finally:
+            if self._on_close is not None and callback in self._on_close:
+                self._on_close.remove(callback)
 
     def _notify(self) -> None:
         event, self._changed = self._changed, None
@@ -117,6 +142,10 @@ class Channel:
         # every one of them and answer only after they have been answered.
         self._parked: list[Segment] = []
         self._unparked: asyncio.Event | None = None
+        self._on_close: list[Callable[[], None]] = []
+        # The seq each recent reader will ask for next, and when it asked for the one before.
+        self._wanted: list[tuple[int, float]] = []
+        self._reader_moved: asyncio.Event | None = None
 
     # -- seq resolution -------------------------------------------------------------------------
 
@@ -155,6 +184,7 @@ class Channel:
         (or seq 1 on a fresh channel, go-livepeer's grace case); None means 470."""
         found = self.segment(seq)
         if found is not None:
+            self._note_reader(seq)
             return found
         if self.closed:
             return None
@@ -162,8 +192,75 @@ class Channel:
             # livepeer-compat: pre-creation replaces the slot occupant without closing it
             # (protocol/trickle.md §1.3.3 step 3); a reader attached to it keeps its object.
             fresh = self.ring[seq % RING_SIZE] = Segment(seq)
+            self._note_reader(seq)
             return fresh
         return None
+
+    # -- readers a publisher waits for ----------------------------------------------------------
+
+    def _note_reader(self, seq: int) -> None:
+        """A reader asked for `seq`: it will ask for `seq + 1` next, if it reads in order."""
+        now = time.monotonic()
+        wanted = self._wanted
+        for index, (want, _) in enumerate(wanted):
+            if want == seq:
+                wanted[index] = (seq + 1, now)
+                break
+        else:
+            wanted.append((seq + 1, now))
+            if len(wanted) > MAX_READERS_FOLLOWED:
+                del wanted[0]
+        if self._reader_moved is not None:
+            self._reader_moved.set()
+            self._reader_moved = None
+
+    def _reader_needs(self, seq: int, grace_s: float) -> float | None:
+        """If writing `seq` would push out of the ring a segment that a reader reading in order
+        (one that asked for its predecessor less than `grace_s` ago) has yet to ask for: how
+        long that reader may still take. None when no such reader."""
+        occupant = self.ring[seq % RING_SIZE]
+        if occupant is None or occupant.seq >= seq:
+            return None
+        now = time.monotonic()
+        self._wanted = [(want, at) for want, at in self._wanted if now - at < grace_s]
+        waits = [at + grace_s - now for want, at in self._wanted if want <= occupant.seq]
+        return max(waits) if waits else None
+
+    async def wait_for_readers(self, seq: int, grace_s: float) -> None:
+        """Hold the writer of `seq` while a reader still needs the segment it would push out
+        of the ring, each reader at most `grace_s` after its last request."""
+        while not self.closed and (left := self._reader_needs(seq, grace_s)) is not None:
+            if self._reader_moved is None:
+                self._reader_moved = asyncio.Event()
+            try:
+                async with asyncio.timeout(left):
+                    await self._reader_moved.wait()
+            except TimeoutError:
+                pass
+
+    def claim(self, segment: Segment, writer: object) -> Segment:
+        """The segment that `writer`'s first byte goes into, marked written.
+
+        `segment` itself, unless another publisher already claimed it: then a fresh segment at
+        the live edge. Two publishers on one seq happen with clients that mix `-1` and explicit
+        seqs (a POST to -1 is filed at next_write, and the client's next explicit seq can be
+        that same number): go-livepeer appends both bodies into one segment, whose readers
+        then see the second one cut short or not at all. Here the later body becomes the next
+        segment and its answer's Lp-Trickle-Seq says where it went.
+        """
+        if segment.writer is None or segment.writer is writer:
+            segment.writer = writer
+            self.mark_written(segment.seq)
+            return segment
+        seq = self.next_write
+        while True:
+            target = self.get_for_write(seq)
+            if target.writer is None:
+                break
+            seq += 1
+        target.writer = writer
+        self.mark_written(seq)
+        return target
 
     def mark_written(self, seq: int) -> None:
         """Record a first byte (or an empty completion) on `seq`.
@@ -193,9 +290,24 @@ class Channel:
             if found is not None and found.seq < seq:
                 found.close()
 
+    @contextlib.contextmanager
+    def on_close(self, callback: Callable[[], None]) -> Iterator[None]:
+        """Call `callback` if the channel is closed while the block runs: an upload in progress
+        learns of it without a task of its own."""
+        self._on_close.append(callback)
+        try:
+            yield
+        finally:
+            self._on_close.remove(callback)
+
     def close(self) -> None:
         """Close every segment, releasing all waiting readers and preconnected publishers."""
         self.closed = True
+        for callback in list(self._on_close):
+            callback()
+        if self._reader_moved is not None:
+            self._reader_moved.set()
+            self._reader_moved = None
         for found in self.ring:
             if found is not None:
                 found.close()

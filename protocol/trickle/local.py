@@ -24,7 +24,8 @@ class LocalSegmentWriter:
     async def write(self, chunk: bytes) -> None:
         if not chunk:
             return
-        if not self._segment.has_data:
+        if self._segment.writer is None:
+            self._segment.writer = self
             self._channel.mark_written(self.seq)
         self._segment.append(bytes(chunk))
 

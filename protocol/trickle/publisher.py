@@ -68,6 +68,12 @@ class _PendingPost:
         if self.task.done():
             self.task.result()  # raises the POST's error, if any
             raise _AnsweredEarly()
+        if not self._queue.full():
+            # The common case, taken without a task: the POST is draining the queue.
+            self._queue.put_nowait(chunk)
+            if chunk:
+                self.sent += len(chunk)
+            return
         put = asyncio.ensure_future(self._queue.put(chunk))
         done, _ = await asyncio.wait((put, self.task), return_when=asyncio.FIRST_COMPLETED)
         if put not in done:

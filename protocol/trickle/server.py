@@ -12,7 +12,7 @@ import logging
 import re
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
@@ -46,6 +46,12 @@ class TrickleConfig(BaseModel):
     )
     write_timeout_s: float = Field(
         30.0, gt=0, description="a subscriber that accepts no bytes this long is disconnected"
+    )
+    reader_grace_s: float = Field(
+        1.0,
+        ge=0,
+        description="an HTTP publisher a whole ring ahead of a subscriber reading in order "
+        "waits for it, at most this long after the subscriber's last request",
     )
 
 
@@ -219,6 +225,78 @@ def _parse_seq(raw: str, lowest: int) -> int | None:
     return seq if seq is not None and seq >= lowest else None
 
 
+class _Released(Exception):
+    """A POST waiting for its first byte was let go: its segment closed with no writer."""
+
+
+class _ChannelClosed(Exception):
+    """The channel of an upload was closed (deleted, or the server is stopping)."""
+
+
+class _Upload:
+    """The body of one POST, read straight from aiohttp's stream: no task per chunk.
+
+    What must interrupt a read (the channel closing, a preconnect being released) cancels the
+    handler's own task, which wakes the pending read at once; `read` turns that cancellation
+    back into an ordinary exception. A body that arrived whole is whole even when its
+    connection is gone by the time it is read: clients such as ffmpeg's send the last chunk,
+    try one read and close.
+    """
+
+    __slots__ = ("_interrupted", "_task", "content", "request")
+
+    def __init__(self, request: web.Request) -> None:
+        self.request = request
+        self.content = request.content
+        self._task = asyncio.current_task()
+        self._interrupted: Exception | None = None
+
+    @property
+    def complete(self) -> bool:
+        """The body's end (chunked terminator or Content-Length) has arrived."""
+        return self.content.is_eof()
+
+    async def read(self) -> bytes:
+        """The next chunk, b"" at the body's end."""
+        try:
+            return await self.content.readany()
+        except asyncio.CancelledError:
+            interrupted = self._interrupted
+            if interrupted is not None and self._task is not None and not self._task.uncancel():
+                self._interrupted = None
+                raise interrupted from None
+            raise
+        except Exception:
+            if self.complete:
+                return self.rest()
+            raise
+
+    def rest(self) -> bytes:
+        """What is buffered of a body that arrived whole. aiohttp raises a lost connection
+        ahead of the bytes it already holds, and has no public call that returns them once
+        it has; the body is complete, so they are the segment's last bytes."""
+        return self.content._read_nowait(-1)
+
+    def _interrupt(self, reason: Exception) -> None:
+        if self._interrupted is None and self._task is not None:
+            self._interrupted = reason
+            self._task.cancel()
+
+    def channel_closed(self) -> None:
+        self._interrupt(_ChannelClosed())
+
+    def segment_closed(self, channel: Channel, segment: Segment) -> Callable[[], None]:
+        """The callback that releases this POST, waiting for its first byte, when `segment`
+        closes: unless another publisher wrote it (then this body goes to the live edge once
+        it comes, Channel.claim) and the channel is still open."""
+
+        def closed() -> None:
+            if segment.writer is None or channel.closed:
+                self._interrupt(_Released())
+
+        return closed
+
+
 class _Routes:
     """The HTTP handlers; each resolves channel and seq, then acts on the channel."""
 
@@ -240,6 +318,8 @@ class _Routes:
             return None, _forbidden("this channel is written by the service only")
         if access == "read" and not channel.outside_reads:
             return None, _forbidden("this channel is read by the service only")
+        if access == "read or write" and not (channel.outside_reads or channel.outside_writes):
+            return None, _forbidden("this channel is read and written by the service only")
         return channel, None
 
     def _seq(self, request: web.Request, lowest: int) -> tuple[int | None, web.Response | None]:
@@ -260,6 +340,21 @@ class _Routes:
         problem = self.server.check_name(name)
         if problem:
             return _text(400, problem)
+        if await self._has_body(request):
+            # Ours: go-livepeer reads nothing here and answers 200, so a client that publishes
+            # to the channel URL itself (`ffmpeg -method POST $URL`) loses every byte silently.
+            segment_url = request.url.with_path(request.path.rstrip("/") + "/-1")
+            logger.info("body posted to the create route refused channel=%s", name)
+            response = web.json_response(
+                {
+                    "detail": f"POST {request.path} creates the channel and takes no body; "
+                    f"publish a segment to {segment_url} (the next seq) or to "
+                    f"{request.url}/<seq>"
+                },
+                status=400,
+            )
+            response.force_close()
+            return response
         if self.server.get(name) is not None:
             return web.Response(status=200)
         if not self.config.autocreate:
@@ -270,6 +365,20 @@ class _Routes:
         except ChannelRefused as exc:
             return _text(exc.status, str(exc))
         return web.Response(status=200)
+
+    async def _has_body(self, request: web.Request) -> bool:
+        """Whether a POST to the create route carries bytes: a Content-Length above 0, or a
+        chunked body whose first chunk is not its end (waited for no longer than a keepalive
+        interval; a chunked body that stays silent that long counts as one)."""
+        if request.content_length is not None:
+            return request.content_length > 0
+        if "chunked" not in request.headers.get("Transfer-Encoding", "").lower():
+            return False
+        try:
+            async with asyncio.timeout(self.config.keepalive_interval_s):
+                return bool(await request.content.readany())
+        except TimeoutError:
+            return True
 
     async def delete_channel(self, request: web.Request) -> web.Response:
         name = request.match_info["channel"]
@@ -302,7 +411,9 @@ class _Routes:
         return web.Response(status=200)
 
     async def get_next(self, request: web.Request) -> web.Response:
-        channel, error = self._channel(request)
+        # The publisher's question as much as the subscriber's: Livepeer's gateway SDK asks it
+        # before its first POST, so it is answered to whoever may read or write the channel.
+        channel, error = self._channel(request, "read or write")
         if channel is None:
             return error  # type: ignore[return-value]
         extra = {h.LATEST: str(channel.next_write)}
@@ -331,13 +442,29 @@ class _Routes:
         if raw_seq is None:
             return error  # type: ignore[return-value]
         seq = channel.resolve_write_seq(raw_seq)
+        # A publisher bursting segments back to back would push them out of the ring before
+        # a subscriber reading in order asks for them: it waits (its body unread, so TCP holds
+        # it) while such a subscriber keeps asking. In-process writers (a session's output)
+        # never wait: a slow viewer must not hold a session.
+        await channel.wait_for_readers(seq, self.config.reader_grace_s)
+        if channel.closed:
+            # Closed meanwhile: answered as a preconnect released by that close.
+            return await _send_now(request, self._empty_write(channel, seq, None))
         segment = channel.get_for_write(seq)
         if request.headers.get(h.RESET):
             channel.reset_below(seq)
 
+        upload = _Upload(request)
         with channel.parked(segment):
             try:
-                first = await self._first_chunk(request, segment)
+                with channel.on_close(upload.channel_closed):
+                    first = await self._first_chunk(upload, channel, segment)
+            except asyncio.CancelledError:
+                # aiohttp cancels the handler when the connection goes; a body that had fully
+                # arrived by then is still a segment.
+                if upload.complete:
+                    self._keep_whole(channel, segment, upload, upload.rest(), limit)
+                raise
             except Exception as exc:  # the publisher went away before its first byte
                 logger.info("publish aborted channel=%s seq=%d error=%r", channel.name, seq, exc)
                 return _text(500, "Server error")
@@ -345,32 +472,34 @@ class _Routes:
                 # Written while still counted as parked: a channel DELETE that released this
                 # POST answers after it (delete_channel).
                 return await _send_now(request, self._empty_write(channel, seq, segment))
+        segment = channel.claim(segment, upload)
+        with channel.on_close(upload.channel_closed):
+            return await self._receive(upload, channel, segment, first, limit)
 
-        channel.mark_written(seq)
-        chunk = first
-        closed = asyncio.ensure_future(segment.wait_closed())
+    async def _receive(
+        self, upload: _Upload, channel: Channel, segment: Segment, chunk: bytes, limit: int
+    ) -> web.StreamResponse:
+        """Append the body to `segment` from its first chunk on, then close the segment."""
+        seq = segment.seq
         try:
             while chunk:
                 if segment.size + len(chunk) > limit:
-                    segment.close()
-                    response = _text(413, f"Segment too large: the limit is {limit} bytes")
-                    response.force_close()
-                    return response
+                    return self._too_large(segment, limit)
                 segment.append(chunk)
                 self.server.bytes_in += len(chunk)
-                chunk = await self._next_chunk(request, channel, closed)
-                if chunk is None:
-                    # The channel was deleted (or the server is shutting down) mid-upload:
-                    # answer now rather than read a body nobody will see; on shutdown aiohttp
-                    # stops reading, so waiting for the body's end would stall until timeout.
-                    response = web.Response(
-                        status=200, headers={h.SEQ: str(seq), h.CLOSED: h.CLOSED_VALUE}
-                    )
-                    response.force_close()
-                    return response
+                chunk = await upload.read()
+        except _ChannelClosed:
+            # The channel was deleted (or the server is shutting down) mid-upload: answer now
+            # rather than read a body nobody will see; on shutdown aiohttp stops reading, so
+            # waiting for the body's end would stall until timeout.
+            response = web.Response(status=200, headers={h.SEQ: str(seq), h.CLOSED: h.CLOSED_VALUE})
+            response.force_close()
+            return response
         except asyncio.CancelledError:
-            # The publisher's connection dropped (aiohttp cancels the handler).
-            self._aborted(channel, segment)
+            if upload.complete:
+                self._keep_whole(channel, segment, upload, upload.rest(), limit)
+            else:
+                self._aborted(channel, segment)
             raise
         except Exception as exc:
             self._aborted(channel, segment)
@@ -382,70 +511,72 @@ class _Routes:
                 exc,
             )
             return _text(500, "Server error")
-        finally:
-            closed.cancel()
         segment.close()
         return web.Response(status=200, headers={h.SEQ: str(seq)})
+
+    def _keep_whole(
+        self, channel: Channel, segment: Segment, upload: _Upload, rest: bytes, limit: int
+    ) -> None:
+        """Complete `segment` with the last bytes of a body that arrived whole before its
+        connection went (the handler is being cancelled, so nothing is answered)."""
+        if rest:
+            segment = channel.claim(segment, upload)
+            if segment.size + len(rest) > limit:
+                self._too_large(segment, limit)
+                return
+            segment.append(rest)
+            self.server.bytes_in += len(rest)
+        elif segment.writer is not upload:
+            # An empty body: as an empty write, it still advances the edge.
+            channel.mark_written(segment.seq)
+            if segment.writer is not None:
+                return
+        segment.close()
+
+    @staticmethod
+    def _too_large(segment: Segment, limit: int) -> web.Response:
+        segment.close()
+        response = _text(413, f"Segment too large: the limit is {limit} bytes")
+        response.force_close()
+        return response
 
     @staticmethod
     def _aborted(channel: Channel, segment: Segment) -> None:
         # livepeer-compat: an aborted upload leaves the segment open; readers stay blocked
-        # until it is deleted, reset or evicted (§1.3.2 step 9, check 32). Ours: on a channel
-        # only the service reads (a session's input), that rule protects no outside reader,
-        # and keeping the segment open would freeze the session's input until the segment
-        # leaves the ring (about 5 s): end it at once.
+        # until it is deleted, reset or evicted (§1.3.2 step 9, check 32), and a publisher
+        # retrying the seq appends to it. Ours: on a channel only the service reads (a
+        # session's input), that rule protects no outside reader, and keeping the segment open
+        # would freeze the session's input until the segment leaves the ring (about 5 s): end
+        # it at once.
+        segment.writer = None
         if not channel.outside_reads:
             segment.close()
 
-    @staticmethod
-    async def _next_chunk(
-        request: web.Request, channel: Channel, closed: asyncio.Future[None]
-    ) -> bytes | None:
-        """The next chunk of the body (b"" at its end), or None once the channel is closed.
-        A segment closed on its own (DELETE of the seq) keeps reading, as go-livepeer does."""
-        if closed.done() or channel.closed:
-            if channel.closed:
-                return None
-            return await request.content.readany()
-        read = asyncio.ensure_future(request.content.readany())
-        await asyncio.wait((read, closed), return_when=asyncio.FIRST_COMPLETED)
-        if read.done():
-            return read.result()
-        if channel.closed:
-            read.cancel()
-            return None
-        return await read
-
-    async def _first_chunk(self, request: web.Request, segment: Segment) -> bytes:
-        """The first chunk of the body, or b"" when the body is empty or the segment was closed
-        before any byte arrived. Sends interim 100 Continue keepalives while waiting."""
-        read = asyncio.ensure_future(request.content.readany())
-        closed = asyncio.ensure_future(segment.wait_closed())
-        try:
+    async def _first_chunk(self, upload: _Upload, channel: Channel, segment: Segment) -> bytes:
+        """The first chunk of the body, or b"" when the body is empty or the POST was released
+        before any byte arrived (its segment closed while no other publisher wrote it, or the
+        channel closed). Sends interim 100 Continue keepalives while waiting."""
+        if segment.closed and (segment.writer is None or channel.closed):
+            return b""
+        with segment.on_close(upload.segment_closed(channel, segment)):
             while True:
-                done, _ = await asyncio.wait(
-                    (read, closed),
-                    timeout=self.config.keepalive_interval_s,
-                    return_when=asyncio.FIRST_COMPLETED,
-                )
-                if read in done:
-                    return read.result()
-                if closed in done:
+                try:
+                    async with asyncio.timeout(self.config.keepalive_interval_s):
+                        return await upload.read()
+                except TimeoutError:
+                    transport = upload.request.transport
+                    if transport is not None and not transport.is_closing():
+                        transport.write(INTERIM_CONTINUE)
+                except (_Released, _ChannelClosed):
                     return b""
-                transport = request.transport
-                if transport is not None and not transport.is_closing():
-                    transport.write(INTERIM_CONTINUE)
-        finally:
-            for task in (read, closed):
-                if not task.done():
-                    task.cancel()
-            await asyncio.gather(read, closed, return_exceptions=True)
 
-    def _empty_write(self, channel: Channel, seq: int, segment: Segment) -> web.Response:
+    def _empty_write(self, channel: Channel, seq: int, segment: Segment | None) -> web.Response:
         # livepeer-compat: a zero-byte write still advances next_write so that readers waiting
-        # on the next seq are not stranded (§1.3.2 step 8).
+        # on the next seq are not stranded (§1.3.2 step 8). A segment another publisher is
+        # writing is left to it.
         channel.mark_written(seq)
-        segment.close()
+        if segment is not None and segment.writer is None:
+            segment.close()
         extra = {h.SEQ: str(seq)}
         if channel.closed:
             extra[h.CLOSED] = h.CLOSED_VALUE

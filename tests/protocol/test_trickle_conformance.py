@@ -675,11 +675,13 @@ async def test_check_26_channel_delete_lets_reader_finish(c, http) -> None:
         assert await read_some(reader, 2) == b"ab"
         assert (await fetch(http, "DELETE", c)).status == 200
         assert await read_all(reader) == b""  # a normal end of body after "ab"
-        assert not post.answered  # an in-progress POST continues until its body ends
+        # The upload in progress is answered at once with the end of stream (hardening:
+        # test_upload_cut_by_a_delete_ends_with_a_closed_header_go_clients_see).
         post.finish()
         reply = await post.reply()
         assert reply.status == 200
         assert reply.headers[SEQ] == "0"
+        assert reply.headers[CLOSED] == "terminated"
     finally:
         if reader is not None:
             reader.close()
