@@ -164,6 +164,7 @@ class WhipSource(FrameSource):
     like any other input's audio (to trickle as Opus in MPEG-TS, to WHEP viewers)."""
 
     name = "whip"
+    arrives_live = True
 
     def __init__(self, size: tuple[int, int] | None = None) -> None:
         self.size = size
@@ -173,6 +174,7 @@ class WhipSource(FrameSource):
         self._readers: set[asyncio.Task[None]] = set()
         self._index = 0
         self._anchor: tuple[int, float] | None = None  # (video pts, when it arrived)
+        self._stale = 0  # decoded frames replaced by a newer one before conversion
         self.closed = False
 
     def attach(self, track: MediaStreamTrack) -> None:
@@ -187,17 +189,39 @@ class WhipSource(FrameSource):
 
     async def _read_video(self, track: MediaStreamTrack) -> None:
         self._video_clock.new_publisher()
+        newest: LatestSlot[av.VideoFrame] = LatestSlot()
+        receiving = asyncio.ensure_future(self._receive_newest(track, newest))
         try:
-            while True:
-                frame = await track.recv()
+            while (frame := await newest.get()) is not None:
                 image = await run_in(self._thread, to_rgb, frame, self.size)
                 pts = self._video_clock.map(_to_clock(frame))
                 now = time.monotonic()
                 self._anchor = (pts, now)
                 self._put(VideoFrame(image, pts, now, self._index))
                 self._index += 1
-        except MediaStreamError:
             logger.info("WHIP publisher left; waiting for it to come back")
+        finally:
+            receiving.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await receiving
+
+    async def _receive_newest(
+        self, track: MediaStreamTrack, newest: LatestSlot[av.VideoFrame]
+    ) -> None:
+        """Take every decoded frame from aiortc as it comes and keep only the newest.
+
+        aiortc queues decoded frames without bound until `recv` takes them; when the RGB
+        conversion (or the machine) is slower than the camera, that queue is where frames
+        waited, seconds under CPU starvation. Taking them here, on the event loop, leaves at
+        most one frame waiting, and the conversion always starts on the newest."""
+        try:
+            while True:
+                if newest.put(await track.recv()):
+                    self._stale += 1
+        except MediaStreamError:
+            pass
+        finally:
+            newest.close()
 
     async def _read_audio(self, track: MediaStreamTrack) -> None:
         # RTP gives each track a clock of its own: the publisher's first audio packet is
@@ -220,7 +244,11 @@ class WhipSource(FrameSource):
 
     async def items(self, context: MediaContext) -> AsyncIterator[MediaItem]:
         while True:
-            yield await self._items.get()
+            item = await self._items.get()
+            if self._stale:
+                context.stats.input_dropped += self._stale  # counted with the loop's own drops
+                self._stale = 0
+            yield item
 
     async def close(self) -> None:
         self.closed = True
@@ -447,6 +475,10 @@ class _SharedEncoder:
             codec.options = {"profile": "baseline", "tune": "zerolatency", "preset": "superfast"}
         else:
             codec.options = {"deadline": "realtime", "cpu-used": "16", "lag-in-frames": "0"}
+            # One thread. libvpx's own workers wait for one another by spinning, so on a busy
+            # machine a frame cost 37-51 ms of CPU and up to 190 ms wall at 640x480 with its
+            # default threads, 2-3 ms and under 12 ms with one (bench/starvation.py).
+            codec.thread_count = 1
         return codec
 
 
