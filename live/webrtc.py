@@ -35,6 +35,7 @@ from protocol.media import CLOCK, TIME_BASE, AudioPacket, VideoFrame, to_rgb
 
 from .edges import FrameSink, FrameSource, MediaContext, MediaItem, OutputClosed, OutputFrame
 from .ice import IceSettings
+from .rtc_receive import FreshDecodeQueue, bound_decode_wait
 from .slot import LatestSlot, put_dropping_oldest
 from .threads import run_in
 
@@ -174,15 +175,26 @@ class WhipSource(FrameSource):
         self._readers: set[asyncio.Task[None]] = set()
         self._index = 0
         self._anchor: tuple[int, float] | None = None  # (video pts, when it arrived)
-        self._stale = 0  # decoded frames replaced by a newer one before conversion
+        self._stale = 0  # frames dropped before conversion (decoded, or by a past decoder)
+        self._counted = 0  # of those and the current decoder's drops, already in the stats
+        self._decode_queue: FreshDecodeQueue | None = None
         self.closed = False
 
-    def attach(self, track: MediaStreamTrack) -> None:
-        """A track of a new publisher (aiortc's `track` event)."""
+    def attach(self, track: MediaStreamTrack, pc: RTCPeerConnection | None = None) -> None:
+        """A track of a new publisher (aiortc's `track` event) on its peer connection."""
+        if track.kind == "video" and pc is not None:
+            for transceiver in pc.getTransceivers():
+                if transceiver.receiver.track is track:
+                    self._watch_decoder(bound_decode_wait(transceiver.receiver))
         reader = self._read_video(track) if track.kind == "video" else self._read_audio(track)
         task = asyncio.ensure_future(reader)
         self._readers.add(task)
         task.add_done_callback(self._readers.discard)
+
+    def _watch_decoder(self, queue: FreshDecodeQueue | None) -> None:
+        if self._decode_queue is not None:  # the previous publisher's: keep its count
+            self._stale += self._decode_queue.dropped
+        self._decode_queue = queue
 
     def _put(self, item: MediaItem) -> None:
         put_dropping_oldest(self._items, item)  # the loop is behind: the oldest goes
@@ -245,9 +257,11 @@ class WhipSource(FrameSource):
     async def items(self, context: MediaContext) -> AsyncIterator[MediaItem]:
         while True:
             item = await self._items.get()
-            if self._stale:
-                context.stats.input_dropped += self._stale  # counted with the loop's own drops
-                self._stale = 0
+            stale = self._stale + (self._decode_queue.dropped if self._decode_queue else 0)
+            if stale > self._counted:
+                # Counted with the loop's own drops, as frames_dropped.
+                context.stats.input_dropped += stale - self._counted
+                self._counted = stale
             yield item
 
     async def close(self) -> None:
@@ -555,7 +569,7 @@ class Peers:
         """A WHIP publisher: its tracks feed `source`; returns the peer and the SDP answer."""
         pc = RTCPeerConnection(configuration(self.ice))
         peer = self._add("whip", session_id, pc)
-        pc.on("track", source.attach)
+        pc.on("track", lambda track: source.attach(track, pc))
         return peer, await self._answer(peer, offer)
 
     async def play(

@@ -8,6 +8,7 @@ import threading
 
 from live.keys import SESSIONS
 from live.memory_io import MemorySink, MemorySource
+from live.rtc_receive import FreshDecodeQueue
 from protocol.clips import numbered_frame
 from tests.live.streams import start_session
 from tests.live.test_frame_loop import SIZE, STEP, WAIT_S, indices, session_with
@@ -55,6 +56,8 @@ async def test_whip_frames_behind_a_stalled_conversion_give_way_to_the_newest(se
         await negotiate(publisher, info["whip_url"])
         await negotiate(watcher.pc, info["whep_url"])
         await watcher.wait_frames(10)
+        # The publisher's frames reach aiortc's decoder through the bounded queue.
+        assert isinstance(session.whip._decode_queue, FreshDecodeQueue)
 
         def hold() -> None:
             held.set()
