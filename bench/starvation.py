@@ -2,7 +2,7 @@
 machine and on one saturated by other work, alternating in one run.
 
     python -m bench.starvation [--hogs 2] [--rounds 2] [--seconds 10] [--codec vp8]
-        [--width 640] [--height 480] [--model cartoon] [--json]
+        [--width 640] [--height 480] [--model cartoon] [--no-floor] [--json]
 
 An aiortc publisher (a 30 fps camera whose frames carry their index, as in
 `bench.webrtc_latency`) publishes over WHIP into a fresh session of the real service
@@ -12,11 +12,15 @@ WHEP; delay = the frame handed to the publisher's encoder -> the frame decoded b
 
 Each round runs a quiet phase, then a saturated one: `--hogs` busy-loop processes (same nice
 level as the service, started and stopped here) run from before the warm-up to the end of the
-window. Frames that the service or the client is too starved to carry are dropped somewhere
-(fps falls); the product rule is that delay must not grow instead. Printed per phase: fps
-decoded by the viewer, p50/p90/max delay, frames sent in the window and lost, the session's own
-counters (in, out, dropped) and the machine's load average, since other users' work weighs on
-every phase (quiet is only as quiet as the machine is).
+window. Before each session phase, under the same load, the floor: the publisher's peer answers
+the viewer's itself (no server, no model), i.e. what the client alone costs; the session's
+line says how far above it the session is. Frames that the service or the client is too
+starved to carry are dropped somewhere (fps falls); the product rule is that delay must not
+grow instead. Printed per phase: fps decoded by the viewer, p50/p90/max delay, frames sent in
+the window (aiortc's sender takes a frame only once the last is encoded, so a starved
+publisher sends fewer than 30 fps) and lost, the session's counters (in, out, dropped) and CPU,
+and the machine's load average, since other users' work weighs on every phase (quiet is only
+as quiet as the machine is).
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ from bench.webrtc_latency import (
     Target,
     Viewer,
     codec_preferences,
+    connect_direct,
     delete,
     frame_on_marker,
     loopback_peer,
@@ -108,32 +113,39 @@ async def open_session(service: Process, model: str) -> Target:
 
 
 async def run_phase(
-    args: argparse.Namespace, service: Process, hogs: Hogs | None
+    args: argparse.Namespace, service: Process | None, hogs: Hogs | None
 ) -> dict[str, Any]:
-    target = await open_session(service, args.model)
+    """One phase through a fresh session of `service`, or, with no service, the floor: the
+    publisher's peer answers the viewer's itself (one aiortc hop, no server, no model), what
+    this process alone costs under the same load."""
+    target = await open_session(service, args.model) if service is not None else None
     publisher = loopback_peer()
     camera = WideCamera(args.width, args.height)
     viewer = Viewer(args.codec)
     locations: list[str] = []
     try:
-        publisher.addTransceiver(camera, direction="sendonly").setCodecPreferences(
-            codec_preferences(args.codec)
-        )
-        locations.append(await negotiate(publisher, target.whip_url))
-        locations.append(await negotiate(viewer.pc, target.whep_url))
+        if target is None:
+            publisher.addTrack(camera)  # answering: the codec is the one the viewer offered
+            await connect_direct(publisher, viewer)
+        else:
+            publisher.addTransceiver(camera, direction="sendonly").setCodecPreferences(
+                codec_preferences(args.codec)
+            )
+            locations.append(await negotiate(publisher, target.whip_url))
+            locations.append(await negotiate(viewer.pc, target.whep_url))
         async with asyncio.timeout(FIRST_FRAME_TIMEOUT_S):
             await viewer.first.wait()
         if hogs is not None:
             hogs.start()
         await asyncio.sleep(WARMUP_S)
-        before = await target.status()
-        cpu = _cpu_seconds(service.pid)
+        before = await target.status() if target else {}
+        cpu = _cpu_seconds(service.pid) if service else 0.0
         load = os.getloadavg()[0]
         start = time.monotonic()
         await asyncio.sleep(args.seconds)
         end = time.monotonic()
-        cpu = _cpu_seconds(service.pid) - cpu
-        after = await target.status()
+        cpu = _cpu_seconds(service.pid) - cpu if service else 0.0
+        after = await target.status() if target else {}
         await asyncio.sleep(TAIL_S)
         load = max(load, os.getloadavg()[0])
     finally:
@@ -144,35 +156,43 @@ async def run_phase(
         await viewer.close()
         await publisher.close()
         camera.stop()
-        await target.end()
+        if target is not None:
+            await target.end()
     window = [i for i, t in camera.sent.items() if start <= t < end]
     delays = [viewer.decoded[i] - camera.sent[i] for i in window if i in viewer.decoded]
     counters = {k: after.get(k, 0) - before.get(k, 0) for k in ("frames_in", "frames_out")}
     counters["dropped"] = after.get("frames_dropped", 0) - before.get("frames_dropped", 0)
     return {
         "phase": "saturated" if hogs is not None else "quiet",
+        "case": "session" if service is not None else "floor",
         "fps": round(len(delays) / (end - start), 1),
         "p50_ms": round(pct(delays, 0.5) * 1000, 1),
         "p90_ms": round(pct(delays, 0.9) * 1000, 1),
         "max_ms": round(max(delays, default=float("nan")) * 1000, 1),
         "sent": len(window),
         "lost": len(window) - len(delays),
-        "service": counters,
-        "service_cpu_cores": round(cpu / (end - start), 2),
+        "service": counters if service is not None else None,
+        "service_cpu_cores": round(cpu / (end - start), 2) if service is not None else None,
         "load1": round(load, 2),
         "stages": after.get("stages", {}),
     }
 
 
-def _line(r: dict[str, Any]) -> str:
-    s = r["service"]
-    return (
-        f"{r['phase']:9}  {r['fps']:5.1f} fps  p50 {r['p50_ms']:6.1f} ms  "
+def _line(r: dict[str, Any], floor: dict[str, Any] | None) -> str:
+    line = (
+        f"{r['phase']:9} {r['case']:7}  {r['fps']:5.1f} fps  p50 {r['p50_ms']:6.1f} ms  "
         f"p90 {r['p90_ms']:6.1f} ms  max {r['max_ms']:7.1f} ms  "
-        f"sent {r['sent']:3} lost {r['lost']:3}  "
-        f"service in {s['frames_in']} out {s['frames_out']} dropped {s['dropped']} "
-        f"cpu {r['service_cpu_cores']:.2f}  load1 {r['load1']:.2f}"
+        f"sent {r['sent']:3} lost {r['lost']:3}  load1 {r['load1']:5.2f}"
     )
+    if r["service"] is not None:
+        s = r["service"]
+        line += (
+            f"  service in {s['frames_in']} out {s['frames_out']} dropped {s['dropped']} "
+            f"cpu {r['service_cpu_cores']:.2f}"
+        )
+    if floor is not None:
+        line += f"  p50 vs floor +{r['p50_ms'] - floor['p50_ms']:.1f} ms"
+    return line
 
 
 async def main(args: argparse.Namespace) -> None:
@@ -191,18 +211,26 @@ async def main(args: argparse.Namespace) -> None:
     async with service_process() as service:
         for _ in range(args.rounds):
             for saturated in (False, True):
+                # The floor right before the session, so that other load weighs on both alike.
+                floor = None
+                if not args.no_floor:
+                    floor = await run_phase(args, None, hogs if saturated else None)
+                    print(_line(floor, None), flush=True)
+                    results.append(floor)
                 result = await run_phase(args, service, hogs if saturated else None)
-                print(_line(result), flush=True)
+                print(_line(result, floor), flush=True)
                 results.append(result)
     for phase in ("quiet", "saturated"):
-        mine = [r for r in results if r["phase"] == phase]
-        print(
-            f"# {phase:9} median of rounds: "
-            f"{np.median([r['fps'] for r in mine]):.1f} fps, "
-            f"p50 {np.median([r['p50_ms'] for r in mine]):.1f} ms, "
-            f"max {max(r['max_ms'] for r in mine):.1f} ms",
-            flush=True,
-        )
+        for case in ("floor", "session"):
+            mine = [r for r in results if r["phase"] == phase and r["case"] == case]
+            if mine:
+                print(
+                    f"# {phase:9} {case:7} median of rounds: "
+                    f"{np.median([r['fps'] for r in mine]):.1f} fps, "
+                    f"p50 {np.median([r['p50_ms'] for r in mine]):.1f} ms, "
+                    f"max {max(r['max_ms'] for r in mine):.1f} ms",
+                    flush=True,
+                )
     if args.json:
         print(json.dumps(results))
 
@@ -218,6 +246,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--width", type=int, default=640)
     parser.add_argument("--height", type=int, default=480)
     parser.add_argument("--model", default="cartoon", help="the session's pipeline")
+    parser.add_argument(
+        "--no-floor", action="store_true", help="skip the no-server floor before each phase"
+    )
     parser.add_argument("--json", action="store_true", help="all phases as one JSON line")
     args = parser.parse_args(argv)
     if args.hogs < 1 or args.rounds < 1 or args.seconds <= 0:
