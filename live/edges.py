@@ -55,6 +55,10 @@ class FrameSource(ABC):
     """Decoded video frames and compressed audio, in stream order, until the input ends."""
 
     name: str = "source"
+    arrives_live: bool = False
+    """Frames arrive when they were captured (a WebRTC publisher), never ahead of time: the
+    loop releases them at once instead of pacing them, since holding a frame that arrived
+    late behind an earlier one only adds delay."""
 
     @abstractmethod
     def items(self, context: MediaContext) -> AsyncIterator[MediaItem]:

@@ -1,10 +1,10 @@
 """The frame loop: source -> pace -> [slot] -> process -> [slot per sink] -> sinks.
 
 Four kinds of task, all in one TaskGroup: ingest (reads the source, paces video frames to
-their presentation times, passes audio on), infer (takes the newest frame from the slot and
-processes it), and one runner per sink (takes the newest processed frame when its sink is
-ready). The only buffers are slots holding one item, so when a stage is slower than the one
-before it, frames are dropped there and counted, and delay never grows.
+their presentation times unless they arrive live, passes audio on), infer (takes the newest
+frame from the slot and processes it), and one runner per sink (takes the newest processed
+frame when its sink is ready). The only buffers are slots holding one item, so when a stage
+is slower than the one before it, frames are dropped there and counted, and delay never grows.
 """
 
 from __future__ import annotations
@@ -199,7 +199,7 @@ class FrameLoop:
                     self._seen_input = True
                     self.on_first_input()
                 now = time.monotonic()
-                if self.pacer is not None:
+                if self.pacer is not None and not self.source.arrives_live:
                     wait = self.pacer.hold(item.pts, now)
                     if wait > 0:
                         await asyncio.sleep(wait)

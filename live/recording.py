@@ -180,6 +180,10 @@ class RecordingSource(FrameSource):
             raise AttributeError(name)
         return getattr(self.inner, name)
 
+    @property
+    def arrives_live(self) -> bool:  # type: ignore[override]
+        return self.inner.arrives_live
+
     async def items(self, context: MediaContext) -> AsyncIterator[MediaItem]:
         audio: list[AudioPacket] = []
         loop = asyncio.get_running_loop()

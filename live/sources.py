@@ -68,6 +68,10 @@ class FirstOfSource(FrameSource):
         async for item in iterators[winner]:
             yield item
 
+    @property
+    def arrives_live(self) -> bool:  # type: ignore[override]
+        return self.chosen is not None and self.chosen.arrives_live
+
     async def close(self) -> None:
         if self.chosen is not None:
             await self.chosen.close()

@@ -37,6 +37,7 @@ from protocol.media import CLOCK, TIME_BASE, AudioPacket, VideoFrame, to_rgb
 
 from .edges import FrameSink, FrameSource, MediaContext, MediaItem, OutputClosed, OutputFrame
 from .ice import IceSettings
+from .rtc_receive import FreshDecodeQueue, bound_decode_wait
 from .sdpfrag import Fragment
 from .slot import LatestSlot, put_dropping_oldest
 from .threads import run_in
@@ -167,6 +168,7 @@ class WhipSource(FrameSource):
     like any other input's audio (to trickle as Opus in MPEG-TS, to WHEP viewers)."""
 
     name = "whip"
+    arrives_live = True
 
     def __init__(self, size: tuple[int, int] | None = None) -> None:
         self.size = size
@@ -176,31 +178,65 @@ class WhipSource(FrameSource):
         self._readers: set[asyncio.Task[None]] = set()
         self._index = 0
         self._anchor: tuple[int, float] | None = None  # (video pts, when it arrived)
+        self._stale = 0  # frames dropped before conversion (decoded, or by a past decoder)
+        self._counted = 0  # of those and the current decoder's drops, already in the stats
+        self._decode_queue: FreshDecodeQueue | None = None
         self.closed = False
 
-    def attach(self, track: MediaStreamTrack) -> None:
-        """A track of a new publisher (aiortc's `track` event)."""
+    def attach(self, track: MediaStreamTrack, pc: RTCPeerConnection | None = None) -> None:
+        """A track of a new publisher (aiortc's `track` event) on its peer connection."""
+        if track.kind == "video" and pc is not None:
+            for transceiver in pc.getTransceivers():
+                if transceiver.receiver.track is track:
+                    self._watch_decoder(bound_decode_wait(transceiver.receiver))
         reader = self._read_video(track) if track.kind == "video" else self._read_audio(track)
         task = asyncio.ensure_future(reader)
         self._readers.add(task)
         task.add_done_callback(self._readers.discard)
+
+    def _watch_decoder(self, queue: FreshDecodeQueue | None) -> None:
+        if self._decode_queue is not None:  # the previous publisher's: keep its count
+            self._stale += self._decode_queue.dropped
+        self._decode_queue = queue
 
     def _put(self, item: MediaItem) -> None:
         put_dropping_oldest(self._items, item)  # the loop is behind: the oldest goes
 
     async def _read_video(self, track: MediaStreamTrack) -> None:
         self._video_clock.new_publisher()
+        newest: LatestSlot[av.VideoFrame] = LatestSlot()
+        receiving = asyncio.ensure_future(self._receive_newest(track, newest))
         try:
-            while True:
-                frame = await track.recv()
+            while (frame := await newest.get()) is not None:
                 image = await run_in(self._thread, to_rgb, frame, self.size)
                 pts = self._video_clock.map(_to_clock(frame))
                 now = time.monotonic()
                 self._anchor = (pts, now)
                 self._put(VideoFrame(image, pts, now, self._index))
                 self._index += 1
-        except MediaStreamError:
             logger.info("WHIP publisher left; waiting for it to come back")
+        finally:
+            receiving.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await receiving
+
+    async def _receive_newest(
+        self, track: MediaStreamTrack, newest: LatestSlot[av.VideoFrame]
+    ) -> None:
+        """Take every decoded frame from aiortc as it comes and keep only the newest.
+
+        aiortc queues decoded frames without bound until `recv` takes them; when the RGB
+        conversion (or the machine) is slower than the camera, that queue is where frames
+        waited, seconds under CPU starvation. Taking them here, on the event loop, leaves at
+        most one frame waiting, and the conversion always starts on the newest."""
+        try:
+            while True:
+                if newest.put(await track.recv()):
+                    self._stale += 1
+        except MediaStreamError:
+            pass
+        finally:
+            newest.close()
 
     async def _read_audio(self, track: MediaStreamTrack) -> None:
         # RTP gives each track a clock of its own: the publisher's first audio packet is
@@ -223,7 +259,13 @@ class WhipSource(FrameSource):
 
     async def items(self, context: MediaContext) -> AsyncIterator[MediaItem]:
         while True:
-            yield await self._items.get()
+            item = await self._items.get()
+            stale = self._stale + (self._decode_queue.dropped if self._decode_queue else 0)
+            if stale > self._counted:
+                # Counted with the loop's own drops, as frames_dropped.
+                context.stats.input_dropped += stale - self._counted
+                self._counted = stale
+            yield item
 
     async def close(self) -> None:
         self.closed = True
@@ -450,6 +492,10 @@ class _SharedEncoder:
             codec.options = {"profile": "baseline", "tune": "zerolatency", "preset": "superfast"}
         else:
             codec.options = {"deadline": "realtime", "cpu-used": "16", "lag-in-frames": "0"}
+            # One thread. libvpx's own workers wait for one another by spinning, so on a busy
+            # machine a frame cost 37-51 ms of CPU and up to 190 ms wall at 640x480 with its
+            # default threads, 2-3 ms and under 12 ms with one (bench/starvation.py).
+            codec.thread_count = 1
         return codec
 
 
@@ -555,7 +601,7 @@ class Peers:
         """A WHIP publisher: its tracks feed `source`; returns the peer and the SDP answer."""
         pc = RTCPeerConnection(configuration(self.ice))
         peer = self._add("whip", session_id, pc)
-        pc.on("track", source.attach)
+        pc.on("track", lambda track: source.attach(track, pc))
         return peer, await self._answer(peer, offer)
 
     async def play(
