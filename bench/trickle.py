@@ -78,6 +78,19 @@ def cpu_seconds(pid: int) -> float | None:
         return None
 
 
+def sched_wait_seconds(pid: int) -> float | None:
+    """Seconds the threads of process `pid` were runnable but waiting for a CPU (Linux
+    schedstat): how much a busy machine held the server back."""
+    try:
+        total = 0
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/schedstat") as f:
+                total += int(f.read().split()[1])
+        return total / 1e9
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def wait_listening(port: int, alive: Callable[[], bool], what: str) -> None:
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
@@ -172,14 +185,18 @@ class Window:
         self.c0 = self.c1 = 0.0
         self.s0: float | None = None
         self.s1: float | None = None
+        self.w0: float | None = None
+        self.w1: float | None = None
 
     def start(self, total_bytes: int) -> None:
         self.t0, self.b0, self.c0 = time.perf_counter(), total_bytes, time.process_time()
         self.s0 = cpu_seconds(self.server_pid) if self.server_pid else None
+        self.w0 = sched_wait_seconds(self.server_pid) if self.server_pid else None
 
     def stop(self, total_bytes: int) -> None:
         self.t1, self.b1, self.c1 = time.perf_counter(), total_bytes, time.process_time()
         self.s1 = cpu_seconds(self.server_pid) if self.server_pid else None
+        self.w1 = sched_wait_seconds(self.server_pid) if self.server_pid else None
 
     def result(self, n: int, **extra: Any) -> dict[str, Any]:
         elapsed = self.t1 - self.t0
@@ -189,9 +206,13 @@ class Window:
             server_cpu = round(100 * (self.s1 - self.s0) / elapsed)
             if self.b1 > self.b0:
                 cost = round(1000 * (self.s1 - self.s0) / ((self.b1 - self.b0) / MB), 2)
+        waited = None
+        if self.w0 is not None and self.w1 is not None:
+            waited = round(100 * (self.w1 - self.w0) / elapsed)
         return {
             "subscribers": n,
             "seconds": round(elapsed, 2),
+            "server_cpu_wait_pct": waited,
             "total_mb_s": round(total, 1),
             "per_subscriber_mb_s": round(total / n, 1),
             "server_cpu_pct": server_cpu,
@@ -669,6 +690,9 @@ def _compare_summary(rounds: list[dict[str, Any]], args: argparse.Namespace) -> 
                 [r["server_cpu_ms_per_mb"] for r in runs if r["server_cpu_ms_per_mb"] is not None]
             )
             row[f"{side}_runs_mb_s"] = [r["total_mb_s"] for r in runs]
+            row[f"{side}_cpu_wait_pct"] = _median(
+                [r["server_cpu_wait_pct"] for r in runs if r["server_cpu_wait_pct"] is not None]
+            )
         # Ratios per round (adjacent runs share the machine's state), then their median.
         pairs = [(r["ours"]["fanout"][i], r["other"]["fanout"][i]) for r in rounds]
         row["throughput_ratio"] = _median(
@@ -809,7 +833,9 @@ def _compare_report(compare: dict[str, Any]) -> list[str]:
             f"{row['throughput_ratio'] or 0:.2f}x, CPU per GB {row['cpu_per_gb_ratio'] or 0:.2f}x"
         )
         lines.append(
-            f"        runs MB/s ours {row['ours_runs_mb_s']} other {row['other_runs_mb_s']}"
+            f"        runs MB/s ours {row['ours_runs_mb_s']} other {row['other_runs_mb_s']}; "
+            f"server runnable but waiting for a CPU: ours {row['ours_cpu_wait_pct']}% "
+            f"other {row['other_cpu_wait_pct']}% of the time (threads summed)"
         )
     for row in summary["burst"]:
         lines.append(
