@@ -12,11 +12,19 @@
 2. First-byte latency: one subscriber parked on the next seq, the publisher writes a small
    segment; time from the start of `publisher.write` to the subscriber's first chunk.
 3. The same fan-out through LocalPublisher/LocalSubscriber (no HTTP), for reference.
+4. With `--compare-url URL [--compare-pid PID]`: our server (the service as above, or
+   `--trickle-url`/`--server-pid`) against another trickle server, e.g. go-livepeer's, in
+   interleaved rounds (ours, other, ours, other, ...; a shared machine drifts). The same clients
+   for both, in this process: one TricklePublisher and N lean raw-socket subscribers
+   (bench/trickle_raw.py) that count bytes without keeping them, so that on 2 cores the server,
+   not the client, is measured. Printed: median MB/s and server CPU ms per MB delivered (= s per
+   GB) for N = 1 and 8, the ratios ours/other (median of the per-round ratios), how long each
+   server was runnable but waiting for a CPU, and the segments delivered whole of those sent back
+   to back by one publisher (`--burst-segments` of `--burst-kib`, preconnected POSTs, and POSTs
+   that close right after their last byte).
 
 MB is 10^6 bytes. CPU is the share of one core a process used over the measured window (the
 server's from /proc, the clients' from this process), which says which side is the bottleneck.
-The reference go-livepeer server on the 2-core dev machine: ~635 MB/s to one subscriber,
-~1,860 MB/s total to eight, ~1 ms first byte p50 (protocol/trickle.md §7.5).
 """
 
 from __future__ import annotations
