@@ -565,8 +565,11 @@ class _Routes:
         finally:
             if corked:
                 _cork(sock, False)
-        async with asyncio.timeout(timeout):
-            await response.write_eof(b"" if ended else LAST_CHUNK)
+        if ended and not transport.get_write_buffer_size():
+            await response.write_eof(b"")  # all sent: nothing to wait for, no timer
+        else:
+            async with asyncio.timeout(timeout):
+                await response.write_eof(b"" if ended else LAST_CHUNK)
 
     async def _send_chunks(
         self, request: web.Request, response: web.StreamResponse, segment: Segment
@@ -583,6 +586,8 @@ class _Routes:
 
     async def _wait_started(self, request: web.Request, segment: Segment) -> bool:
         """Wait for the segment's first byte or close; False if the client left meanwhile."""
+        if segment.has_data or segment.closed:
+            return True  # a reader behind the live edge: no timer to set up
         while True:
             try:
                 async with asyncio.timeout(DISCONNECT_POLL_S):
