@@ -495,6 +495,10 @@ class _Routes:
         extra = {h.SEQ: str(seq), "Content-Type": channel.mime}
         if seq != latest_at_request:
             extra[h.LATEST] = str(latest_at_request)
+        if request.method == "HEAD":
+            # aiohttp routes HEAD here too, and its writer would send the body regardless; Go's
+            # answers the head alone, and so do we.
+            return web.Response(status=200, headers=extra)
         transport = request.transport
         sock = _plain_socket(transport) if request.version >= HttpVersion11 else None
         response: web.StreamResponse

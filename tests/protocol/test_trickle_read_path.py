@@ -117,3 +117,24 @@ async def test_eight_subscribers_get_identical_segments(trickle) -> None:
             await subscriber.close()
     expected = [b"".join(parts) for parts in segments]
     assert all(result == expected for result in results)
+
+
+async def test_head_gets_no_body_and_the_connection_goes_on(trickle) -> None:
+    trickle.server.create_channel("c")
+    payload = os.urandom(50_000)
+    async with TricklePublisher(trickle.url("c")) as publisher:
+        await publisher.write(payload)
+        reader, writer = await asyncio.open_connection("127.0.0.1", trickle.http.port)
+        try:
+            writer.write(b"HEAD /trickle/c/0 HTTP/1.1\r\nHost: x\r\n\r\n")
+            writer.write(b"GET /trickle/c/0 HTTP/1.1\r\nHost: x\r\n\r\n")
+            await writer.drain()
+            status, headers = await read_head(reader)
+            assert status == 200 and headers["lp-trickle-seq"] == "0"
+            # The next bytes are the GET's answer, not a body for the HEAD.
+            status, headers = await read_head(reader)
+            assert status == 200 and headers["transfer-encoding"] == "chunked"
+            assert b"".join(await read_chunked(reader)) == payload
+        finally:
+            writer.close()
+            await writer.wait_closed()
