@@ -12,11 +12,19 @@
 2. First-byte latency: one subscriber parked on the next seq, the publisher writes a small
    segment; time from the start of `publisher.write` to the subscriber's first chunk.
 3. The same fan-out through LocalPublisher/LocalSubscriber (no HTTP), for reference.
+4. With `--compare-url URL [--compare-pid PID]`: our server (the service as above, or
+   `--trickle-url`/`--server-pid`) against another trickle server, e.g. go-livepeer's, in
+   interleaved rounds (ours, other, ours, other, ...; a shared machine drifts). The same clients
+   for both, in this process: one TricklePublisher and N lean raw-socket subscribers
+   (bench/trickle_raw.py) that count bytes without keeping them, so that on 2 cores the server,
+   not the client, is measured. Printed: median MB/s and server CPU ms per MB delivered (= s per
+   GB) for N = 1 and 8, the ratios ours/other (median of the per-round ratios), how long each
+   server was runnable but waiting for a CPU, and the segments delivered whole of those sent back
+   to back by one publisher (`--burst-segments` of `--burst-kib`, preconnected POSTs, and POSTs
+   that close right after their last byte).
 
 MB is 10^6 bytes. CPU is the share of one core a process used over the measured window (the
 server's from /proc, the clients' from this process), which says which side is the bottleneck.
-The reference go-livepeer server on the 2-core dev machine: ~635 MB/s to one subscriber,
-~1,860 MB/s total to eight, ~1 ms first byte p50 (protocol/trickle.md §7.5).
 """
 
 from __future__ import annotations
@@ -42,6 +50,7 @@ from typing import Any, Protocol
 import aiohttp
 from aiohttp import web
 
+from bench.trickle_raw import RawSubscriber, post_and_close
 from protocol.trickle import (
     LocalPublisher,
     LocalSubscriber,
@@ -73,6 +82,19 @@ def cpu_seconds(pid: int) -> float | None:
         with open(f"/proc/{pid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def sched_wait_seconds(pid: int) -> float | None:
+    """Seconds the threads of process `pid` were runnable but waiting for a CPU (Linux
+    schedstat): how much a busy machine held the server back."""
+    try:
+        total = 0
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/schedstat") as f:
+                total += int(f.read().split()[1])
+        return total / 1e9
     except (OSError, ValueError, IndexError):
         return None
 
@@ -171,14 +193,18 @@ class Window:
         self.c0 = self.c1 = 0.0
         self.s0: float | None = None
         self.s1: float | None = None
+        self.w0: float | None = None
+        self.w1: float | None = None
 
     def start(self, total_bytes: int) -> None:
         self.t0, self.b0, self.c0 = time.perf_counter(), total_bytes, time.process_time()
         self.s0 = cpu_seconds(self.server_pid) if self.server_pid else None
+        self.w0 = sched_wait_seconds(self.server_pid) if self.server_pid else None
 
     def stop(self, total_bytes: int) -> None:
         self.t1, self.b1, self.c1 = time.perf_counter(), total_bytes, time.process_time()
         self.s1 = cpu_seconds(self.server_pid) if self.server_pid else None
+        self.w1 = sched_wait_seconds(self.server_pid) if self.server_pid else None
 
     def result(self, n: int, **extra: Any) -> dict[str, Any]:
         elapsed = self.t1 - self.t0
@@ -188,9 +214,13 @@ class Window:
             server_cpu = round(100 * (self.s1 - self.s0) / elapsed)
             if self.b1 > self.b0:
                 cost = round(1000 * (self.s1 - self.s0) / ((self.b1 - self.b0) / MB), 2)
+        waited = None
+        if self.w0 is not None and self.w1 is not None:
+            waited = round(100 * (self.w1 - self.w0) / elapsed)
         return {
             "subscribers": n,
             "seconds": round(elapsed, 2),
+            "server_cpu_wait_pct": waited,
             "total_mb_s": round(total, 1),
             "per_subscriber_mb_s": round(total / n, 1),
             "server_cpu_pct": server_cpu,
@@ -481,6 +511,220 @@ async def run_local(data: bytes, args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
+# -- comparison against another trickle server (go-livepeer's) ------------------------------------
+
+
+async def fanout_lean(
+    url: str, n: int, data: bytes, args: argparse.Namespace, server_pid: int | None
+) -> dict[str, Any]:
+    """`fanout` with the lean raw-socket subscribers: the same clients for any server."""
+    counter = [0]
+    progress = asyncio.Event()
+    subscribers = [RawSubscriber(url, counter) for _ in range(n)]
+    for subscriber in subscribers:
+        subscriber.progress = progress
+    readers = [asyncio.create_task(s.run()) for s in subscribers]
+    await asyncio.sleep(0.3)  # let every GET park on the live edge before the first byte
+    publisher = TricklePublisher(url)
+    window = Window(server_pid)
+    stalls = segments = 0
+    try:
+        started = False
+        deadline = 0.0
+        while True:
+            slowest = min(s.done_seq for s in subscribers)
+            while slowest < publisher.seq - args.window:
+                progress.clear()
+                try:
+                    async with asyncio.timeout(2.0):
+                        await progress.wait()
+                except TimeoutError:
+                    stalls += 1
+                    break
+                slowest = min(s.done_seq for s in subscribers)
+            if not started and slowest >= args.warmup - 1:
+                started = True
+                window.start(counter[0])
+                deadline = window.t0 + args.seconds
+            elif not started and publisher.seq > args.warmup + 20:
+                raise RuntimeError(f"subscribers got no segment: done {slowest}")
+            if started and (
+                time.perf_counter() >= deadline or (args.segments and segments >= args.segments)
+            ):
+                window.stop(counter[0])
+                break
+            await publisher.write(data)
+            segments += started
+    finally:
+        await publisher.close()
+        await _finish_readers(readers, subscribers)
+    failed = [t.exception() for t in readers if not t.cancelled() and t.exception()]
+    return window.result(
+        n,
+        segments=segments,
+        skipped=sum(s.skipped for s in subscribers),
+        stalls=stalls,
+        errors=len(failed),
+    )
+
+
+async def _finish_readers(readers: list[asyncio.Task[None]], subscribers: list[Any]) -> None:
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(5.0):
+            await asyncio.gather(*readers, return_exceptions=True)
+    for task in readers:
+        task.cancel()
+    await asyncio.gather(*readers, return_exceptions=True)
+    for subscriber in subscribers:
+        subscriber.close()
+
+
+async def burst(
+    url: str, n: int, count: int, data: bytes, style: str, gap_s: float
+) -> dict[str, Any]:
+    """One publisher sends `count` segments back to back, no pause and no flow control; `n`
+    subscribers follow from the live edge. Counts the segments delivered whole, of n * count.
+
+    style "preconnect": TricklePublisher (next POST opened ahead, answer read). style "close":
+    each segment one Content-Length POST on its own socket, closed right after the last byte
+    without reading the answer (ffmpeg's way), the next one opened `gap_s` later: with no gap
+    at all the sockets race and the server sees the seqs out of order, which no real
+    publisher does."""
+    progress = asyncio.Event()
+    subscribers = [RawSubscriber(url) for _ in range(n)]
+    for subscriber in subscribers:
+        subscriber.progress = progress
+    readers = [asyncio.create_task(s.run()) for s in subscribers]
+    await asyncio.sleep(0.3)
+    t0 = time.perf_counter()
+    if style == "close":
+        for seq in range(count):
+            if seq:
+                await asyncio.sleep(gap_s)
+            await post_and_close(url, seq, data)
+        publisher = None
+    else:
+        publisher = TricklePublisher(url)
+        for _ in range(count):
+            await publisher.write(data)
+    sent_s = time.perf_counter() - t0
+
+    def whole() -> int:
+        return sum(
+            1
+            for s in subscribers
+            for seq, size in s.delivered.items()
+            if seq < count and size == len(data)
+        )
+
+    # Delivered when every subscriber has every segment; given up after 3 s without progress.
+    while whole() < n * count and not all(t.done() for t in readers):
+        progress.clear()
+        try:
+            async with asyncio.timeout(3.0):
+                await progress.wait()
+        except TimeoutError:
+            break
+    delivered = whole()
+    if publisher is not None:
+        await publisher.close()
+    else:
+        async with aiohttp.ClientSession() as session, session.delete(url) as response:
+            await response.read()
+    await _finish_readers(readers, subscribers)
+    return {
+        "subscribers": n,
+        "style": style,
+        "delivered": delivered,
+        "expected": n * count,
+        "skipped": sum(s.skipped for s in subscribers),
+        "publish_s": round(sent_s, 3),
+    }
+
+
+async def compare_round(
+    base: str, pid: int | None, data: bytes, burst_data: bytes, args: argparse.Namespace
+) -> dict[str, Any]:
+    out: dict[str, Any] = {"fanout": [], "burst": []}
+    async with aiohttp.ClientSession() as session:
+        for n in args.subscribers:
+            url = f"{base}/cmp-{n}-{secrets.token_hex(4)}"
+            await create_channel(session, url)
+            out["fanout"].append(await fanout_lean(url, n, data, args, pid))
+        if args.burst_segments:
+            for style in ("preconnect", "close"):
+                for n in args.subscribers:
+                    url = f"{base}/burst-{n}-{secrets.token_hex(4)}"
+                    await create_channel(session, url)
+                    out["burst"].append(
+                        await burst(
+                            url, n, args.burst_segments, burst_data, style, args.burst_gap_ms / 1000
+                        )
+                    )
+    return out
+
+
+def run_compare(args: argparse.Namespace, data: bytes) -> dict[str, Any]:
+    """Ours (A) and the other server (B) in rounds A B A B ..., the same clients for both."""
+    burst_data = os.urandom(int(args.burst_kib * 1024))
+    other = args.compare_url.rstrip("/")
+    with contextlib.ExitStack() as stack:
+        if args.trickle_url:
+            ours, ours_pid = args.trickle_url.rstrip("/"), args.server_pid
+        else:
+            port = free_port()
+            proc = stack.enter_context(live_service(port))
+            ours, ours_pid = f"http://{HOST}:{port}/trickle", proc.pid
+        rounds: list[dict[str, Any]] = []
+        for _ in range(args.rounds):
+            a = asyncio.run(compare_round(ours, ours_pid, data, burst_data, args))
+            b = asyncio.run(compare_round(other, args.compare_pid, data, burst_data, args))
+            rounds.append({"ours": a, "other": b})
+    return {"rounds": rounds, "summary": _compare_summary(rounds, args)}
+
+
+def _median(values: list[float]) -> float | None:
+    return round(statistics.median(values), 2) if values else None
+
+
+def _compare_summary(rounds: list[dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:
+    summary: dict[str, Any] = {"fanout": [], "burst": []}
+    for i, n in enumerate(args.subscribers):
+        row: dict[str, Any] = {"subscribers": n}
+        for side in ("ours", "other"):
+            runs = [r[side]["fanout"][i] for r in rounds]
+            row[f"{side}_mb_s"] = _median([r["total_mb_s"] for r in runs])
+            row[f"{side}_ms_per_mb"] = _median(
+                [r["server_cpu_ms_per_mb"] for r in runs if r["server_cpu_ms_per_mb"] is not None]
+            )
+            row[f"{side}_runs_mb_s"] = [r["total_mb_s"] for r in runs]
+            row[f"{side}_cpu_wait_pct"] = _median(
+                [r["server_cpu_wait_pct"] for r in runs if r["server_cpu_wait_pct"] is not None]
+            )
+        # Ratios per round (adjacent runs share the machine's state), then their median.
+        pairs = [(r["ours"]["fanout"][i], r["other"]["fanout"][i]) for r in rounds]
+        row["throughput_ratio"] = _median(
+            [a["total_mb_s"] / b["total_mb_s"] for a, b in pairs if b["total_mb_s"]]
+        )
+        row["cpu_per_gb_ratio"] = _median(
+            [
+                a["server_cpu_ms_per_mb"] / b["server_cpu_ms_per_mb"]
+                for a, b in pairs
+                if a["server_cpu_ms_per_mb"] and b["server_cpu_ms_per_mb"]
+            ]
+        )
+        summary["fanout"].append(row)
+    if rounds and rounds[0]["ours"]["burst"]:
+        for j, first in enumerate(rounds[0]["ours"]["burst"]):
+            row = {"subscribers": first["subscribers"], "style": first["style"]}
+            for side in ("ours", "other"):
+                runs = [r[side]["burst"][j] for r in rounds]
+                row[f"{side}_delivered"] = sum(r["delivered"] for r in runs)
+                row[f"{side}_expected"] = sum(r["expected"] for r in runs)
+            summary["burst"].append(row)
+    return summary
+
+
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     data = os.urandom(int(args.segment_mib * MIB))
     cpus = os.cpu_count()
@@ -515,6 +759,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         }
     if "local" in args.only:
         out["local"] = asyncio.run(run_local(data, args))
+    if "compare" in args.only:
+        out["compare"] = run_compare(args, data)
     return out
 
 
@@ -576,7 +822,36 @@ def report(out: dict[str, Any]) -> str:
         lines.append("3. in-process LocalPublisher/LocalSubscriber (no HTTP)")
         lines += [_fanout_row("local", r) for r in out["local"]["fanout"]]
         lines.append(_latency_row("local", out["local"]["first_byte"]))
+    if "compare" in out:
+        lines += _compare_report(out["compare"])
     return "\n".join(lines)
+
+
+def _compare_report(compare: dict[str, Any]) -> list[str]:
+    summary = compare["summary"]
+    lines = [
+        f"4. ours vs other server, {len(compare['rounds'])} interleaved rounds, lean raw-socket "
+        "subscribers; medians (MB/s total; server CPU ms per MB delivered = s per GB)"
+    ]
+    for row in summary["fanout"]:
+        lines.append(
+            f"  N={row['subscribers']:<2} ours {row['ours_mb_s']:8.1f} MB/s "
+            f"{row['ours_ms_per_mb'] or 0:5.2f} ms/MB   other {row['other_mb_s']:8.1f} MB/s "
+            f"{row['other_ms_per_mb'] or 0:5.2f} ms/MB   ours/other: throughput "
+            f"{row['throughput_ratio'] or 0:.2f}x, CPU per GB {row['cpu_per_gb_ratio'] or 0:.2f}x"
+        )
+        lines.append(
+            f"        runs MB/s ours {row['ours_runs_mb_s']} other {row['other_runs_mb_s']}; "
+            f"server runnable but waiting for a CPU: ours {row['ours_cpu_wait_pct']}% "
+            f"other {row['other_cpu_wait_pct']}% of the time (threads summed)"
+        )
+    for row in summary["burst"]:
+        lines.append(
+            f"  back-to-back ({row['style']:<10}) N={row['subscribers']:<2} delivered whole: "
+            f"ours {row['ours_delivered']}/{row['ours_expected']}, "
+            f"other {row['other_delivered']}/{row['other_expected']}"
+        )
+    return lines
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -614,10 +889,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--only", default="http,raw,local", help="parts to run (default http,raw,local)"
     )
     parser.add_argument("--server-pid", type=int, help="its pid, for the CPU column")
+    parser.add_argument(
+        "--compare-url",
+        help="also run the comparison (part 4) against another trickle server at this base URL "
+        "with channel autocreation, e.g. go-livepeer's (http://127.0.0.1:8935/trickle)",
+    )
+    parser.add_argument("--compare-pid", type=int, help="that server's pid, for CPU per GB")
+    parser.add_argument("--rounds", type=int, default=3, help="comparison rounds, A B A B ...")
+    parser.add_argument(
+        "--burst-segments",
+        type=int,
+        default=16,
+        help="segments a publisher sends back to back in the comparison (0: none)",
+    )
+    parser.add_argument("--burst-kib", type=float, default=256, help="their size")
+    parser.add_argument(
+        "--burst-gap-ms", type=float, default=5.0, help="gap between close-style POSTs"
+    )
     args = parser.parse_args(argv)
     args.only = {part.strip() for part in args.only.split(",")}
-    if not args.only <= {"http", "raw", "local"}:
-        parser.error("--only takes http, raw and local")
+    if args.compare_url:
+        args.only.add("compare")
+    if not args.only <= {"http", "raw", "local", "compare"}:
+        parser.error("--only takes http, raw, local and compare")
+    if "compare" in args.only and not args.compare_url:
+        parser.error("the comparison needs --compare-url")
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     args.subscribers = [int(n) for n in args.subscribers.split(",") if n.strip()]
     if not args.subscribers or min(args.subscribers) < 1:
         parser.error("--subscribers needs positive counts")

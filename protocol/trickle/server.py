@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
 import secrets
+import socket
 import time
 from collections.abc import AsyncIterator, Callable
+from typing import Protocol
 
-from aiohttp import web
+from aiohttp import HttpVersion11, web
 from pydantic import BaseModel, ConfigDict, Field
 
 from . import headers as h
@@ -24,6 +27,10 @@ logger = logging.getLogger(__name__)
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9._-]+")
 INTERIM_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+CRLF = b"\r\n"
+LAST_CHUNK = b"0\r\n\r\n"
+MAX_GATHERED_CHUNKS = 256
+"""Chunks in one gathered write: three buffers each, well under the usual IOV_MAX of 1024."""
 DISCONNECT_POLL_S = 5.0
 PARKED_RELEASE_S = 1.0
 """How long a channel DELETE waits for the requests it released to be answered."""
@@ -619,15 +626,20 @@ class _Routes:
         extra = {h.SEQ: str(seq), "Content-Type": channel.mime}
         if seq != latest_at_request:
             extra[h.LATEST] = str(latest_at_request)
-        response = web.StreamResponse(status=200, headers=extra)
-        await response.prepare(request)
-        timeout = self.config.write_timeout_s
+        if request.method == "HEAD":
+            # aiohttp routes HEAD here too, and its writer would send the body regardless; Go's
+            # answers the head alone, and so do we.
+            return web.Response(status=200, headers=extra)
+        transport = request.transport
+        sock = _plain_socket(transport) if request.version >= HttpVersion11 else None
+        response: web.StreamResponse
         try:
-            async for chunk in segment.iter_chunks():
-                async with asyncio.timeout(timeout):
-                    await response.write(chunk)
-                self.server.bytes_out += len(chunk)
-            await response.write_eof()
+            if sock is not None and transport is not None:
+                response = _FramedResponse(status=200, headers=extra)
+                await self._send_gathered(request, response, segment, transport, sock)
+            else:
+                response = web.StreamResponse(status=200, headers=extra)
+                await self._send_chunks(request, response, segment)
         except TimeoutError:
             # A reader that accepts nothing for this long is cut off: the server holds at most
             # one segment and one socket buffer for it, never an unbounded backlog.
@@ -637,8 +649,80 @@ class _Routes:
             pass  # the subscriber left; nothing to clean up but the handler itself
         return response
 
+    async def _send_gathered(
+        self,
+        request: web.Request,
+        response: web.StreamResponse,
+        segment: Segment,
+        transport: asyncio.Transport,
+        sock: _Socket,
+    ) -> None:
+        """The segment as HTTP/1.1 chunks, one per published chunk, framed here.
+
+        While the transport's buffer is empty (the socket took everything so far), the chunks
+        that are ready go to the socket in one gathered write (`_write_through`): no copy, no
+        await, no timer per chunk; a reader that is behind gets them all in one call, and the
+        last one carries the end of the body. The head waits in the kernel (TCP_CORK) to leave
+        in the same packet as the first bytes. Once a reader's socket is full, chunks go
+        through aiohttp, which waits for the buffer to drain, bounded by the write timeout; so
+        a slow reader holds at most about one chunk and a socket buffer."""
+        timeout = self.config.write_timeout_s
+        fd = sock.fileno()
+        corked = _cork(sock, True)
+        try:
+            await response.prepare(request)
+            await response.write(b"")  # the head, so that the gathered chunks follow it
+            chunks = segment.chunks
+            sent = 0
+            ended = False
+            while not ended:
+                if sent < len(chunks):
+                    if transport.is_closing():
+                        raise ConnectionResetError("subscriber left")
+                    if not transport.get_write_buffer_size():
+                        end = min(len(chunks), sent + MAX_GATHERED_CHUNKS)
+                        ended = end == len(chunks) and segment.closed
+                        _write_through(transport, fd, chunks, sent, end, ended)
+                        self.server.bytes_out += sum(len(chunks[i]) for i in range(sent, end))
+                        sent = end
+                    else:
+                        chunk = chunks[sent]
+                        async with asyncio.timeout(timeout):
+                            await response.write(_framed(chunk))
+                        self.server.bytes_out += len(chunk)
+                        sent += 1
+                    if corked:
+                        corked = _cork(sock, False)
+                    continue
+                if segment.closed:
+                    break
+                await segment.wait_beyond(sent)
+        finally:
+            if corked:
+                _cork(sock, False)
+        if ended and not transport.get_write_buffer_size():
+            await response.write_eof(b"")  # all sent: nothing to wait for, no timer
+        else:
+            async with asyncio.timeout(timeout):
+                await response.write_eof(b"" if ended else LAST_CHUNK)
+
+    async def _send_chunks(
+        self, request: web.Request, response: web.StreamResponse, segment: Segment
+    ) -> None:
+        """The segment through aiohttp's own writer (TLS, or an HTTP/1.0 reader)."""
+        timeout = self.config.write_timeout_s
+        await response.prepare(request)
+        async for chunk in segment.iter_chunks():
+            async with asyncio.timeout(timeout):
+                await response.write(chunk)
+            self.server.bytes_out += len(chunk)
+        async with asyncio.timeout(timeout):
+            await response.write_eof()
+
     async def _wait_started(self, request: web.Request, segment: Segment) -> bool:
         """Wait for the segment's first byte or close; False if the client left meanwhile."""
+        if segment.has_data or segment.closed:
+            return True  # a reader behind the live edge: no timer to set up
         while True:
             try:
                 async with asyncio.timeout(DISCONNECT_POLL_S):
@@ -676,6 +760,86 @@ async def _send_now(request: web.Request, response: web.Response) -> web.Respons
     except ConnectionError:
         pass  # the client left; nothing to deliver
     return response
+
+
+class _Socket(Protocol):
+    """What a transport's `get_extra_info("socket")` offers that the gathered path uses."""
+
+    def fileno(self) -> int: ...
+
+    def setsockopt(self, level: int, option: int, value: int, /) -> None: ...
+
+
+class _FramedResponse(web.StreamResponse):
+    """A chunked response whose chunks the handler frames itself (`_send_gathered`): aiohttp
+    sends the head and passes body bytes through as given."""
+
+    # aiohttp's switch for a body it must neither frame nor count (its WebSocketResponse's).
+    _length_check = False
+
+    def __init__(self, *, status: int, headers: dict[str, str]) -> None:
+        super().__init__(status=status, headers={**headers, "Transfer-Encoding": "chunked"})
+
+
+def _plain_socket(transport: asyncio.BaseTransport | None) -> _Socket | None:
+    """The socket under a plain (not TLS) transport, where gathered writes may go straight to
+    it; None where they may not."""
+    if transport is None or not hasattr(os, "writev"):
+        return None
+    if transport.get_extra_info("ssl_object") is not None:
+        return None
+    sock = transport.get_extra_info("socket")
+    return sock if sock is not None and sock.fileno() >= 0 else None
+
+
+def _cork(sock: _Socket, on: bool) -> bool:
+    """Hold (or release) small writes in the kernel so that they share a packet; True while
+    held. Linux only; elsewhere a no-op."""
+    if not hasattr(socket, "TCP_CORK"):
+        return False
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, int(on))
+    except OSError:
+        return False
+    return on
+
+
+def _framed(chunk: bytes) -> bytes:
+    return b"%x\r\n%b\r\n" % (len(chunk), chunk)
+
+
+def _write_through(
+    transport: asyncio.WriteTransport,
+    fd: int,
+    chunks: list[bytes],
+    start: int,
+    end: int,
+    last: bool,
+) -> None:
+    """`chunks[start:end]` as HTTP/1.1 chunks (and the body's end if `last`) in one `writev`,
+    the transport's buffer being empty: the same bytes, in the same order, that
+    `transport.write` would send for each in turn, without joining them (Python 3.11's
+    `writelines` copies; 3.12 gathers the same way). What the socket does not take is handed
+    to the transport, which sends it when it can."""
+    pieces: list[bytes] = []
+    for i in range(start, end):
+        chunk = chunks[i]
+        pieces += (b"%x\r\n" % len(chunk), chunk, CRLF)
+    if last:
+        pieces.append(LAST_CHUNK)
+    try:
+        written = os.writev(fd, pieces)
+    except (BlockingIOError, InterruptedError):
+        written = 0
+    except OSError as exc:
+        transport.abort()
+        raise ConnectionResetError(f"subscriber socket failed: {exc}") from exc
+    for piece in pieces:
+        if written >= len(piece):
+            written -= len(piece)
+            continue
+        transport.write(memoryview(piece)[written:] if written else piece)
+        written = 0
 
 
 def _abort(request: web.Request) -> None:
