@@ -45,7 +45,7 @@ from protocol.batch_api import (
     LLMResponse,
     LLMTokenUsage,
 )
-from protocol.errors import InvalidRequest, ServiceError
+from protocol.errors import InvalidRequest, ServiceError, in_words
 from runtime.device import DeviceSpec
 
 from .jobs import StepGate
@@ -179,7 +179,8 @@ def prompt_ids(chat: ChatModel, messages: list[LLMMessage]) -> list[int]:
             add_generation_prompt=True,
         )
     except TemplateError as exc:  # templates raise for what they refuse (roles out of turn)
-        raise InvalidRequest(f"the model's chat template refused the messages: {exc}") from exc
+        msg = f"the model's chat template refused the messages: {in_words(exc)}"
+        raise InvalidRequest(msg) from exc
     # The template writes the special tokens (<|begin_of_text|>) itself.
     return list(chat.tokenizer(text, add_special_tokens=False)["input_ids"])
 

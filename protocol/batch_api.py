@@ -127,6 +127,15 @@ class VideoResponse(BaseModel):
     frames: list[list[Media]] = Field(description="The generated video frames.")
 
 
+class GatewayVideoResponse(BaseModel):
+    """Livepeer's gateway answers image-to-video with the video itself: one `Media` whose URL
+    is an MP4 (the gateway spec's `VideoResponse`, as Livepeer's SDKs parse it)."""
+
+    images: list[Media] = Field(
+        description="The generated video: one MP4, at a URL valid for --video-ttl-s."
+    )
+
+
 class APIError(BaseModel):
     msg: str = Field(description="The error message.")
 
@@ -151,8 +160,17 @@ LLM_MAX_TOKENS = 4096
 """The most tokens one request may ask for: a bound on how long one job holds the device."""
 
 
+LLM_ROLE_LENGTH = 64
+
+
 class LLMMessage(_Body):
-    role: Literal["system", "user", "assistant"] = Field(description="Who says it.")
+    # Any string, as the runner takes it: "system", "user" and "assistant" are the usual
+    # ones, and a model's chat template decides what else it knows ("tool", "ipython", ...).
+    role: str = Field(
+        max_length=LLM_ROLE_LENGTH,
+        description="Who says it: system, user, assistant, or another role the model's chat "
+        "template knows.",
+    )
     content: str = Field(description="What is said.")
 
 
