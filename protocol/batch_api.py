@@ -173,6 +173,16 @@ class LLMMessage(_Body):
     )
     content: str = Field(description="What is said.")
 
+    @field_validator("content")
+    @classmethod
+    def _unicode(cls, value: str) -> str:
+        # JSON may escape half of a UTF-16 pair ("\udaf8"); no tokenizer takes that.
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("is not valid Unicode text (half of a surrogate pair)") from None
+        return value
+
 
 class LLMRequest(_Body):
     messages: list[LLMMessage] = Field(

@@ -392,6 +392,7 @@ async def test_invalid_requests_are_422_naming_the_field(batch_service) -> None:
         ({"messages": []}, ["body", "messages"]),
         ({"messages": [{"role": "r" * 65, "content": "hi"}]}, ["body", "messages", 0, "role"]),
         ({"messages": [{"role": "user"}]}, ["body", "messages", 0, "content"]),
+        ({"messages": [{"role": "user", "content": "\udaf8"}]}, ["body", "messages", 0, "content"]),
         ({"messages": [user], "max_tokens": 0}, ["body", "max_tokens"]),
         ({"messages": [user], "max_tokens": 100_000}, ["body", "max_tokens"]),
         ({"messages": [user], "temperature": "0.5"}, ["body", "temperature"]),
