@@ -8,10 +8,13 @@ its model rather than failing."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
+import re
 import threading
 import wave
+from pathlib import Path
 from typing import Any
 
 import av
@@ -42,7 +45,8 @@ GATEWAY = "/api/beta/generate"
 def sdk(client: Any, prefix: str = GATEWAY, token: str = TOKEN) -> Livepeer:
     """The SDK as a user builds it, on the test service; its calls are awaited (`*_async`)
     so that the service, on the same event loop, answers them."""
-    return Livepeer(http_bearer=token, server_url=str(client.make_url(prefix)))
+    # A generous timeout (httpx's default is 5 s): a first call waits for its model's load.
+    return Livepeer(http_bearer=token, server_url=str(client.make_url(prefix)), timeout_ms=120_000)
 
 
 def image_file(data: bytes, name: str = "in.png") -> dict[str, Any]:
@@ -307,3 +311,43 @@ async def test_a_load_past_the_wait_is_503_with_retry_after_then_served(batch_se
     await wait_until(lambda: runtime.models.ready(key) is not None, "the held load to end")
     answer = await lp.generate.text_to_image_async(request=request)
     assert len(answer.image_response.images) == 1
+
+
+# --- the README's recipe --------------------------------------------------------------------
+
+
+def readme_recipe() -> str:
+    """The Python block after README's `pip install livepeer-ai`."""
+    text = (Path(__file__).parents[2] / "README.md").read_text()
+    after = text[text.index("pip install livepeer-ai") :]
+    start = after.index("```python\n") + len("```python\n")
+    return after[start : after.index("```", start)]
+
+
+async def test_the_readme_recipe_runs_as_written(batch_service, tmp_path: Path) -> None:
+    """The README's lines, with the address, token and file put in, and sizes for tiny models
+    on a CPU: the SDK's blocking calls, on a thread of their own as a user's script would be."""
+    client = await batch_service(warm=(), auth_token=TOKEN)
+    picture = tmp_path / "in.png"
+    picture.write_bytes(png(64, 64))
+    code = (
+        readme_recipe()
+        .replace("http://127.0.0.1:8000", str(client.make_url("")).rstrip("/"))
+        .replace('"TOKEN"', repr(TOKEN))
+        .replace('"in.png"', repr(str(picture)))
+    )
+    code = re.sub(r'"(width|height)": \d+', r'"\1": 64', code)
+    names: dict[str, Any] = {}
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        await asyncio.to_thread(exec, code, names)
+    seed, video_url, publish_url = printed.getvalue().split()
+    assert int(seed) >= 0
+    async with httpx.AsyncClient() as http:
+        video = await http.get(video_url)
+    assert video.status_code == 200 and decode_video(video.content)
+    assert publish_url == names["live"].live_video_to_video_response.publish_url
+    session_id = names["live"].http_meta.response.json()["session_id"]
+    stop = await client.delete(
+        f"/live-video-to-video/{session_id}", headers={"Authorization": f"Bearer {TOKEN}"}
+    )
+    assert stop.status == 200
