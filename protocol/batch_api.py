@@ -206,6 +206,49 @@ class LLMRequest(_Body):
     )
 
 
+class StudioLLMForm(_Body):
+    """The form body of `POST /llm` in Livepeer Studio's older generate API, as its SDKs (npm
+    `livepeer` 3, PyPI `livepeer` 0.3) send it: one prompt, a system message and the earlier
+    turns as JSON. Taken on the gateway-shaped routes, read into an `LLMRequest`."""
+
+    prompt: str = Field(min_length=1, max_length=200_000, description="The user's turn.")
+    model_id: str = Field("", description="Hugging Face model ID (empty: the default).")
+    system_msg: str = Field("", max_length=200_000, description="The system message, if any.")
+    temperature: float = Field(0.7, ge=0, le=2, description="Sampling temperature.")
+    max_tokens: int = Field(256, ge=1, le=LLM_MAX_TOKENS, description="The most tokens.")
+    history: str = Field(
+        "[]",
+        max_length=1_000_000,
+        description='The earlier turns, as a JSON array of {"role", "content"} objects.',
+    )
+    stream: bool = Field(False, description="Not taken in this form: send JSON to stream.")
+
+    def chat_request(self) -> LLMRequest:
+        """The same conversation as the JSON body's `messages`. Raises ValueError for a
+        `history` that is not a JSON array of messages."""
+        try:
+            turns = json.loads(self.history)
+        except ValueError as exc:
+            raise ValueError(f"history is not valid JSON: {exc}") from None
+        if not isinstance(turns, list):
+            raise ValueError('history must be a JSON array of {"role", "content"} objects')
+        system = [LLMMessage(role="system", content=self.system_msg)] if self.system_msg else []
+        history = [LLMMessage.model_validate(turn) for turn in turns]
+        return LLMRequest(
+            messages=[*system, *history, LLMMessage(role="user", content=self.prompt)],
+            model=self.model_id,
+            temperature=self.temperature,
+            max_tokens=self.max_tokens,
+        )
+
+
+class StudioLLMResponse(BaseModel):
+    """Livepeer Studio's older answer of `POST /llm` to its form body."""
+
+    response: str = Field(description="The generated text.")
+    tokens_used: int = Field(description="Tokens of the prompt and of the answer.")
+
+
 class LLMTokenUsage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
