@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -150,3 +151,37 @@ async def test_a_bad_studio_llm_form_names_the_field(batch_service) -> None:
     streamed = await client.post(url, data=studio_llm_form(prompt="x", stream="true"), headers=auth)
     assert streamed.status == 400
     assert "stream is taken with a JSON body" in (await streamed.json())["detail"]["msg"]
+
+
+def readme_js_recipe() -> str:
+    text = (Path(__file__).parents[2] / "README.md").read_text()
+    start = text.index("```js\n") + len("```js\n")
+    return text[start : text.index("```", start)]
+
+
+async def test_the_readme_javascript_recipe_runs_as_written(batch_service, tmp_path: Path) -> None:
+    """README's lines with the address and token put in, sizes for tiny models on a CPU, and
+    a line printing what the SDK parsed; run beside the SDK's node_modules, where Node
+    resolves `livepeer`."""
+    client = await batch_service(warm=(), auth_token=TOKEN)
+    code = (
+        readme_js_recipe()
+        .replace("http://127.0.0.1:8000", str(client.make_url("")).rstrip("/"))
+        .replace('"TOKEN"', json.dumps(TOKEN))
+    ) + "console.log(JSON.stringify(imageResponse));\n"
+    code = re.sub(r"(width|height): \d+", r"\1: 64", code)  # tiny models on a CPU
+    node = shutil.which("node")
+    if node is None or not (SDK_DIR / "node_modules" / "livepeer").is_dir():
+        pytest.fail(f"Node and the Studio SDK are needed: npm ci --prefix {SDK_DIR}")
+    script = SDK_DIR / f"readme-{tmp_path.name}.mjs"
+    script.write_text(code)
+    try:
+        process = await asyncio.create_subprocess_exec(
+            node, str(script), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+        )
+        out, err = await asyncio.wait_for(process.communicate(), 300)
+    finally:
+        script.unlink()
+    assert process.returncode == 0, err.decode()
+    (image,) = json.loads(out)["images"]
+    assert image_size(image["url"]) == (64, 64)
