@@ -27,6 +27,7 @@ from .config import BatchConfig
 from .jobs import BatchJobs
 from .models import lease_model
 from .route import BATCH, BatchRoute, BatchState
+from .videos import VIDEO_OPERATION, VIDEO_PATH, VIDEOS, VideoStore, get_video
 
 logger = logging.getLogger(__name__)
 
@@ -44,15 +45,21 @@ ROUTES: tuple[BatchRoute, ...] = (
 
 
 def operations() -> list[Operation]:
-    return [route.operation for route in ROUTES]
+    return [
+        *(operation for route in ROUTES for operation in route.operations()),
+        VIDEO_OPERATION,
+    ]
 
 
 def add_batch_routes(app: web.Application, runtime: Runtime, config: BatchConfig) -> None:
     """Mount every batch route on `app`; the models in `config.warm` start loading at start."""
     warm = [parse_warm(entry) for entry in config.warm]  # a bad entry fails here, at start
     app[BATCH] = BatchState(runtime, config, BatchJobs(runtime, config.max_jobs))
+    app[VIDEOS] = VideoStore(config.video_store_bytes, config.video_ttl_s)
     for route in ROUTES:
-        app.router.add_route(route.operation.method, route.operation.path, route.handler)
+        for operation, handler in route.routes():
+            app.router.add_route(operation.method, operation.path, handler)
+    app.router.add_get(VIDEO_PATH, get_video)
     if warm:
 
         async def warm_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from protocol.errors import InvalidRequest
+from protocol.errors import InvalidRequest, in_words
 
 if TYPE_CHECKING:
     from .jobs import StepGate
@@ -111,11 +111,11 @@ def decode_audio(
     try:
         container = av.open(io.BytesIO(data), mode="r")
     except av.EOFError as exc:  # the file ends inside its header
-        raise InvalidRequest(f"the {field} file is truncated: {exc}") from exc
+        raise InvalidRequest(f"the {field} file is truncated: {in_words(exc)}") from exc
     except (av.FFmpegError, ValueError, OSError) as exc:
         raise InvalidRequest(
             f"the {field} file is not audio this service can read ({FORMATS}), or it is "
-            f"damaged: {exc}"
+            f"damaged: {in_words(exc)}"
         ) from exc
     with container:
         if not container.streams.audio:
@@ -157,7 +157,8 @@ def decode_audio(
             raise
         except (av.FFmpegError, ValueError) as exc:
             raise InvalidRequest(
-                f"the {field} file is damaged or uses something FFmpeg cannot decode: {exc}"
+                f"the {field} file is damaged or uses something FFmpeg cannot decode: "
+                f"{in_words(exc)}"
             ) from exc
     if bad_packets:
         logger.info("audio decoded with undecodable packets skipped count=%d", bad_packets)

@@ -1,5 +1,6 @@
-"""`POST /image-to-video`: a still image animated by Stable Video Diffusion. The answer is the
-runner's: the frames as images (`frames[0][i]`), which a gateway encodes into a video."""
+"""`POST /image-to-video`: a still image animated by Stable Video Diffusion. The runner's route
+answers with the frames as images (`frames[0][i]`), which a gateway encodes into a video; the
+gateway-shaped routes answer as the gateway does, with the URL of that video (an MP4)."""
 
 from __future__ import annotations
 
@@ -9,13 +10,14 @@ from typing import Any
 
 from aiohttp import web
 
-from protocol.batch_api import ImageToVideoForm, Media, VideoResponse
+from protocol.batch_api import GatewayVideoResponse, ImageToVideoForm, Media, VideoResponse
 from runtime.device import DeviceSpec
 
 from .images import open_image, png_data_urls
 from .jobs import StepGate
 from .models import quiet_loading
-from .route import BatchRoute, batch_state, parse_form, pick_seed, run_on_model
+from .route import BATCH, BatchRoute, batch_state, parse_form, pick_seed, run_on_model
+from .videos import VIDEOS, encode_mp4, video_url
 
 DEFAULT_MODEL = "stabilityai/stable-video-diffusion-img2vid-xt"
 MAX_PIXELS = 2048 * 2048
@@ -52,7 +54,8 @@ def generate(pipe: Any, form: ImageToVideoForm, image: Any, seed: int, gate: Ste
     return list(result.frames[0])
 
 
-async def handle(request: web.Request) -> web.Response:
+async def animate(request: web.Request) -> tuple[ImageToVideoForm, list[Any], int]:
+    """The request's form, the frames of its video and their seed."""
     state = batch_state(request)
     form = await parse_form(request, ImageToVideoForm, state.config.max_upload_bytes)
     image = await asyncio.to_thread(open_image, form.image, MAX_PIXELS, MIN_SIDE)
@@ -60,8 +63,23 @@ async def handle(request: web.Request) -> web.Response:
     frames = await run_on_model(
         state, ROUTE, form.model_id, lambda pipe, gate: generate(pipe, form, image, seed, gate)
     )
+    return form, frames, seed
+
+
+async def handle(request: web.Request) -> web.Response:
+    _, frames, seed = await animate(request)
     urls = await png_data_urls(frames)
     body = VideoResponse(frames=[[Media(url=url, seed=seed, nsfw=False) for url in urls]])
+    return web.json_response(body.model_dump())
+
+
+async def handle_gateway(request: web.Request) -> web.Response:
+    form, frames, seed = await animate(request)
+    # Encoding is CPU work: off the event loop, and off the device's worker.
+    video = await asyncio.to_thread(encode_mp4, frames, form.fps)
+    name = request.app[VIDEOS].put(video)
+    url = video_url(request, request.app[BATCH].config.public_url, name)
+    body = GatewayVideoResponse(images=[Media(url=url, seed=seed, nsfw=False)])
     return web.json_response(body.model_dump())
 
 
@@ -75,4 +93,6 @@ ROUTE = BatchRoute(
     description="Generate a video from a provided image.",
     request=ImageToVideoForm,
     response=VideoResponse,
+    gateway_handler=handle_gateway,
+    gateway_response=GatewayVideoResponse,
 )

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from protocol.batch_api import ImageResponse, Media
-from protocol.errors import InvalidRequest
+from protocol.errors import InvalidRequest, in_words
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -48,13 +48,18 @@ def open_image(
             image.load()
     except InvalidRequest:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError, Warning) as exc:
+    except UnidentifiedImageError as exc:
+        # PIL's message names only the in-memory file object; the kinds read are the news.
         raise InvalidRequest(
             f"the {field} file is not an image this service can read (PNG, JPEG, WebP, GIF, "
-            f"BMP, TIFF): {exc}"
+            "BMP, TIFF)"
+        ) from exc
+    except (Image.DecompressionBombError, Warning) as exc:
+        raise InvalidRequest(
+            f"the {field} file is not an image this service can read: {in_words(exc)}"
         ) from exc
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
-        raise InvalidRequest(f"the {field} file is damaged or truncated: {exc}") from exc
+        raise InvalidRequest(f"the {field} file is damaged or truncated: {in_words(exc)}") from exc
     return image.convert("RGB")
 
 

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+from pydantic import ValidationError
 
 from protocol.batch_api import (
     LLMChoice,
@@ -44,13 +45,16 @@ from protocol.batch_api import (
     LLMRequest,
     LLMResponse,
     LLMTokenUsage,
+    StudioLLMForm,
+    StudioLLMResponse,
 )
-from protocol.errors import InvalidRequest, ServiceError
+from protocol.errors import InvalidFields, InvalidRequest, ServiceError, in_words
 from runtime.device import DeviceSpec
 
 from .jobs import StepGate
 from .models import quiet_loading
-from .route import BatchRoute, BatchState, batch_state, parse_json, run_on_model
+from .route import BatchRoute, BatchState, batch_state, parse_form, parse_json, run_on_model
+from .uploads import MULTIPART, URLENCODED
 
 logger = logging.getLogger(__name__)
 
@@ -179,7 +183,8 @@ def prompt_ids(chat: ChatModel, messages: list[LLMMessage]) -> list[int]:
             add_generation_prompt=True,
         )
     except TemplateError as exc:  # templates raise for what they refuse (roles out of turn)
-        raise InvalidRequest(f"the model's chat template refused the messages: {exc}") from exc
+        msg = f"the model's chat template refused the messages: {in_words(exc)}"
+        raise InvalidRequest(msg) from exc
     # The template writes the special tokens (<|begin_of_text|>) itself.
     return list(chat.tokenizer(text, add_special_tokens=False)["input_ids"])
 
@@ -292,6 +297,37 @@ def sse(data: str) -> bytes:
 async def handle(request: web.Request) -> web.StreamResponse:
     state = batch_state(request)
     params = await parse_json(request, LLMRequest, state.config.max_upload_bytes)
+    return await respond(request, state, params)
+
+
+async def handle_gateway(request: web.Request) -> web.StreamResponse:
+    """The gateway-shaped route: JSON as the runner's, or Livepeer Studio's older form body
+    (its SDKs' `llm`), answered in that API's shape."""
+    if request.content_type not in (MULTIPART, URLENCODED):
+        return await handle(request)
+    state = batch_state(request)
+    form = await parse_form(request, StudioLLMForm, state.config.max_upload_bytes)
+    if form.stream:
+        raise InvalidRequest("stream is taken with a JSON body (messages); the form answers whole")
+    try:
+        params = form.chat_request()
+    except ValidationError as exc:
+        raise InvalidFields.from_validation(exc, "body", "history") from exc
+    except ValueError as exc:
+        error = {"loc": ["body", "history"], "msg": str(exc), "type": "value_error"}
+        raise InvalidFields([error]) from exc
+    done = await run_on_model(
+        state, ROUTE, params.model, lambda chat, gate: generate(chat, params, gate)
+    )
+    body = StudioLLMResponse(
+        response=done.text, tokens_used=done.prompt_tokens + done.completion_tokens
+    )
+    return web.json_response(body.model_dump())
+
+
+async def respond(
+    request: web.Request, state: BatchState, params: LLMRequest
+) -> web.StreamResponse:
     answer = Answer(f"chatcmpl-{uuid.uuid4()}", params.model or DEFAULT_MODEL, int(time.time()))
     if params.stream:
         return await stream(request, state, params, answer)
@@ -384,4 +420,5 @@ ROUTE = BatchRoute(
     ),
     request=LLMRequest,
     response=LLMResponse,
+    gateway_handler=handle_gateway,
 )

@@ -1,5 +1,6 @@
-"""A batch route's model, through the runtime's cache: loaded once, shared by every request,
-and never waited for inside a request (a model still loading is a 503 with Retry-After)."""
+"""A batch route's model, through the runtime's cache: loaded once, shared by every request.
+A request for a model that is loading waits for it on the event loop, within `--load-wait-s`;
+past that it is a 503 with Retry-After."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import asyncio
 import json
 import logging
 from collections.abc import Callable
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -60,23 +62,59 @@ def _lease(
             estimate=folder_size(path),
             retry_after_s=retry_after_s,
         )
-    except StillLoading as exc:
-        raise Unavailable(str(exc), retry_after_s=exc.retry_after_s) from exc
+    except StillLoading:
+        raise  # waited for by `lease_model`
     except OverBudget as exc:
         raise Unavailable(
             f"model {model_id} cannot be loaded now: {exc}", retry_after_s=30
         ) from exc
     except Exception as exc:  # the background load failed: report it to this caller, once
         raise Unavailable(
-            f"model {model_id} failed to load ({exc.__class__.__name__}: {exc}); the next "
-            "request tries again"
+            f"model {model_id} failed to load ({load_error(exc)}); the next request tries again"
         ) from exc
 
 
 async def lease_model(
-    runtime: Runtime, kind: str, model_id: str, load: Loader, retry_after_s: float = 5.0
+    runtime: Runtime,
+    kind: str,
+    model_id: str,
+    load: Loader,
+    retry_after_s: float = 5.0,
+    wait_s: float = 0.0,
 ) -> Lease[Any]:
-    """The loaded model, held until the lease is released. Raises Unavailable (503): with
-    Retry-After while it loads or cannot fit yet, without it when it is not on this machine."""
-    # Resolving a model reads the disk, and the runtime's first use imports torch.
-    return await asyncio.to_thread(_lease, runtime, kind, model_id, load, retry_after_s)
+    """The loaded model, held until the lease is released. A model that is loading (this
+    call starts the load when nobody has) is waited for, up to `wait_s`. Raises Unavailable
+    (503): with Retry-After while it still loads after that or cannot fit yet, without it when
+    it is not on this machine."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait_s
+    while True:
+        try:
+            # Resolving a model reads the disk, and the runtime's first use imports torch.
+            return await asyncio.to_thread(_lease, runtime, kind, model_id, load, retry_after_s)
+        except StillLoading as exc:
+            remaining = deadline - loop.time()
+            if remaining <= 0 or not await _ended_within(exc.done, remaining):
+                raise Unavailable(
+                    f"model {model_id} is still loading"
+                    + (f" after {wait_s:g} s of waiting" if wait_s > 0 else "")
+                    + f"; retry in {max(1, round(exc.retry_after_s))} s",
+                    retry_after_s=exc.retry_after_s,
+                ) from exc
+            # The load ended: ask again (a failed load is reported to the first who asks).
+
+
+async def _ended_within(done: Future[None], seconds: float) -> bool:
+    # Shielded: a waiter that gives up must not cancel the load's future for the others.
+    waiter = asyncio.shield(asyncio.wrap_future(done))
+    try:
+        await asyncio.wait_for(waiter, seconds)
+    except TimeoutError:
+        return False
+    return True
+
+
+def load_error(exc: BaseException) -> str:
+    """A load failure in words: the exception's own message, or its kind when it has none."""
+    text = str(exc).strip()
+    return text if text else exc.__class__.__name__

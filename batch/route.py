@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Annotated, Any, TypeVar, get_args, get_origin
 
 from aiohttp import web
@@ -34,10 +34,21 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 BATCH_ERRORS = (400, 401, 413, 415, 422, 500, 503)
 
 
+GATEWAY_PREFIXES = ("/api/beta/generate", "/api/generate")
+"""Where Livepeer's gateway-shaped API is mounted beside the runner's routes: the path prefix
+of Livepeer Studio's generate API, as its Python SDK (`livepeer`, `/api/beta/generate/...`) and
+its JavaScript SDK (`livepeer` on npm, `/api/generate/...`) call it. `livepeer-ai` takes either
+as its server URL."""
+
+
 @dataclass(frozen=True)
 class BatchRoute:
     """One batch pipeline: its route, its default model, how to load a model for it, and what
-    the OpenAPI document says of it (`operation`, derived from the rest)."""
+    the OpenAPI document says of it (`operations`, derived from the rest).
+
+    The runner's route answers with `response`; where Livepeer's gateway answers otherwise
+    (image-to-video: the video as one URL), `gateway_handler` and `gateway_response` serve the
+    gateway-shaped routes, else they share `handler`."""
 
     name: str  # the route without its slash, also the model cache's kind
     default_model: str
@@ -48,9 +59,12 @@ class BatchRoute:
     description: str
     request: type[BaseModel]
     response: type[BaseModel]
+    gateway_handler: Handler | None = None
+    gateway_response: type[BaseModel] | None = None
 
     @property
     def operation(self) -> Operation:
+        """The runner's route."""
         # A body with an uploaded file is a form; any other is JSON.
         multipart = any(f.annotation is bytes for f in self.request.model_fields.values())
         return Operation(
@@ -65,6 +79,44 @@ class BatchRoute:
             errors=BATCH_ERRORS,
             tags=("generate",),
         )
+
+    def routes(self) -> list[tuple[Operation, Handler]]:
+        """Every path of this pipeline with its handler: the runner's route, the same with a
+        trailing slash (as the runner's FastAPI serves it), and the gateway-shaped routes."""
+        runner = self.operation
+        routes = [
+            (runner, self.handler),
+            (
+                replace(
+                    runner,
+                    path=runner.path + "/",
+                    operation_id=runner.operation_id + "Slash",
+                    description=runner.description + " The same route as without the slash.",
+                ),
+                self.handler,
+            ),
+        ]
+        for prefix in GATEWAY_PREFIXES:
+            gateway = replace(
+                runner,
+                path=prefix + runner.path,
+                operation_id=gateway_operation_id(prefix, runner.operation_id),
+                description=runner.description + " Livepeer's gateway API (its SDKs' paths).",
+                response=self.gateway_response or self.response,
+                tags=("gateway",),
+            )
+            routes.append((gateway, self.gateway_handler or self.handler))
+        return routes
+
+    def operations(self) -> list[Operation]:
+        return [operation for operation, _ in self.routes()]
+
+
+def gateway_operation_id(prefix: str, operation_id: str) -> str:
+    """`genTextToImage` under `/api/beta/generate` is `apiBetaGenerateGenTextToImage`."""
+    words = [w for part in prefix.strip("/").split("/") for w in part.split("-")]
+    head = words[0] + "".join(w.capitalize() for w in words[1:])
+    return head + operation_id[0].upper() + operation_id[1:]
 
 
 @dataclass(frozen=True)
@@ -134,8 +186,9 @@ async def run_on_model(
     """Run `job(model, gate)` as a batch job on the route's model (`model_id`, or the route's
     default), which stays leased, so never evicted, until the job is over."""
     model_id = model_id or route.default_model
+    config = state.config
     lease = await lease_model(
-        state.runtime, route.name, model_id, route.load, state.config.retry_after_s
+        state.runtime, route.name, model_id, route.load, config.retry_after_s, config.load_wait_s
     )
     try:
         return await state.jobs.run(lambda gate: job(lease.value, gate), gate=gate)

@@ -28,7 +28,7 @@ from typing import Any
 from aiohttp import web
 
 from protocol.batch_api import MasksResponse, SegmentAnything2Form
-from protocol.errors import InvalidFields
+from protocol.errors import InvalidFields, in_words
 from runtime.device import DeviceSpec
 
 from .images import open_image
@@ -190,7 +190,7 @@ def parse_prompts(form: SegmentAnything2Form, width: int, height: int) -> Prompt
         try:
             parsed[field] = json.loads(text, parse_constant=_reject_constant)
         except ValueError as exc:
-            fail(field, f"{field} is not valid JSON: {exc}", "json_invalid")
+            fail(field, f"{field} is not valid JSON: {in_words(exc)}", "json_invalid")
 
     # Pixels in, or 0..1 relative to the image without normalize_coords (the runner's
     # SAM2ImagePredictor divides pixels by the image's size itself).

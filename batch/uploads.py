@@ -8,7 +8,7 @@ from urllib.parse import parse_qsl
 from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from protocol.errors import InvalidRequest, PayloadTooLarge, UnsupportedMediaType
+from protocol.errors import InvalidRequest, PayloadTooLarge, UnsupportedMediaType, in_words
 from protocol.requests import read_body, too_large
 
 MULTIPART = "multipart/form-data"
@@ -26,7 +26,7 @@ async def read_form(request: web.Request, limit: int) -> dict[str, str | bytes]:
         try:
             return dict(parse_qsl(body.decode("utf-8"), keep_blank_values=True))
         except UnicodeDecodeError as exc:
-            raise InvalidRequest(f"the form body is not valid UTF-8: {exc}") from exc
+            raise InvalidRequest(f"the form body is not valid UTF-8: {in_words(exc)}") from exc
     if request.content_type != MULTIPART:
         raise UnsupportedMediaType(
             f"send the body as {MULTIPART}, with the image or audio as a file field"
@@ -36,7 +36,7 @@ async def read_form(request: web.Request, limit: int) -> dict[str, str | bytes]:
     try:
         reader = await request.multipart()
     except (ValueError, AssertionError) as exc:
-        raise InvalidRequest(f"the multipart body cannot be read: {exc}") from exc
+        raise InvalidRequest(f"the multipart body cannot be read: {in_words(exc)}") from exc
     fields: dict[str, str | bytes] = {}
     total = 0
     while True:
@@ -44,7 +44,7 @@ async def read_form(request: web.Request, limit: int) -> dict[str, str | bytes]:
             part = await reader.next()
         except (ValueError, AssertionError, RuntimeError, HttpProcessingError) as exc:
             # HttpProcessingError: a part whose headers do not parse.
-            raise InvalidRequest(f"the multipart body cannot be read: {exc}") from exc
+            raise InvalidRequest(f"the multipart body cannot be read: {in_words(exc)}") from exc
         if part is None:
             return fields
         if not isinstance(part, BodyPartReader):
@@ -65,4 +65,5 @@ async def read_form(request: web.Request, limit: int) -> dict[str, str | bytes]:
         try:
             fields[part.name] = data.decode(part.get_charset("utf-8"))
         except (UnicodeDecodeError, LookupError) as exc:
-            raise InvalidRequest(f"the field {part.name!r} is not valid text: {exc}") from exc
+            msg = f"the field {part.name!r} is not valid text: {in_words(exc)}"
+            raise InvalidRequest(msg) from exc

@@ -58,7 +58,7 @@ def create_app(
     # sessions end first and their final status still reaches the events channel.
     app.on_shutdown.append(_stop_sessions)
     metrics = app[METRICS] = ServiceMetrics(
-        app[SESSIONS], trickle, runtime, (r.operation.path for r in BATCH_ROUTES)
+        app[SESSIONS], trickle, runtime, (op.path for r in BATCH_ROUTES for op in r.operations())
     )
     # Outermost, so that batch requests are counted with the status the client got.
     app.middlewares.insert(0, metrics.middleware)

@@ -16,6 +16,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from protocol.errors import in_words
 from protocol.media import AUDIO_LEAD, CLOCK, AudioPacket, VideoFrame
 
 from .edges import FrameSink, FrameSource, MediaContext, OutputClosed, OutputFrame
@@ -101,7 +102,7 @@ class _SinkRunner:
                 self.loop.stop("output closed")
         except Exception as exc:
             # One receiver failing is its own problem; only the primary output ends the session.
-            context.error(f"output {self.sink.name} failed: {exc}")
+            context.error(f"output {self.sink.name} failed: {in_words(exc)}")
             if self.sink.primary:
                 self.loop.stop("output failed")
         finally:

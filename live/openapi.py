@@ -19,6 +19,7 @@ from typing import Any, Literal
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, RootModel
 
+from batch.route import GATEWAY_PREFIXES, gateway_operation_id
 from protocol.api import (
     Capacity,
     HardwareInformation,
@@ -172,6 +173,16 @@ def live_operations(trickle_base_path: str = "/trickle/") -> list[Operation]:
             path="/live-video-to-video/",
             operation_id="genLiveVideoToVideoSlash",
             description="The same as without the trailing slash (ai-runner answers both).",
+        ),
+        *(
+            replace(
+                start,
+                path=prefix + "/live-video-to-video",
+                operation_id=gateway_operation_id(prefix, start.operation_id),
+                description=start.description + " Livepeer's gateway API (its SDKs' paths).",
+                tags=("gateway",),
+            )
+            for prefix in GATEWAY_PREFIXES
         ),
         Operation(
             method="GET",

@@ -5,6 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 from pydantic import ValidationError
 
+from batch.route import GATEWAY_PREFIXES
 from protocol.api import LiveVideoToVideoParams
 from protocol.errors import InvalidFields, InvalidRequest
 from protocol.requests import read_json, require_bearer
@@ -87,6 +88,9 @@ def add_live_routes(app: web.Application) -> None:
     app.router.add_post("/live-video-to-video", post_live_video_to_video)
     # ai-runner (FastAPI) serves the route with a trailing slash too; gateways may use either.
     app.router.add_post("/live-video-to-video/", post_live_video_to_video)
+    # Livepeer's gateway API, where its SDKs call it (`livepeer-ai`'s live_video_to_video).
+    for prefix in GATEWAY_PREFIXES:
+        app.router.add_post(prefix + "/live-video-to-video", post_live_video_to_video)
     app.router.add_get("/live-video-to-video/{id}", get_session)
     app.router.add_post("/live-video-to-video/{id}/params", post_session_params)
     app.router.add_delete("/live-video-to-video/{id}", delete_session)

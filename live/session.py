@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from pydantic import ValidationError
 
+from protocol.errors import in_words
 from protocol.media import EncoderSettings, VideoFrame
 from protocol.messages import (
     ErrorEvent,
@@ -228,7 +229,7 @@ class LiveSession:
                     # A bug, not a stream problem: the traceback goes to the log, the event
                     # says what happened, and the session still ends with a final status.
                     self.log.error("frame loop failed", exc_info=failed.exceptions[0])
-                    self.error(f"internal error: {failed.exceptions[0]!r}")
+                    self.error(f"internal error: {in_words(failed.exceptions[0])}")
                     self.ended = "internal error"
                 for task in side:
                     task.cancel()
@@ -238,7 +239,7 @@ class LiveSession:
                 await events
         except* Exception as failed:
             self.log.error("session failed", exc_info=failed.exceptions[0])
-            self.ended = f"internal error: {failed.exceptions[0]!r}"
+            self.ended = f"internal error: {in_words(failed.exceptions[0])}"
         finally:
             self.ended = self.ended or "ended"
             if self.state != "ERROR":
@@ -316,7 +317,7 @@ class LiveSession:
 
     def _failed(self, exc: Exception) -> None:
         self._failures += 1
-        self.error(f"pipeline failed on a frame: {exc!r}")
+        self.error(f"pipeline failed on a frame: {in_words(exc)}")
         # Out of memory: the pipeline's state is suspect and the next frames would fail the
         # same way, so restart now; the reload unloads first, which gives the memory back.
         out_of_memory = _out_of_memory(exc)
@@ -324,9 +325,9 @@ class LiveSession:
             self._failures = max(self._failures, self.config.max_consecutive_failures)
         if self._failures >= self.config.max_consecutive_failures and not self._loading:
             self._restart_logs = [
-                f"out of memory: {exc!r}"
+                f"out of memory: {in_words(exc)}"
                 if out_of_memory
-                else f"{self._failures} consecutive failures, last: {exc!r}"
+                else f"{self._failures} consecutive failures, last: {in_words(exc)}"
             ]
             self._failures = 0
             if self._restarts_in_a_row >= self.config.max_restarts:
@@ -369,7 +370,7 @@ class LiveSession:
         try:
             await run_in(self._load_thread, pipeline.load)
         except Exception as exc:
-            self.error(f"pipeline {self.pipeline_cls.name} failed to load: {exc!r}")
+            self.error(f"pipeline {self.pipeline_cls.name} failed to load: {in_words(exc)}")
             self._set_state("ERROR")
             self._loading = False
             return
@@ -445,7 +446,7 @@ class LiveSession:
             except ValueError as exc:
                 self.error(f"invalid control message: {exc}")
             except (TrickleError, OSError) as exc:
-                self.error(f"control segment failed: {exc!r}")
+                self.error(f"control segment failed: {in_words(exc)}")
 
     # -- events and status ----------------------------------------------------------------------
 

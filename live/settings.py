@@ -78,6 +78,21 @@ class Settings(BaseModel):
     batch_queue: int = Field(
         8, ge=1, description="batch jobs running or waiting at once (503 with Retry-After beyond)"
     )
+    load_wait_s: float = Field(
+        120,
+        ge=0,
+        description="how long a batch request waits for its model to load "
+        "(503 with Retry-After beyond; 0: answer at once)",
+    )
+    video_store_mb: float = Field(
+        256,
+        gt=0,
+        description="memory for the videos of gateway-shaped image-to-video answers "
+        "(oldest dropped beyond)",
+    )
+    video_ttl_s: float = Field(
+        600, gt=0, description="how long a video URL of a gateway-shaped answer can be fetched"
+    )
     max_sessions: int = Field(4, ge=1, description="live sessions at once (503 beyond)")
     input_timeout_s: float = Field(
         60.0, gt=0, description="a session ends after this long without input"
@@ -162,6 +177,10 @@ class Settings(BaseModel):
             max_upload_bytes=int(self.max_upload_mb * 2**20),
             max_jobs=self.batch_queue,
             warm=warm,
+            load_wait_s=self.load_wait_s,
+            public_url=self.public_url,
+            video_store_bytes=int(self.video_store_mb * 2**20),
+            video_ttl_s=self.video_ttl_s,
         )
 
     def cors(self) -> CorsPolicy:

@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
+from protocol.errors import in_words
 from protocol.media import (
     AudioPacket,
     EncoderSettings,
@@ -57,7 +58,7 @@ class TrickleSource(FrameSource):
             try:
                 segment = await self.subscriber.next()
             except (TrickleError, OSError) as exc:
-                raise InputFailed(f"cannot read the input: {exc}") from exc
+                raise InputFailed(f"cannot read the input: {in_words(exc)}") from exc
             if segment is None:
                 return
             await run_in(self._thread, decoder.begin_segment)
@@ -67,7 +68,7 @@ class TrickleSource(FrameSource):
                         yield item
             except (TrickleError, OSError, TimeoutError) as exc:
                 # A publisher that vanished mid-segment: keep what was decoded, go on.
-                context.error(f"input segment {segment.seq} cut short: {exc!r}")
+                context.error(f"input segment {segment.seq} cut short: {in_words(exc)}")
             for item in await self._decode(context, decoder.end_segment):
                 yield item
             problem = decoder.take_error()
@@ -149,7 +150,7 @@ class TrickleSink(FrameSink):
             # Said once, not thirty times a second; the sink goes on with the next frame.
             if str(exc) != self._encode_error:
                 self._encode_error = str(exc)
-                context.error(f"cannot encode the output: {exc}")
+                context.error(f"cannot encode the output: {in_words(exc)}")
             return False
         encoded = time.perf_counter()
         context.stats.stage("encode", encoded - started)
@@ -172,7 +173,7 @@ class TrickleSink(FrameSink):
                 raise OutputClosed(str(exc)) from exc
             except (TrickleError, OSError) as exc:
                 assert self._context is not None
-                self._context.error(f"output segment failed: {exc!r}")
+                self._context.error(f"output segment failed: {in_words(exc)}")
                 self._skipping = True
                 await self._end_segment(exc)
 

@@ -24,6 +24,7 @@ from protocol.errors import (
     ServiceError,
     TooBusy,
     UnsupportedMediaType,
+    in_words,
 )
 
 from .keys import SESSIONS, SETTINGS
@@ -118,7 +119,7 @@ async def _negotiate(negotiation: Awaitable[tuple[Peer, str]]) -> tuple[Peer, st
         return await negotiation
     except ValueError as exc:
         # aiortc refuses offers it cannot answer (no common codec, bad SDP) with ValueError.
-        raise InvalidRequest(f"cannot answer this SDP offer: {exc}") from exc
+        raise InvalidRequest(f"cannot answer this SDP offer: {in_words(exc)}") from exc
 
 
 async def post_whip_capability(request: web.Request) -> web.Response:

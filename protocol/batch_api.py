@@ -127,6 +127,15 @@ class VideoResponse(BaseModel):
     frames: list[list[Media]] = Field(description="The generated video frames.")
 
 
+class GatewayVideoResponse(BaseModel):
+    """Livepeer's gateway answers image-to-video with the video itself: one `Media` whose URL
+    is an MP4 (the gateway spec's `VideoResponse`, as Livepeer's SDKs parse it)."""
+
+    images: list[Media] = Field(
+        description="The generated video: one MP4, at a URL valid for --video-ttl-s."
+    )
+
+
 class APIError(BaseModel):
     msg: str = Field(description="The error message.")
 
@@ -151,9 +160,28 @@ LLM_MAX_TOKENS = 4096
 """The most tokens one request may ask for: a bound on how long one job holds the device."""
 
 
+LLM_ROLE_LENGTH = 64
+
+
 class LLMMessage(_Body):
-    role: Literal["system", "user", "assistant"] = Field(description="Who says it.")
+    # Any string, as the runner takes it: "system", "user" and "assistant" are the usual
+    # ones, and a model's chat template decides what else it knows ("tool", "ipython", ...).
+    role: str = Field(
+        max_length=LLM_ROLE_LENGTH,
+        description="Who says it: system, user, assistant, or another role the model's chat "
+        "template knows.",
+    )
     content: str = Field(description="What is said.")
+
+    @field_validator("content")
+    @classmethod
+    def _unicode(cls, value: str) -> str:
+        # JSON may escape half of a UTF-16 pair ("\udaf8"); no tokenizer takes that.
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("is not valid Unicode text (half of a surrogate pair)") from None
+        return value
 
 
 class LLMRequest(_Body):
@@ -176,6 +204,49 @@ class LLMRequest(_Body):
     stream: bool = Field(
         False, description="Answer with server-sent events, one per generated token."
     )
+
+
+class StudioLLMForm(_Body):
+    """The form body of `POST /llm` in Livepeer Studio's older generate API, as its SDKs (npm
+    `livepeer` 3, PyPI `livepeer` 0.3) send it: one prompt, a system message and the earlier
+    turns as JSON. Taken on the gateway-shaped routes, read into an `LLMRequest`."""
+
+    prompt: str = Field(min_length=1, max_length=200_000, description="The user's turn.")
+    model_id: str = Field("", description="Hugging Face model ID (empty: the default).")
+    system_msg: str = Field("", max_length=200_000, description="The system message, if any.")
+    temperature: float = Field(0.7, ge=0, le=2, description="Sampling temperature.")
+    max_tokens: int = Field(256, ge=1, le=LLM_MAX_TOKENS, description="The most tokens.")
+    history: str = Field(
+        "[]",
+        max_length=1_000_000,
+        description='The earlier turns, as a JSON array of {"role", "content"} objects.',
+    )
+    stream: bool = Field(False, description="Not taken in this form: send JSON to stream.")
+
+    def chat_request(self) -> LLMRequest:
+        """The same conversation as the JSON body's `messages`. Raises ValueError for a
+        `history` that is not a JSON array of messages."""
+        try:
+            turns = json.loads(self.history)
+        except ValueError as exc:
+            raise ValueError(f"history is not valid JSON: {exc}") from None
+        if not isinstance(turns, list):
+            raise ValueError('history must be a JSON array of {"role", "content"} objects')
+        system = [LLMMessage(role="system", content=self.system_msg)] if self.system_msg else []
+        history = [LLMMessage.model_validate(turn) for turn in turns]
+        return LLMRequest(
+            messages=[*system, *history, LLMMessage(role="user", content=self.prompt)],
+            model=self.model_id,
+            temperature=self.temperature,
+            max_tokens=self.max_tokens,
+        )
+
+
+class StudioLLMResponse(BaseModel):
+    """Livepeer Studio's older answer of `POST /llm` to its form body."""
+
+    response: str = Field(description="The generated text.")
+    tokens_used: int = Field(description="Tokens of the prompt and of the answer.")
 
 
 class LLMTokenUsage(BaseModel):

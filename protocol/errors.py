@@ -19,6 +19,7 @@ traceback and answered 500 without one. Trickle routes answer in their own plain
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -131,6 +132,29 @@ class Unavailable(ServiceError):
         )
         super().__init__(msg, headers=headers)
         self.retry_after_s = retry_after_s
+
+
+# What libraries put in their messages that means nothing to a client: an object's repr
+# (PIL: "cannot identify image file <_io.BytesIO object at 0x7f...>"), FFmpeg's error number
+# and the file name PyAV reports for an in-memory file ("[Errno 1094995529] ...: '<none>'").
+_NOISE = (
+    re.compile(r"<[\w.]+ object at 0x[0-9a-fA-F]+>"),
+    re.compile(r"\[Errno -?\d+\]\s*"),
+    re.compile(r":\s*'<none>'"),
+)
+_CAMEL = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
+
+
+def in_words(exc: BaseException) -> str:
+    """An exception's message for a person: its text without object reprs or error numbers,
+    or, when it has no text, its kind in words (`TimeoutError`: "timeout error")."""
+    text = str(exc)
+    for noise in _NOISE:
+        text = noise.sub("", text)
+    text = text.strip(" :;,")
+    if text:
+        return text
+    return _CAMEL.sub(" ", exc.__class__.__name__).lower()
 
 
 def error_body(msg: str) -> dict[str, object]:

@@ -8,7 +8,8 @@ its own per-stream state.
 Users hold a `Lease` while they use a model. The least recently used model that nobody holds
 is evicted when a load needs room; a model in use never is. Loading happens once per key: a
 second caller waits for the first one's load (`acquire`), or is told it is under way
-(`request`, which batch routes use to answer 503 instead of holding a connection for minutes).
+(`request`, which batch routes use to wait on the event loop, within a bound, rather than on a
+thread: `StillLoading.done` resolves when the load ends).
 
 Thread-safe: live pipelines load on their session's loader thread, batch routes from the event
 loop through `request` and a loader thread owned here.
@@ -47,10 +48,12 @@ class OverBudget(MemoryError):
 class StillLoading(Exception):
     """`request` found the model loading; try again later."""
 
-    def __init__(self, key: ModelKey, retry_after_s: float) -> None:
+    def __init__(self, key: ModelKey, retry_after_s: float, done: Future[None]) -> None:
         super().__init__(f"model {key.model_id} is loading; retry in {retry_after_s:.0f} s")
         self.key = key
         self.retry_after_s = retry_after_s
+        self.done = done
+        """Resolved when the load ends, well or not: a caller may wait on it, then ask again."""
 
 
 @dataclass
@@ -65,6 +68,8 @@ class _Entry:
     last_used: float = 0.0
     started: float = field(default_factory=time.monotonic)
     load_seconds: float = 0.0
+    done: Future[None] = field(default_factory=Future)
+    """Resolved (None) once `loaded` is set: what asyncio callers wait on without a thread."""
 
 
 class Lease(Generic[T]):
@@ -205,7 +210,7 @@ class ModelCache:
                 self._background.add(future)
                 future.add_done_callback(self._background.discard)
             elapsed = time.monotonic() - entry.started
-        raise StillLoading(key, max(1.0, retry_after_s - elapsed))
+        raise StillLoading(key, max(1.0, retry_after_s - elapsed), entry.done)
 
     def _begin(self, key: ModelKey, estimate: int) -> _Entry:
         # Under the lock: make room first, so that a model which cannot fit is refused before
@@ -234,7 +239,7 @@ class ModelCache:
                 entry.error = exc
                 if not keep_error and self._entries.get(entry.key) is entry:
                     del self._entries[entry.key]
-            entry.loaded.set()
+            self._finish(entry)
             return
         with self._lock:
             entry.value, entry.size = value, size
@@ -252,7 +257,12 @@ class ModelCache:
             entry.load_seconds,
             size / 2**20,
         )
+        self._finish(entry)
+
+    @staticmethod
+    def _finish(entry: _Entry) -> None:
         entry.loaded.set()
+        entry.done.set_result(None)
 
     def _lease(self, entry: _Entry) -> Lease[Any]:
         entry.users += 1
@@ -331,4 +341,8 @@ class ModelCache:
         """Wait for background loads, then forget every model."""
         self._loader.shutdown(wait=True, cancel_futures=True)
         with self._lock:
+            unfinished = [e for e in self._entries.values() if not e.loaded.is_set()]
             self._entries.clear()
+        for entry in unfinished:  # a queued load that never ran: release whoever waits on it
+            entry.error = RuntimeError("the service is shutting down")
+            self._finish(entry)

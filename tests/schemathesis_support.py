@@ -209,8 +209,12 @@ def event_stream_conformance(document: dict[str, Any]) -> Callable[..., None]:
         if response.status_code != 200 or not content_type.startswith("text/event-stream"):
             return
         events = [event for event in response.content.decode().split("\n\n") if event]
-        assert events and events[-1] == "data: [DONE]", f"no [DONE] at the end: {events[-1:]}"
         check = validator(case.method, case.path)
+        if getattr(response, "stream_cut_short", False):
+            # Schemathesis read only its `max-stream-events` (a long `max_tokens`): what was
+            # read is checked, and the end, never read, is not.
+            events.append("data: [DONE]")
+        assert events and events[-1] == "data: [DONE]", f"no [DONE] at the end: {events[-1:]}"
         for event in events[:-1]:
             assert event.startswith("data: ") and "\n" not in event, f"not one data line: {event}"
             errors = [str(error) for error in check.iter_errors(json.loads(event[6:]))]

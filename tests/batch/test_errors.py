@@ -33,7 +33,10 @@ async def test_a_file_that_is_not_an_image_is_a_400(batch_service) -> None:
         garbage = form(b"this is not a picture at all", prompt="x")
         response = await client.post(route, data=garbage)
         assert response.status == 400, route
-        assert "not an image" in (await response.json())["detail"]["msg"]
+        message = (await response.json())["detail"]["msg"]
+        assert message == (
+            "the image file is not an image this service can read (PNG, JPEG, WebP, GIF, BMP, TIFF)"
+        )
     truncated = form(png(64, 64)[:60], prompt="x")
     response = await client.post("/image-to-image", data=truncated)
     assert response.status == 400
@@ -156,13 +159,24 @@ async def test_a_missing_model_is_503_naming_the_pull_command(batch_service) -> 
     assert "live-v2v models pull nobody/none" in message
 
 
-async def test_a_cold_model_is_503_with_retry_after_then_served(batch_service) -> None:
+async def test_a_cold_model_is_waited_for_on_the_first_request(batch_service) -> None:
     client = await batch_service(warm=())
+    request = {"prompt": "x", "width": 64, "height": 64, "num_inference_steps": 1}
+    first = await client.post("/text-to-image", json=request)
+    assert first.status == 200, await first.text()
+    assert len((await first.json())["images"]) == 1
+
+
+async def test_without_a_load_wait_a_cold_model_is_503_with_retry_after_then_served(
+    batch_service,
+) -> None:
+    client = await batch_service(warm=(), load_wait_s=0)
     request = {"prompt": "x", "width": 64, "height": 64, "num_inference_steps": 1}
     first = await client.post("/text-to-image", json=request)
     assert first.status == 503
     assert int(first.headers["Retry-After"]) >= 1
-    assert "loading" in (await first.json())["detail"]["msg"]
+    message = (await first.json())["detail"]["msg"]
+    assert message.startswith("model SG161222/RealVisXL_V4.0_Lightning is still loading; retry")
 
     async def served() -> bool:
         response = await client.post("/text-to-image", json=request)

@@ -27,7 +27,7 @@ from batch.route import BATCH
 from live.app import create_app
 from live.keys import RUNTIME
 from live.settings import Settings
-from protocol.batch_api import LLMMessage, LLMRequest
+from protocol.batch_api import LLMMessage, LLMRequest, LLMResponse
 from protocol.client import Client, InvalidResponse, RetryPolicy, StreamError
 from protocol.errors import Unavailable, error_middleware
 from runtime.device import choose_device
@@ -390,8 +390,9 @@ async def test_invalid_requests_are_422_naming_the_field(batch_service) -> None:
     cases = [
         ({}, ["body", "messages"]),
         ({"messages": []}, ["body", "messages"]),
-        ({"messages": [{"role": "robot", "content": "hi"}]}, ["body", "messages", 0, "role"]),
+        ({"messages": [{"role": "r" * 65, "content": "hi"}]}, ["body", "messages", 0, "role"]),
         ({"messages": [{"role": "user"}]}, ["body", "messages", 0, "content"]),
+        ({"messages": [{"role": "user", "content": "\udaf8"}]}, ["body", "messages", 0, "content"]),
         ({"messages": [user], "max_tokens": 0}, ["body", "max_tokens"]),
         ({"messages": [user], "max_tokens": 100_000}, ["body", "max_tokens"]),
         ({"messages": [user], "temperature": "0.5"}, ["body", "temperature"]),
@@ -414,6 +415,27 @@ async def test_invalid_requests_are_422_naming_the_field(batch_service) -> None:
         await service.llm(messages=[])
     with pytest.raises(ValueError, match="llm_stream"):
         await service.llm(messages=[user], stream=True)
+
+
+async def test_any_role_is_taken_as_the_runner_takes_it(batch_service) -> None:
+    """`role` is any string (up to 64 characters), as the runner's: the model's chat template
+    decides what it makes of a role beyond system, user and assistant."""
+    client = await batch_service(warm=("llm",))
+    for route in ("/llm", "/llm/"):  # the runner serves both
+        body = {
+            "messages": [
+                {"role": "user", "content": "What is the weather?"},
+                {"role": "tool", "content": "sunny"},
+                {"role": "r" * 64, "content": "hi"},
+            ],
+            "max_tokens": 2,
+        }
+        response = await client.post(route, json=body)
+        assert response.status == 200, await response.text()
+        answer = LLMResponse.model_validate(await response.json())
+        assert answer.usage.completion_tokens <= 2
+        assert answer.choices[0].message is not None
+        assert answer.choices[0].message.role == "assistant"
 
 
 async def test_a_prompt_past_the_model_context_is_a_400_before_any_stream(batch_service) -> None:

@@ -44,7 +44,7 @@ from schemathesis.specs.openapi.checks import response_schema_conformance  # noq
 
 RUNNER_SPEC = Path(__file__).parents[1] / "data" / "livepeer-ai-runner-openapi.yaml"
 SPEC = yaml.safe_load(RUNNER_SPEC.read_text())
-BATCH_OPERATIONS = [operation.operation_id for operation in batch.operations()]
+BATCH_OPERATIONS = [route.operation.operation_id for route in batch.ROUTES]
 MAX_EXAMPLES = 25
 
 CONFIG = {
@@ -67,7 +67,7 @@ def test_every_batch_route_is_a_runner_spec_operation() -> None:
         for path, item in SPEC["paths"].items()
         for method, op in item.items()
     }
-    for operation in batch.operations():
+    for operation in (route.operation for route in batch.ROUTES):
         assert operations[operation.operation_id] == (operation.method, operation.path)
         spec_op = SPEC["paths"][operation.path][operation.method.lower()]
         assert list(spec_op["requestBody"]["content"]) == [operation.request_type]

@@ -282,6 +282,7 @@ PUBLIC = {
     "/whep/{channel}",
     "/webrtc/{peer}",
     "/events/{channel}",
+    "/videos/{name}",  # a gateway-shaped image-to-video answer's video: the name is the capability
 }
 
 

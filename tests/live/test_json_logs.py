@@ -93,6 +93,8 @@ async def test_a_session_writes_its_lines_with_its_context(service, json_log) ->
     failed = [line for line in logged if line["message"].startswith("pipeline failed on a frame")]
     assert failed
     for line in failed:
+        # The pipeline's message in words, not the exception's repr (RuntimeError('boom')).
+        assert line["message"].startswith("pipeline failed on a frame: boom"), line["message"]
         assert line["level"] == "WARNING"
         assert (line["session"], line["pipeline"]) == (info["session_id"], "flaky")
         assert line["stage"] == "inference"  # written by the frame loop's inference task
