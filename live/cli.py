@@ -153,8 +153,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_replay(args)
     try:
         settings = load_settings(args)
+        # Parsed here, before logging is set up and anything starts: a bad list is one line.
+        settings.cors()
     except ValidationError as exc:
         parser.error(_one_line(exc))
+    except ValueError as exc:
+        parser.error(str(exc))
     configure_logging(settings.log_level, settings.log_format)
     try:
         asyncio.run(serve(settings))
