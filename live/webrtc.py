@@ -30,6 +30,7 @@ from aiortc import (
     RTCSessionDescription,
 )
 from aiortc import sdp as aiortc_sdp
+from aiortc.exceptions import InvalidStateError
 from aiortc.mediastreams import MediaStreamError
 from aiortc.sdp import candidate_from_sdp
 from av.video.frame import PictureType
@@ -582,6 +583,10 @@ def take_dtls_server_role(pc: RTCPeerConnection, offer: aiortc_sdp.SessionDescri
             transport._set_role("server")  # aiortc's own setter, used by setRemoteDescription
 
 
+class ClosedWhileAnswering(RuntimeError):
+    """The connection was closed (its session ended) while its offer was being answered."""
+
+
 class NoCandidates(RuntimeError):
     """No ICE candidate could be gathered for an answer: no UDP port could be bound (a used-up
     --webrtc-udp-ports range) or no address to bind on. Such an answer cannot connect."""
@@ -619,6 +624,8 @@ class Peer:
     """Remote candidates received by PATCH so far (bounded by --webrtc-max-candidates)."""
     deadline: asyncio.TimerHandle | None = None
     """Closes the connection unless it connects in time (--webrtc-connect-timeout-s)."""
+    answered: bool = False
+    """Its answer is made (before that, its request is still negotiating)."""
 
 
 class Peers:
@@ -743,9 +750,15 @@ class Peers:
             answer = peer.pc.localDescription.sdp
             if "a=candidate:" not in answer:
                 raise NoCandidates("no ICE candidate could be gathered for the answer")
+        except InvalidStateError as exc:
+            if peer.id in self.peers:
+                await self.close(peer.id)
+                raise
+            raise ClosedWhileAnswering("the connection was closed during its answer") from exc
         except BaseException:  # a client that left cancels the request: its peer goes too
             await self.close(peer.id)
             raise
+        peer.answered = True
         peer.deadline = asyncio.get_running_loop().call_later(
             self.connect_timeout_s, self._not_connected, peer.id
         )

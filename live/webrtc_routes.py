@@ -32,7 +32,7 @@ from .keys import SESSIONS, SETTINGS
 from .routes import check_auth, public_origin
 from .sdpfrag import TRICKLE_ICE, parse_fragment
 from .session import LiveSession
-from .webrtc import NoCandidates, Peer, Peers
+from .webrtc import ClosedWhileAnswering, NoCandidates, Peer, Peers
 
 SDP = "application/sdp"
 MAX_SDP_BYTES = 64 * 1024
@@ -109,7 +109,7 @@ async def _publish(
     peer, answer = await _negotiate(request, peers.publish(session.id, whip, offer))
     # Publishers that negotiated at the same time: the last one answered stays.
     await _close_publishers(peers, session.id, but=peer)
-    await _unless_client_left(request, peers, peer)
+    await _keep_if_wanted(request, session, peers, peer)
     links = []
     if with_whep_link:
         whep = f"{public_origin(request)}/whep/{session.channels.get('output', '')}"
@@ -118,15 +118,28 @@ async def _publish(
 
 
 async def _close_publishers(peers: Peers, session_id: str, but: Peer | None = None) -> None:
-    for peer in [p for p in peers.peers.values() if p.session_id == session_id]:
-        if peer.kind == "whip" and peer is not but:
-            await peers.close(peer.id)
+    """Close the session's answered publishers (but `but`). One still negotiating is left to
+    finish: it closes the others in turn, so the last one answered stays."""
+    # Chosen in one step: a publisher answered while these close is not among them.
+    replaced = [
+        p.id
+        for p in peers.peers.values()
+        if p.session_id == session_id and p.kind == "whip" and p.answered and p is not but
+    ]
+    for peer_id in replaced:
+        await peers.close(peer_id)
 
 
-async def _unless_client_left(request: web.Request, peers: Peers, peer: Peer) -> None:
-    """A client that left while its offer was answered never learns the peer's Location:
-    close it now rather than at --webrtc-connect-timeout-s. (A request whose client leaves
-    is cancelled under `live-v2v serve`; this covers a server that does not cancel.)"""
+async def _keep_if_wanted(
+    request: web.Request, session: LiveSession, peers: Peers, peer: Peer
+) -> None:
+    """Close a peer answered for nobody. A session that ended while the offer was read or
+    answered has closed its peers already: this one would be left over. A client that left
+    meanwhile never learns the peer's Location: closed now rather than at
+    --webrtc-connect-timeout-s (under `live-v2v serve` its request is cancelled instead)."""
+    if not session.running:
+        await peers.close(peer.id)
+        raise NotFound("the session ended while this offer was being answered")
     if request.transport is None or request.transport.is_closing():
         await peers.close(peer.id)
 
@@ -150,7 +163,7 @@ async def _play(request: web.Request, session: LiveSession) -> web.Response:
         )
     finally:
         reservation.release()
-    await _unless_client_left(request, peers, peer)
+    await _keep_if_wanted(request, session, peers, peer)
     return _created(request, answer, peer, [])
 
 
@@ -162,6 +175,8 @@ async def _negotiate(
     except ValueError as exc:
         # aiortc refuses offers it cannot answer (no common codec, bad SDP) with ValueError.
         raise InvalidRequest(f"cannot answer this SDP offer: {in_words(exc)}") from exc
+    except ClosedWhileAnswering as exc:
+        raise NotFound("the session ended while this offer was being answered") from exc
     except NoCandidates as exc:
         ports = request.app[SETTINGS].udp_port_range()
         if ports is not None:

@@ -31,7 +31,9 @@ async def rtc_service(aiohttp_client):
     from tests.live.conftest import PIPELINES
 
     async def start(prepare=lambda app: None, **overrides):  # type: ignore[no-untyped-def]
-        settings = Settings(status_interval_s=0.5, ice_host_addresses="127.0.0.1", **overrides)
+        settings = Settings(
+            **{"status_interval_s": 0.5, "ice_host_addresses": "127.0.0.1", **overrides}
+        )
         app = create_app(settings, PIPELINES)
         prepare(app)
         return await aiohttp_client(app, server_kwargs={"handler_cancellation": True})
@@ -46,7 +48,7 @@ async def an_offer() -> tuple[str, Watcher]:
     return watcher.pc.localDescription.sdp, watcher
 
 
-async def post(url: str, offer: str) -> tuple[int, str, CIMultiDict[str]]:
+async def post(url: str, offer: str) -> Answer:
     async with aiohttp.ClientSession() as http:
         async with http.post(url, data=offer, headers=SDP) as response:
             return response.status, await response.text(), response.headers.copy()
@@ -59,9 +61,10 @@ def request_head(path: str, length: int) -> bytes:
     ).encode()
 
 
-async def read_response(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-) -> tuple[int, str, CIMultiDict[str]]:
+Answer = tuple[int, str, CIMultiDict[str]]
+
+
+async def read_response(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> Answer:
     """Status, body and headers of the answer on a raw connection; then it is closed."""
     async with asyncio.timeout(WAIT_S):
         head = await reader.readuntil(b"\r\n\r\n")
@@ -79,26 +82,21 @@ def udp_sockets() -> int:
     return len(psutil.Process().net_connections(kind="udp"))
 
 
-def count_whep_posts(app: web.Application, entered: list[int]) -> None:
-    """Counts in `entered[0]` the POSTs to /whep/ whose handler has begun (an observer)."""
+def count_posts(app: web.Application, prefix: str, entered: list[int]) -> None:
+    """Counts in `entered[0]` the POSTs under `prefix` whose handler has begun (an observer)."""
 
     @web.middleware
     async def observe(request: web.Request, handler):  # type: ignore[no-untyped-def]
-        if request.method == "POST" and request.path.startswith("/whep/"):
+        if request.method == "POST" and request.path.startswith(prefix):
             entered[0] += 1
         return await handler(request)
 
     app.middlewares.append(observe)
 
 
-async def test_the_viewer_cap_holds_for_offers_sent_together(rtc_service) -> None:
-    offer, watcher = await an_offer()
-    entered = [0]
-    client = await rtc_service(max_viewers=4, prepare=lambda app: count_whep_posts(app, entered))
-    info = await start_session(client, model_id="noop")
-    peers = client.app[SESSIONS].peers
-    before = udp_sockets()
-    url = URL(info["whep_url"])
+async def offers_together(url: URL, offer: str, count: int, entered: list[int]) -> list[Answer]:
+    """`count` clients whose offers are on the way together: each offer follows its headers
+    once all the requests are in their handlers."""
 
     async def send_headers() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         reader, writer = await asyncio.open_connection(url.host, url.port)
@@ -106,14 +104,24 @@ async def test_the_viewer_cap_holds_for_offers_sent_together(rtc_service) -> Non
         await writer.drain()
         return reader, writer
 
+    connections = await asyncio.gather(*(send_headers() for _ in range(count)))
+    await wait_until(lambda: entered[0] == count, f"{count} offers in flight")
+    for _, writer in connections:
+        writer.write(offer.encode())
+    return await asyncio.gather(*(read_response(r, w) for r, w in connections))
+
+
+async def test_the_viewer_cap_holds_for_offers_sent_together(rtc_service) -> None:
+    offer, watcher = await an_offer()
+    entered = [0]
+    client = await rtc_service(
+        max_viewers=4, prepare=lambda app: count_posts(app, "/whep/", entered)
+    )
+    info = await start_session(client, model_id="noop")
+    peers = client.app[SESSIONS].peers
+    before = udp_sockets()
     try:
-        # Forty clients whose offers are on the way together: each offer follows its headers
-        # once all forty requests are in their handlers.
-        connections = await asyncio.gather(*(send_headers() for _ in range(40)))
-        await wait_until(lambda: entered[0] == 40, "40 offers in flight")
-        for _, writer in connections:
-            writer.write(offer.encode())
-        results = await asyncio.gather(*(read_response(r, w) for r, w in connections))
+        results = await offers_together(URL(info["whep_url"]), offer, 40, entered)
         statuses = sorted(status for status, _, _ in results)
         assert statuses == [201] * 4 + [429] * 36, statuses
         for status, text, headers in results:
@@ -264,3 +272,65 @@ async def test_a_whip_capability_does_not_reveal_the_output(rtc_service) -> None
     finally:
         await publisher.close()
         await client.delete(f"/live-video-to-video/{info['session_id']}", headers=auth)
+
+
+async def test_publishers_sent_together_leave_one(rtc_service) -> None:
+    publisher = peer()
+    publisher.addTrack(NumberedTrack())
+    await publisher.setLocalDescription(await publisher.createOffer())
+    entered = [0]
+    client = await rtc_service(prepare=lambda app: count_posts(app, "/whip/", entered))
+    info = await start_session(client, model_id="noop")
+    peers = client.app[SESSIONS].peers
+    try:
+        results = await offers_together(
+            URL(info["whip_url"]), publisher.localDescription.sdp, 8, entered
+        )
+        assert [status for status, _, _ in results] == [201] * 8
+        # A new publisher replaces the one before: of eight answered together, one stays.
+        await wait_until(
+            lambda: peers.count(info["session_id"], "whip") == 1, "one publisher to remain"
+        )
+    finally:
+        await publisher.close()
+        await client.delete(f"/live-video-to-video/{info['session_id']}")
+
+
+async def test_an_answer_without_candidates_is_refused_with_503(rtc_service) -> None:
+    import aioice.ice
+
+    offer, watcher = await an_offer()
+    lookup = aioice.ice.get_host_addresses
+    # 192.0.2.1 (TEST-NET-1) is on no interface here: no UDP socket can be bound for ICE.
+    client = await rtc_service(ice_host_addresses="192.0.2.1")
+    try:
+        info = await start_session(client, model_id="noop")
+        status, body, headers = await post(info["whep_url"], offer)
+        assert status == 503 and headers["Retry-After"], body
+        assert "no ICE candidate" in json.loads(body)["detail"]["msg"]
+        assert client.app[SESSIONS].peers.count(info["session_id"], "whep") == 0
+        await client.delete(f"/live-video-to-video/{info['session_id']}")
+    finally:
+        aioice.ice.get_host_addresses = lookup  # process-wide: the next tests' addresses
+        await watcher.close()
+
+
+async def test_an_offer_to_a_session_that_ends_meanwhile_gets_404(rtc_service) -> None:
+    offer, watcher = await an_offer()
+    entered = [0]
+    client = await rtc_service(prepare=lambda app: count_posts(app, "/whep/", entered))
+    peers = client.app[SESSIONS].peers
+    try:
+        info = await start_session(client, model_id="noop")
+        url = URL(info["whep_url"])
+        reader, writer = await asyncio.open_connection(url.host, url.port)
+        writer.write(request_head(url.path, len(offer.encode())))
+        await writer.drain()
+        await wait_until(lambda: entered[0] == 1, "the offer's request in its handler")
+        await client.delete(f"/live-video-to-video/{info['session_id']}")
+        writer.write(offer.encode())  # the rest of the offer, once the session has ended
+        status, body, _ = await read_response(reader, writer)
+        assert status == 404 and "ended" in json.loads(body)["detail"]["msg"], body
+        assert not peers.peers  # no peer left over for a session that is gone
+    finally:
+        await watcher.close()
