@@ -606,6 +606,8 @@ class Reservation:
         if self._held:
             self._held = False
             self._counts[self._key] -= 1
+            if self._counts[self._key] <= 0:
+                del self._counts[self._key]  # no key left behind per session that ever had one
 
 
 @dataclass
