@@ -125,7 +125,11 @@ WEBRTC = ("webrtc",)
 TRICKLE_TAG = ("trickle",)
 WHIP_HEADERS = (
     ("Location", "The WebRTC resource, to DELETE to end this peer and PATCH to trickle ICE."),
-    ("Link", "The ICE servers (RFC 9725), and for WHIP the session's WHEP URL."),
+    (
+        "Link",
+        "The ICE servers (RFC 9725); on the token's WHIP routes also the session's WHEP URL "
+        '(rel="urn:ietf:params:whep"), never on the WHIP capability `/whip/{channel}`.',
+    ),
     ("ETag", "The ICE session's entity-tag, for If-Match on PATCH (RFC 9725 §4.3.1)."),
     ("Accept-Patch", "application/trickle-ice-sdpfrag"),
 )
@@ -260,7 +264,7 @@ def live_operations(trickle_base_path: str = "/trickle/") -> list[Operation]:
             response_type=SDP,
             status=201,
             response_headers=WHIP_HEADERS,
-            errors=(400, 401, 404, 409, 415, 500),
+            errors=(400, 401, 404, 409, 415, 500, 503),
             path_params=ID,
             tags=WEBRTC,
         ),
@@ -274,7 +278,7 @@ def live_operations(trickle_base_path: str = "/trickle/") -> list[Operation]:
             response_type=SDP,
             status=201,
             response_headers=WHIP_HEADERS,
-            errors=(400, 401, 404, 415, 429, 500),
+            errors=(400, 401, 404, 415, 429, 500, 503),
             path_params=ID,
             tags=WEBRTC,
         ),
@@ -284,12 +288,13 @@ def live_operations(trickle_base_path: str = "/trickle/") -> list[Operation]:
             operation_id="publishWhip",
             summary="Publish (WHIP capability)",
             description="As the session's WHIP route, without a token: the URL (`whip_url` "
-            "of the start answer) is the capability.",
+            "of the start answer) is the capability to publish, and only that: its answer "
+            "carries no WHEP link (watching takes `whep_url`).",
             request_type=SDP,
             response_type=SDP,
             status=201,
             response_headers=WHIP_HEADERS,
-            errors=(400, 404, 409, 415, 500),
+            errors=(400, 404, 409, 415, 500, 503),
             path_params=(("channel", "The session's input channel name."),),
             auth=False,
             tags=WEBRTC,
@@ -305,7 +310,7 @@ def live_operations(trickle_base_path: str = "/trickle/") -> list[Operation]:
             response_type=SDP,
             status=201,
             response_headers=WHIP_HEADERS,
-            errors=(400, 404, 415, 429, 500),
+            errors=(400, 404, 415, 429, 500, 503),
             path_params=(("channel", "The session's output channel name."),),
             auth=False,
             tags=WEBRTC,

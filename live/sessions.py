@@ -78,7 +78,7 @@ class SessionManager:
         self.trickle = trickle
         self.pipelines = pipelines
         self.sessions: dict[str, LiveSession] = {}
-        self.peers = Peers(settings.ice())
+        self.peers = Peers(settings.ice(), settings.webrtc_connect_timeout_s)
         self.runtime = runtime
         self.admission = Admission(settings, runtime)
         self.listeners: list[SessionListener] = []

@@ -115,6 +115,13 @@ class Settings(BaseModel):
         description="ICE candidates a WHIP or WHEP client may trickle per connection "
         "(PATCH; 400 beyond)",
     )
+    webrtc_connect_timeout_s: float = Field(
+        20.0,
+        gt=0,
+        le=600,
+        description="a WHIP or WHEP connection not connected this long after its answer is "
+        "closed (its place under --max-viewers and its UDP ports freed)",
+    )
     ice_servers: str = Field(
         "",
         description="STUN/TURN URLs for WebRTC, comma-separated (none: host candidates only, "

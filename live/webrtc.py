@@ -14,6 +14,7 @@ import logging
 import random
 import secrets
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ from aiortc import (
     RTCSessionDescription,
 )
 from aiortc import sdp as aiortc_sdp
+from aiortc.exceptions import InvalidStateError
 from aiortc.mediastreams import MediaStreamError
 from aiortc.sdp import candidate_from_sdp
 from av.video.frame import PictureType
@@ -111,17 +113,29 @@ def bound_udp_ports(loop: asyncio.AbstractEventLoop, low: int, high: int) -> Cal
     `create_datagram_endpoint` is wrapped for the app's loop; in this service only ICE opens
     UDP sockets on port 0. Returns the function that puts the loop back as it was."""
     original = loop.create_datagram_endpoint
+    used_up = False  # warned already: once per time the range fills, not once per peer
 
     async def create(protocol_factory, local_addr=None, **kwargs):  # type: ignore[no-untyped-def]
+        nonlocal used_up
         if local_addr is None or local_addr[1] != 0:
             return await original(protocol_factory, local_addr=local_addr, **kwargs)
         ports = list(range(low, high + 1))
         random.shuffle(ports)  # peers spread over the range rather than racing for its start
         for port in ports:
             try:
-                return await original(protocol_factory, local_addr=(local_addr[0], port), **kwargs)
+                bound = await original(protocol_factory, local_addr=(local_addr[0], port), **kwargs)
             except OSError:
                 continue
+            used_up = False
+            return bound
+        if not used_up:
+            used_up = True
+            logger.warning(
+                "every UDP port in %d-%d (--webrtc-udp-ports) is in use: WebRTC connections "
+                "are refused (503) until one leaves; widen the range for more",
+                low,
+                high,
+            )
         raise OSError(f"no free UDP port in {low}-{high} (--webrtc-udp-ports)")
 
     loop.create_datagram_endpoint = create  # type: ignore[method-assign]
@@ -569,6 +583,33 @@ def take_dtls_server_role(pc: RTCPeerConnection, offer: aiortc_sdp.SessionDescri
             transport._set_role("server")  # aiortc's own setter, used by setRemoteDescription
 
 
+class ClosedWhileAnswering(RuntimeError):
+    """The connection was closed (its session ended) while its offer was being answered."""
+
+
+class NoCandidates(RuntimeError):
+    """No ICE candidate could be gathered for an answer: no UDP port could be bound (a used-up
+    --webrtc-udp-ports range) or no address to bind on. Such an answer cannot connect."""
+
+
+class Reservation:
+    """A place counted against a limit from before the first await of a request until its
+    peer connection exists (or the request fails): `release` is idempotent."""
+
+    def __init__(self, counts: Counter[tuple[str, str]], key: tuple[str, str]) -> None:
+        self._counts = counts
+        self._key = key
+        self._held = True
+        counts[key] += 1
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            self._counts[self._key] -= 1
+            if self._counts[self._key] <= 0:
+                del self._counts[self._key]  # no key left behind per session that ever had one
+
+
 @dataclass
 class Peer:
     id: str
@@ -583,19 +624,35 @@ class Peer:
     """The client's ICE ufrag and password from its offer; others in a PATCH are a restart."""
     trickled: int = 0
     """Remote candidates received by PATCH so far (bounded by --webrtc-max-candidates)."""
+    deadline: asyncio.TimerHandle | None = None
+    """Closes the connection unless it connects in time (--webrtc-connect-timeout-s)."""
+    answered: bool = False
+    """Its answer is made (before that, its request is still negotiating)."""
 
 
 class Peers:
     """Every peer connection of the app, by the unguessable id in its resource URL."""
 
-    def __init__(self, ice: IceSettings) -> None:
+    def __init__(self, ice: IceSettings, connect_timeout_s: float = 20.0) -> None:
         self.ice = ice
+        self.connect_timeout_s = connect_timeout_s
         self.peers: dict[str, Peer] = {}
         self._closing: set[asyncio.Task[None]] = set()
         self._shared: dict[tuple[str, str], SharedVideoSink] = {}
+        self._reserved: Counter[tuple[str, str]] = Counter()
 
     def count(self, session_id: str, kind: str) -> int:
-        return sum(1 for p in self.peers.values() if p.session_id == session_id and p.kind == kind)
+        """Peers of `kind` on the session, with the requests reserved for and not yet done."""
+        return self._reserved[(session_id, kind)] + sum(
+            1 for p in self.peers.values() if p.session_id == session_id and p.kind == kind
+        )
+
+    def reserve(self, session_id: str, kind: str, limit: int) -> Reservation | None:
+        """A place for one more peer of `kind` if fewer than `limit` are there or coming;
+        taken with the check, in one step, so requests that arrive together cannot all pass."""
+        if self.count(session_id, kind) >= limit:
+            return None
+        return Reservation(self._reserved, (session_id, kind))
 
     async def publish(self, session_id: str, source: WhipSource, offer: str) -> tuple[Peer, str]:
         """A WHIP publisher: its tracks feed `source`; returns the peer and the SDP answer."""
@@ -605,12 +662,19 @@ class Peers:
         return peer, await self._answer(peer, offer)
 
     async def play(
-        self, session_id: str, offer: str, add_sink: Callable[[FrameSink], None]
+        self,
+        session_id: str,
+        offer: str,
+        add_sink: Callable[[FrameSink], None],
+        reservation: Reservation | None = None,
     ) -> tuple[Peer, str]:
         """A WHEP viewer: its sinks go on the session through `add_sink`; returns the peer
-        and the answer. Viewers whose codec is VP8 or H.264 share one encoder per codec."""
+        and the answer. Viewers whose codec is VP8 or H.264 share one encoder per codec.
+        The peer takes the place of `reservation` (in the same step: counted once)."""
         pc = RTCPeerConnection(configuration(self.ice))
         peer = self._add("whep", session_id, pc)
+        if reservation is not None:
+            reservation.release()
         peer.sink = sink = WhepSink(f"whep-{peer.id[:8]}")
 
         def add_tracks() -> None:
@@ -649,10 +713,27 @@ class Peers:
 
         @pc.on("connectionstatechange")
         def changed() -> None:
+            if pc.connectionState == "connected" and peer.deadline is not None:
+                peer.deadline.cancel()
             if pc.connectionState in ("failed", "closed"):
                 self._schedule_close(peer.id)
 
         return peer
+
+    def _not_connected(self, peer_id: str) -> None:
+        peer = self.peers.get(peer_id)
+        if peer is not None and peer.pc.connectionState != "connected":
+            # A client that took the answer and never did ICE (or left mid-way): its
+            # sockets and its place under --max-viewers go back.
+            logger.info(
+                "peer not connected within %s s (--webrtc-connect-timeout-s), closing "
+                "kind=%s peer=%s session=%s",
+                self.connect_timeout_s,
+                peer.kind,
+                peer_id,
+                peer.session_id,
+            )
+            self._schedule_close(peer_id)
 
     async def _answer(
         self, peer: Peer, offer: str, before_answer: Callable[[], None] = lambda: None
@@ -668,10 +749,22 @@ class Peers:
             # aiortc gathers every candidate before it returns: the answer is complete
             # (the client may still trickle its own candidates: `trickle`).
             await peer.pc.setLocalDescription(await peer.pc.createAnswer())
-        except Exception:
+            answer = peer.pc.localDescription.sdp
+            if "a=candidate:" not in answer:
+                raise NoCandidates("no ICE candidate could be gathered for the answer")
+        except InvalidStateError as exc:
+            if peer.id in self.peers:
+                await self.close(peer.id)
+                raise
+            raise ClosedWhileAnswering("the connection was closed during its answer") from exc
+        except BaseException:  # a client that left cancels the request: its peer goes too
             await self.close(peer.id)
             raise
-        return peer.pc.localDescription.sdp
+        peer.answered = True
+        peer.deadline = asyncio.get_running_loop().call_later(
+            self.connect_timeout_s, self._not_connected, peer.id
+        )
+        return answer
 
     async def trickle(self, peer: Peer, fragment: Fragment) -> None:
         """Add a client's trickled candidates (and its end-of-candidates) to its connection.
@@ -701,6 +794,8 @@ class Peers:
         peer = self.peers.pop(peer_id, None)
         if peer is None:
             return False
+        if peer.deadline is not None:
+            peer.deadline.cancel()
         if peer.sink is not None:
             peer.sink.gone.set()
             if peer.sink.shared is not None:

@@ -23,6 +23,7 @@ from protocol.errors import (
     NotFound,
     ServiceError,
     TooBusy,
+    Unavailable,
     UnsupportedMediaType,
     in_words,
 )
@@ -31,11 +32,13 @@ from .keys import SESSIONS, SETTINGS
 from .routes import check_auth, public_origin
 from .sdpfrag import TRICKLE_ICE, parse_fragment
 from .session import LiveSession
-from .webrtc import Peer
+from .webrtc import ClosedWhileAnswering, NoCandidates, Peer, Peers
 
 SDP = "application/sdp"
 MAX_SDP_BYTES = 64 * 1024
 """The largest SDP offer or trickle-ICE fragment taken (a browser's offer is 5-10 KiB)."""
+RETRY_AFTER_S = 10
+"""Retry-After of a refusal that passes when a connection leaves (viewer cap, UDP ports)."""
 
 
 class PreconditionFailed(ServiceError):
@@ -49,7 +52,12 @@ class PreconditionRequired(ServiceError):
 async def _read_sdp(request: web.Request, what: str) -> str:
     if (request.content_length or 0) > MAX_SDP_BYTES:
         raise InvalidRequest(f"{what} over {MAX_SDP_BYTES} bytes")
-    body = await request.content.read(MAX_SDP_BYTES + 1)
+    body = b""
+    # `read(n)` returns what has arrived so far: an offer in several TCP segments is read whole.
+    while chunk := await request.content.read(MAX_SDP_BYTES + 1 - len(body)):
+        body += chunk
+        if len(body) > MAX_SDP_BYTES:
+            break
     if len(body) > MAX_SDP_BYTES:
         raise InvalidRequest(f"{what} over {MAX_SDP_BYTES} bytes")
     return body.decode("utf-8", errors="replace")
@@ -78,8 +86,14 @@ def _created(request: web.Request, answer: str, peer: Peer, links: list[str]) ->
 
 
 async def _publish(
-    request: web.Request, session: LiveSession, offer: str | None = None
+    request: web.Request,
+    session: LiveSession,
+    offer: str | None = None,
+    *,
+    with_whep_link: bool,
 ) -> web.Response:
+    """`with_whep_link` for the token's routes only: the WHEP URL is the output's capability,
+    which a publish capability (`/whip/{input channel}`) must not reveal."""
     if not session.running:
         raise NotFound("this session has ended")
     whip = session.whip
@@ -91,12 +105,43 @@ async def _publish(
     offer = offer if offer is not None else await read_offer(request)
     peers = request.app[SESSIONS].peers
     # A publisher that comes back replaces the one before it (one input per session).
-    for peer in [p for p in peers.peers.values() if p.session_id == session.id]:
-        if peer.kind == "whip":
-            await peers.close(peer.id)
-    peer, answer = await _negotiate(peers.publish(session.id, whip, offer))
-    whep = f"{public_origin(request)}/whep/{session.channels.get('output', '')}"
-    return _created(request, answer, peer, [f'<{whep}>; rel="urn:ietf:params:whep"'])
+    await _close_publishers(peers, session.id)
+    peer, answer = await _negotiate(request, peers.publish(session.id, whip, offer))
+    # Publishers that negotiated at the same time: the last one answered stays.
+    await _close_publishers(peers, session.id, but=peer)
+    await _keep_if_wanted(request, session, peers, peer)
+    links = []
+    if with_whep_link:
+        whep = f"{public_origin(request)}/whep/{session.channels.get('output', '')}"
+        links.append(f'<{whep}>; rel="urn:ietf:params:whep"')
+    return _created(request, answer, peer, links)
+
+
+async def _close_publishers(peers: Peers, session_id: str, but: Peer | None = None) -> None:
+    """Close the session's answered publishers (but `but`). One still negotiating is left to
+    finish: it closes the others in turn, so the last one answered stays."""
+    # Chosen in one step: a publisher answered while these close is not among them.
+    replaced = [
+        p.id
+        for p in peers.peers.values()
+        if p.session_id == session_id and p.kind == "whip" and p.answered and p is not but
+    ]
+    for peer_id in replaced:
+        await peers.close(peer_id)
+
+
+async def _keep_if_wanted(
+    request: web.Request, session: LiveSession, peers: Peers, peer: Peer
+) -> None:
+    """Close a peer answered for nobody. A session that ended while the offer was read or
+    answered has closed its peers already: this one would be left over. A client that left
+    meanwhile never learns the peer's Location: closed now rather than at
+    --webrtc-connect-timeout-s (under `live-v2v serve` its request is cancelled instead)."""
+    if not session.running:
+        await peers.close(peer.id)
+        raise NotFound("the session ended while this offer was being answered")
+    if request.transport is None or request.transport.is_closing():
+        await peers.close(peer.id)
 
 
 async def _play(request: web.Request, session: LiveSession) -> web.Response:
@@ -104,27 +149,53 @@ async def _play(request: web.Request, session: LiveSession) -> web.Response:
         raise NotFound("this session has ended")
     settings = request.app[SETTINGS]
     peers = request.app[SESSIONS].peers
-    if peers.count(session.id, "whep") >= settings.max_viewers:
+    # Reserved before the first await, or offers arriving together would all pass the check.
+    reservation = peers.reserve(session.id, "whep", settings.max_viewers)
+    if reservation is None:
         raise TooBusy(
             f"this session has its maximum of {settings.max_viewers} WHEP viewers",
-            headers={"Retry-After": "10"},
+            headers={"Retry-After": str(RETRY_AFTER_S)},
         )
-    offer = await read_offer(request)
-    peer, answer = await _negotiate(peers.play(session.id, offer, session.add_sink))
+    try:
+        offer = await read_offer(request)
+        peer, answer = await _negotiate(
+            request, peers.play(session.id, offer, session.add_sink, reservation)
+        )
+    finally:
+        reservation.release()
+    await _keep_if_wanted(request, session, peers, peer)
     return _created(request, answer, peer, [])
 
 
-async def _negotiate(negotiation: Awaitable[tuple[Peer, str]]) -> tuple[Peer, str]:
+async def _negotiate(
+    request: web.Request, negotiation: Awaitable[tuple[Peer, str]]
+) -> tuple[Peer, str]:
     try:
         return await negotiation
     except ValueError as exc:
         # aiortc refuses offers it cannot answer (no common codec, bad SDP) with ValueError.
         raise InvalidRequest(f"cannot answer this SDP offer: {in_words(exc)}") from exc
+    except ClosedWhileAnswering as exc:
+        raise NotFound("the session ended while this offer was being answered") from exc
+    except NoCandidates as exc:
+        ports = request.app[SETTINGS].udp_port_range()
+        if ports is not None:
+            raise Unavailable(
+                f"the WebRTC port range is used up: every UDP port in {ports[0]}-{ports[1]} "
+                "(--webrtc-udp-ports) is in use by other connections; try again when one "
+                "leaves",
+                retry_after_s=RETRY_AFTER_S,
+            ) from exc
+        raise Unavailable(
+            "no ICE candidate could be gathered for this connection: the service could not "
+            "open a UDP port on its addresses (--ice-host-addresses)",
+            retry_after_s=RETRY_AFTER_S,
+        ) from exc
 
 
 async def post_whip_capability(request: web.Request) -> web.Response:
     session = request.app[SESSIONS].by_channel("input", request.match_info["channel"])
-    return await _publish(request, session)
+    return await _publish(request, session, with_whep_link=False)
 
 
 async def post_whep_capability(request: web.Request) -> web.Response:
@@ -134,7 +205,8 @@ async def post_whep_capability(request: web.Request) -> web.Response:
 
 async def post_session_whip(request: web.Request) -> web.Response:
     check_auth(request)
-    return await _publish(request, request.app[SESSIONS].get(request.match_info["id"]))
+    session = request.app[SESSIONS].get(request.match_info["id"])
+    return await _publish(request, session, with_whep_link=True)
 
 
 async def post_session_whep(request: web.Request) -> web.Response:
@@ -159,7 +231,7 @@ async def post_whip_new_session(request: web.Request) -> web.Response:
     started = await manager.start(body, public_origin(request))
     session = manager.get(started.session_id)
     try:
-        response = await _publish(request, session, offer)
+        response = await _publish(request, session, offer, with_whep_link=True)
     except BaseException:
         await session.stop("stopped")
         raise

@@ -32,20 +32,50 @@ class LiveVideoToVideoParams(BaseModel):
 
 class LiveVideoToVideoResponse(BaseModel):
     """Answer of `POST /live-video-to-video`, URLs from the caller's point of view: publish its
-    video to `publish_url`, read the result from `subscribe_url`."""
+    video to `publish_url`, read the result from `subscribe_url`.
 
-    subscribe_url: str
-    publish_url: str
-    control_url: str = ""
-    events_url: str = ""
+    Standalone, each URL is a capability for exactly what its description says, held by
+    whoever has it (no token); none reveals another. Hand each to whoever needs that one."""
+
+    subscribe_url: str = Field(
+        description="Read the output (trickle GET). Standalone: the capability to watch, the "
+        "same as `whep_url`; it grants nothing else."
+    )
+    publish_url: str = Field(
+        description="Publish the input (trickle POST). Standalone: the capability to publish, "
+        "the same as `whip_url`; it cannot read the output, control or events."
+    )
+    control_url: str = Field(
+        "", description="Send params changes (trickle POST of JSON). Grants nothing else."
+    )
+    events_url: str = Field(
+        "", description="Read the session's events (trickle GET of JSON). Grants nothing else."
+    )
     request_id: str = ""
     manifest_id: str = ""
     # Ours, beyond the spec: the session id for the status/params/stop routes, and (standalone)
     # the WebRTC endpoints and the page's event stream, each a capability like the URLs above.
-    session_id: str = ""
-    whip_url: str = ""
-    whep_url: str = ""
-    events_stream_url: str = ""
+    session_id: str = Field(
+        "",
+        description="The session's id for the token-guarded routes (status, params, stop, "
+        "WHIP, WHEP under /live-video-to-video/{id}/); without the token it grants nothing.",
+    )
+    whip_url: str = Field(
+        "",
+        description="Publish the input over WebRTC (WHIP POST of an SDP offer): the same "
+        "capability as `publish_url`. Its answer carries no WHEP link: watching takes "
+        "`whep_url`.",
+    )
+    whep_url: str = Field(
+        "",
+        description="Watch the output over WebRTC (WHEP POST of an SDP offer): the same "
+        "capability as `subscribe_url`.",
+    )
+    events_stream_url: str = Field(
+        "",
+        description="Read the session's events as Server-Sent Events: the same capability "
+        "as `events_url`.",
+    )
 
 
 class Version(BaseModel):
