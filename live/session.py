@@ -57,7 +57,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-CONTROL_MAX_BYTES = 1024 * 1024
 WATCH_BACKLOG = 100  # events an in-process reader may fall behind by
 STOP_GRACE_S = 5.0  # a stopped session drains its in-flight frames for at most this long
 INPUT_STALE_MS = 2000
@@ -434,8 +433,6 @@ class LiveSession:
         async for segment in control:
             try:
                 data = await segment.read()
-                if len(data) > CONTROL_MAX_BYTES:
-                    raise ValueError(f"control message over {CONTROL_MAX_BYTES} bytes")
                 message = decode_control(data)
                 if message is None:
                     continue
