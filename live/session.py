@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from pydantic import ValidationError
 
-from protocol.errors import in_words
+from protocol.errors import InvalidFields, in_words
 from protocol.media import EncoderSettings, VideoFrame
 from protocol.messages import (
     ErrorEvent,
@@ -576,9 +576,20 @@ class LiveSession:
 
 
 def _summary(exc: ValidationError) -> str:
+    # Field paths without pydantic's union tags; where a field fails one member of a union
+    # for its type ("not an integer") and another for a bound, only the bound is news.
+    errors = InvalidFields.from_validation(exc).errors
+    paths = [".".join(str(p) for p in err["loc"]) for err in errors]
+    bounded = {path for path, err in zip(paths, errors, strict=True) if not _is_type(err)}
     return "; ".join(
-        f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
+        f"{path}: {err['msg']}"
+        for path, err in zip(paths, errors, strict=True)
+        if path not in bounded or not _is_type(err)
     )
+
+
+def _is_type(error: dict[str, object]) -> bool:
+    return str(error.get("type", "")).endswith("_type")
 
 
 def _out_of_memory(exc: BaseException) -> bool:
