@@ -396,9 +396,12 @@ class LiveSession:
         new = self.pipeline_cls.parse_params(raw)
         ignored = self.pipeline_cls.unused_params(raw)
         if ignored:
+            # A client names these: the log line says how many and shows a few, shortened.
+            shown = ", ".join(name[:64] for name in sorted(ignored)[:10])
             self.log.info(
-                "params %s do not apply to pipeline %s: ignored",
-                ", ".join(sorted(ignored)),
+                "params %s%s do not apply to pipeline %s: ignored",
+                shown,
+                f" (and {len(ignored) - 10} more)" if len(ignored) > 10 else "",
                 self.pipeline_cls.name,
             )
         old = self.params
