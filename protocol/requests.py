@@ -17,8 +17,10 @@ def require_bearer(request: web.Request, token: str | None) -> None:
     """The bearer token check of every API route, as ai-runner does when AUTH_TOKEN is set."""
     if not token:
         return
-    given = request.headers.get("Authorization", "")
-    if not secrets.compare_digest(given.encode(), f"Bearer {token}".encode()):
+    # aiohttp hands header bytes that are not UTF-8 over as lone surrogates, which a plain
+    # encode() refused (a 500): surrogatepass encodes anything, and such a header never matches.
+    given = request.headers.get("Authorization", "").encode("utf-8", "surrogatepass")
+    if not secrets.compare_digest(given, f"Bearer {token}".encode()):
         raise Unauthorized("missing or invalid bearer token")
 
 
