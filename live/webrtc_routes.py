@@ -29,6 +29,7 @@ from protocol.errors import (
 
 from .keys import SESSIONS, SETTINGS
 from .routes import check_auth, public_origin
+from .sdp_offer import check_offer
 from .sdpfrag import TRICKLE_ICE, parse_fragment
 from .session import LiveSession
 from .webrtc import Peer
@@ -61,6 +62,7 @@ async def read_offer(request: web.Request) -> str:
     offer = await _read_sdp(request, "an SDP offer")
     if "v=0" not in offer or "m=" not in offer:
         raise InvalidRequest("the body is not an SDP offer (no v= or m= line)")
+    check_offer(offer)  # before any peer connection is made for it
     return offer
 
 
