@@ -76,7 +76,10 @@ def quiet_client_errors(logger: logging.Logger | None = None) -> ClientErrorFilt
     return installed
 
 
-class _QuietRequestHandler(RequestHandler):
+class QuietRequestHandler(RequestHandler):
+    """aiohttp's request handler, but its 4xx for a request it cannot parse gives the reason
+    only (a server with handlers of its own subclasses this one)."""
+
     def handle_error(
         self,
         request: Any,
@@ -91,7 +94,7 @@ class _QuietRequestHandler(RequestHandler):
 
 class _QuietServer(web.Server):
     def __call__(self) -> RequestHandler:
-        return _QuietRequestHandler(self, loop=self._loop, **self._kwargs)
+        return QuietRequestHandler(self, loop=self._loop, **self._kwargs)
 
 
 class QuietAppRunner(web.AppRunner):
