@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,8 @@ from typing import Any
 from aiohttp import web
 
 from protocol.batch_api import MasksResponse, SegmentAnything2Form
-from protocol.errors import InvalidFields, in_words
+from protocol.bounded_json import JSONRefused, loads
+from protocol.errors import InvalidFields
 from runtime.device import DeviceSpec
 
 from .images import open_image
@@ -167,10 +167,6 @@ def _numbers(value: object, count: int, limit: float = float("inf")) -> bool:
     )
 
 
-def _reject_constant(name: str) -> None:
-    raise ValueError(f"{name} is not a finite number")
-
-
 def parse_prompts(form: SegmentAnything2Form, width: int, height: int) -> Prompts:
     """The prompts of `form` for an image of `width` x `height`. Raises InvalidFields (422,
     each error naming its field) for malformed JSON, wrong shapes, labels other than 0 and 1,
@@ -188,9 +184,9 @@ def parse_prompts(form: SegmentAnything2Form, width: int, height: int) -> Prompt
         if text is None or not text.strip():
             continue  # an empty field is an absent one, as the runner reads it
         try:
-            parsed[field] = json.loads(text, parse_constant=_reject_constant)
-        except ValueError as exc:
-            fail(field, f"{field} is not valid JSON: {in_words(exc)}", "json_invalid")
+            parsed[field] = loads(text, what=field)
+        except JSONRefused as exc:
+            fail(field, str(exc), "json_invalid")
 
     # Pixels in, or 0..1 relative to the image without normalize_coords (the runner's
     # SAM2ImagePredictor divides pixels by the image's size itself).

@@ -13,6 +13,8 @@ from pathlib import Path
 from aiohttp import web
 from pydantic import ValidationError
 
+from protocol.http_errors import QuietAppRunner
+
 from .app import create_app
 from .logs import configure_logging
 from .settings import Settings, add_arguments, load_settings
@@ -100,7 +102,7 @@ async def serve(settings: Settings) -> None:
         loop.add_signal_handler(sig, stop.set)
     # handler_cancellation: a request whose client left is cancelled at once (a GET parked at
     # the live edge, a publisher gone mid-segment), as under aiohttp's test server.
-    runner = web.AppRunner(
+    runner = QuietAppRunner(
         create_app(settings), access_log=None, shutdown_timeout=5.0, handler_cancellation=True
     )
     await runner.setup()

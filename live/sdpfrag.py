@@ -27,8 +27,11 @@ class Fragment:
     end_of_candidates: bool = False
 
 
-def _check_candidate(number: int, value: str) -> None:
-    # foundation component transport priority address port "typ" type [extensions]
+CANDIDATE_SHAPE = "foundation component transport priority address port typ type"
+
+
+def candidate_problem(value: str) -> str | None:
+    """What is wrong with an `a=candidate:` value in words, or None when aiortc can read it."""
     bits = value.split()
     ok = len(bits) >= 8 and bits[6] == "typ"
     if ok:
@@ -38,7 +41,11 @@ def _check_candidate(number: int, value: str) -> None:
             ok = ok and 0 <= int(extensions.get("rport", "0")) <= 65535
         except ValueError:
             ok = False
-    if not ok:
+    return None if ok else f"it needs {CANDIDATE_SHAPE}"
+
+
+def _check_candidate(number: int, value: str) -> None:
+    if candidate_problem(value) is not None:
         raise InvalidRequest(
             f"line {number} of the SDP fragment is not an ICE candidate "
             "(foundation component transport priority address port typ type)"

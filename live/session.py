@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from pydantic import ValidationError
 
-from protocol.errors import in_words
+from protocol.errors import InvalidFields, in_words
 from protocol.media import EncoderSettings, VideoFrame
 from protocol.messages import (
     ErrorEvent,
@@ -57,7 +57,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-CONTROL_MAX_BYTES = 1024 * 1024
 WATCH_BACKLOG = 100  # events an in-process reader may fall behind by
 STOP_GRACE_S = 5.0  # a stopped session drains its in-flight frames for at most this long
 INPUT_STALE_MS = 2000
@@ -397,9 +396,12 @@ class LiveSession:
         new = self.pipeline_cls.parse_params(raw)
         ignored = self.pipeline_cls.unused_params(raw)
         if ignored:
+            # A client names these: the log line says how many and shows a few, shortened.
+            shown = ", ".join(name[:64] for name in sorted(ignored)[:10])
             self.log.info(
-                "params %s do not apply to pipeline %s: ignored",
-                ", ".join(sorted(ignored)),
+                "params %s%s do not apply to pipeline %s: ignored",
+                shown,
+                f" (and {len(ignored) - 10} more)" if len(ignored) > 10 else "",
                 self.pipeline_cls.name,
             )
         old = self.params
@@ -434,8 +436,6 @@ class LiveSession:
         async for segment in control:
             try:
                 data = await segment.read()
-                if len(data) > CONTROL_MAX_BYTES:
-                    raise ValueError(f"control message over {CONTROL_MAX_BYTES} bytes")
                 message = decode_control(data)
                 if message is None:
                     continue
@@ -579,9 +579,20 @@ class LiveSession:
 
 
 def _summary(exc: ValidationError) -> str:
+    # Field paths without pydantic's union tags; where a field fails one member of a union
+    # for its type ("not an integer") and another for a bound, only the bound is news.
+    errors = InvalidFields.from_validation(exc).errors
+    paths = [".".join(str(p) for p in err["loc"]) for err in errors]
+    bounded = {path for path, err in zip(paths, errors, strict=True) if not _is_type(err)}
     return "; ".join(
-        f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
+        f"{path}: {err['msg']}"
+        for path, err in zip(paths, errors, strict=True)
+        if path not in bounded or not _is_type(err)
     )
+
+
+def _is_type(error: dict[str, object]) -> bool:
+    return str(error.get("type", "")).endswith("_type")
 
 
 def _out_of_memory(exc: BaseException) -> bool:

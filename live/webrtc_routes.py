@@ -9,13 +9,13 @@ WHIP client (OBS, GStreamer, a browser) goes live with one URL.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Awaitable
 
 from aiohttp import web
 from pydantic import ValidationError
 
 from protocol.api import LiveVideoToVideoParams
+from protocol.bounded_json import JSONRefused, loads
 from protocol.errors import (
     Conflict,
     InvalidFields,
@@ -30,6 +30,7 @@ from protocol.errors import (
 
 from .keys import SESSIONS, SETTINGS
 from .routes import check_auth, public_origin
+from .sdp_offer import check_offer
 from .sdpfrag import TRICKLE_ICE, parse_fragment
 from .session import LiveSession
 from .webrtc import ClosedWhileAnswering, NoCandidates, Peer, Peers
@@ -69,6 +70,7 @@ async def read_offer(request: web.Request) -> str:
     offer = await _read_sdp(request, "an SDP offer")
     if "v=0" not in offer or "m=" not in offer:
         raise InvalidRequest("the body is not an SDP offer (no v= or m= line)")
+    check_offer(offer)  # before any peer connection is made for it
     return offer
 
 
@@ -218,11 +220,10 @@ async def post_whip_new_session(request: web.Request) -> web.Response:
     """Start a session (pipeline and params from the query string) and publish to it."""
     check_auth(request)
     offer = await read_offer(request)  # a bad request is refused before a session starts
-    raw_params = request.query.get("params", "{}")
     try:
-        params = json.loads(raw_params)
-    except json.JSONDecodeError as exc:
-        raise InvalidRequest(f"params must be a JSON object: {exc}") from exc
+        params = loads(request.query.get("params", "{}"), what="params")
+    except JSONRefused as exc:
+        raise InvalidRequest(str(exc)) from None
     try:
         body = LiveVideoToVideoParams(model_id=request.query.get("model_id", ""), params=params)
     except ValidationError as exc:

@@ -6,6 +6,13 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+URL_MAX_CHARS = 2048
+"""Characters of a URL a start request names."""
+NAME_MAX_CHARS = 256
+"""Characters of a pipeline name or an id a gateway passes for its logs."""
+PARAMS_MAX_ENTRIES = 100
+"""Fields of a start request's `params` (StreamDiffusion has about 40)."""
+
 
 class LiveVideoToVideoParams(BaseModel):
     """Body of `POST /live-video-to-video`.
@@ -17,15 +24,41 @@ class LiveVideoToVideoParams(BaseModel):
     # A newer gateway may send fields we do not know yet: ignore them rather than fail.
     model_config = ConfigDict(extra="ignore")
 
-    subscribe_url: str = Field("", description="Source URL of the incoming stream to subscribe to.")
-    publish_url: str = Field("", description="Destination URL of the outgoing stream to publish.")
-    control_url: str = Field("", description="Trickle URL of the control channel.")
-    events_url: str = Field("", description="Trickle URL of the events channel.")
-    model_id: str = Field("", description="Name of the live pipeline (not a Hugging Face id).")
-    params: dict[str, Any] = Field(default_factory=dict, description="Initial pipeline params.")
-    gateway_request_id: str = Field("", description="The ID of the Gateway request (logging).")
-    manifest_id: str = Field("", description="The manifest ID from the orchestrator (logging).")
-    stream_id: str = Field("", description="The Stream ID (logging).")
+    subscribe_url: str = Field(
+        "",
+        max_length=URL_MAX_CHARS,
+        description="Source URL of the incoming stream to subscribe to.",
+    )
+    publish_url: str = Field(
+        "",
+        max_length=URL_MAX_CHARS,
+        description="Destination URL of the outgoing stream to publish.",
+    )
+    control_url: str = Field(
+        "", max_length=URL_MAX_CHARS, description="Trickle URL of the control channel."
+    )
+    events_url: str = Field(
+        "", max_length=URL_MAX_CHARS, description="Trickle URL of the events channel."
+    )
+    model_id: str = Field(
+        "",
+        max_length=NAME_MAX_CHARS,
+        description="Name of the live pipeline (not a Hugging Face id).",
+    )
+    params: dict[str, Any] = Field(
+        default_factory=dict,
+        max_length=PARAMS_MAX_ENTRIES,
+        description="Initial pipeline params.",
+    )
+    gateway_request_id: str = Field(
+        "", max_length=NAME_MAX_CHARS, description="The ID of the Gateway request (logging)."
+    )
+    manifest_id: str = Field(
+        "",
+        max_length=NAME_MAX_CHARS,
+        description="The manifest ID from the orchestrator (logging).",
+    )
+    stream_id: str = Field("", max_length=NAME_MAX_CHARS, description="The Stream ID (logging).")
     # Ours, beyond the spec: ask for this session to be recorded (the operator's --record-dir).
     record: bool = Field(False, description="Record this session (needs --record-dir).")
 

@@ -9,11 +9,12 @@ multipart fields arrive as text and are converted.
 
 from __future__ import annotations
 
-import json
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
 from pydantic.json_schema import SkipJsonSchema
+
+from .bounded_json import loads
 
 # An uploaded file: bytes in the handler, `string`/`binary` in the OpenAPI document.
 Upload = Annotated[bytes, WithJsonSchema({"type": "string", "format": "binary"})]
@@ -22,6 +23,9 @@ Seed = Annotated[int, Field(ge=0, lt=2**63, description="Seed for random number 
 # `seed` is optional (a random one when absent) but never null on the wire, as in the spec:
 # a form cannot carry null, and the spec types it as a plain integer.
 Size = Annotated[int, Field(ge=64, le=2048, multiple_of=8)]
+
+HISTORY_MAX_CHARS = 1_000_000
+"""The longest `history` an LLM form may send (its JSON, in characters)."""
 
 MODEL_ID = "Hugging Face model ID (empty: the route's default model)."
 LORAS = "LoRA models and weights as a JSON object; not supported by this service yet."
@@ -218,7 +222,7 @@ class StudioLLMForm(_Body):
     max_tokens: int = Field(256, ge=1, le=LLM_MAX_TOKENS, description="The most tokens.")
     history: str = Field(
         "[]",
-        max_length=1_000_000,
+        max_length=HISTORY_MAX_CHARS,
         description='The earlier turns, as a JSON array of {"role", "content"} objects.',
     )
     stream: bool = Field(False, description="Not taken in this form: send JSON to stream.")
@@ -226,10 +230,8 @@ class StudioLLMForm(_Body):
     def chat_request(self) -> LLMRequest:
         """The same conversation as the JSON body's `messages`. Raises ValueError for a
         `history` that is not a JSON array of messages."""
-        try:
-            turns = json.loads(self.history)
-        except ValueError as exc:
-            raise ValueError(f"history is not valid JSON: {exc}") from None
+        # JSONRefused is a ValueError, its message in words; 4 bytes a character at most.
+        turns = loads(self.history, limit=4 * HISTORY_MAX_CHARS, what="history")
         if not isinstance(turns, list):
             raise ValueError('history must be a JSON array of {"role", "content"} objects')
         system = [LLMMessage(role="system", content=self.system_msg)] if self.system_msg else []
@@ -324,10 +326,7 @@ class AudioToTextForm(_Body):
     @field_validator("metadata")
     @classmethod
     def _json_object(cls, value: str) -> str:
-        try:
-            parsed = json.loads(value)
-        except ValueError as exc:
-            raise ValueError(f"must be a JSON object: {exc}") from None
+        parsed = loads(value, what="metadata")  # JSONRefused: a ValueError, in words
         if not isinstance(parsed, dict):
             raise ValueError("must be a JSON object")
         return value

@@ -9,17 +9,35 @@ client's mistake, which anyone can trigger at will to flood the logs.
 `quiet_client_errors()` installs a filter on that logger that turns those records into one INFO
 line without traceback. Errors of our own (a handler raising, answered 500) stay ERROR records
 with their traceback.
+
+The parser's message quotes the offending line, and a header line can be `Authorization` with a
+client's token in it: neither the log line nor the 400 body (`QuietAppRunner`) repeats the
+client's bytes, only the parser's reason ("Invalid header value char").
 """
 
 from __future__ import annotations
 
 import logging
+import re
+from http import HTTPStatus
+from typing import Any
 
+from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestHandler
 
 AIOHTTP_SERVER_LOGGER = "aiohttp.server"
-_MAX_DETAIL = 200
-"""Characters of the parser's message kept: it can quote the client's bytes."""
+_MAX_REASON = 100
+"""Characters of the parser's reason kept."""
+_QUOTED = re.compile(r"""[:\s]*(?:['"]|b['"]).*""", re.DOTALL)
+
+
+def refusal_reason(exc: HttpProcessingError) -> str:
+    """What the parser found wrong, without the bytes it quotes: its message's first line up to
+    any quotation ("Invalid header value char", "Bad status line")."""
+    first = (exc.message or "").splitlines()[0] if exc.message else ""
+    reason = _QUOTED.sub("", first).strip(" :")[:_MAX_REASON]
+    return reason or "malformed request"
 
 
 class ClientErrorFilter(logging.Filter):
@@ -31,11 +49,10 @@ class ClientErrorFilter(logging.Filter):
         if not isinstance(exc, HttpProcessingError) or not 400 <= exc.code < 500:
             return True
         remote = record.args[0] if isinstance(record.args, tuple) and record.args else "?"
-        # %r keeps the client's bytes on one line and escapes control characters, so a crafted
-        # request cannot forge log lines.
-        detail = exc.message[:_MAX_DETAIL]
+        # The reason only: the parser's message quotes the client's bytes (a token, a
+        # capability URL); %r keeps even the reason on one line.
         record.msg = "bad request refused remote=%s status=%d error=%s detail=%r"
-        record.args = (remote, exc.code, type(exc).__name__, detail)
+        record.args = (remote, exc.code, type(exc).__name__, refusal_reason(exc))
         # Never raise the level: aiohttp already logs some of these (a bad method on a fresh
         # connection, usually TLS or port scans) at DEBUG.
         level = min(record.levelno, logging.INFO)
@@ -57,3 +74,35 @@ def quiet_client_errors(logger: logging.Logger | None = None) -> ClientErrorFilt
     installed = ClientErrorFilter()
     logger.addFilter(installed)
     return installed
+
+
+class QuietRequestHandler(RequestHandler):
+    """aiohttp's request handler, but its 4xx for a request it cannot parse gives the reason
+    only (a server with handlers of its own subclasses this one)."""
+
+    def handle_error(
+        self,
+        request: Any,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if isinstance(exc, HttpProcessingError) and 400 <= status < 500:
+            message = f"{HTTPStatus(status).phrase}: {refusal_reason(exc)}"
+        return super().handle_error(request, status, exc, message)
+
+
+class _QuietServer(web.Server):
+    def __call__(self) -> RequestHandler:
+        return QuietRequestHandler(self, loop=self._loop, **self._kwargs)
+
+
+class QuietAppRunner(web.AppRunner):
+    """An AppRunner whose answers to requests aiohttp cannot parse say the parser's reason and
+    never quote the request's bytes back (aiohttp's own answer does)."""
+
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+        # aiohttp builds its Server in the app; only the handler class it makes is ours.
+        server.__class__ = _QuietServer
+        return server

@@ -13,6 +13,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from .bounded_json import loads
+
 KEEPALIVE = {"keep": "alive"}
 
 State = Literal["LOADING", "OFFLINE", "ONLINE", "DEGRADED_INPUT", "DEGRADED_INFERENCE", "ERROR"]
@@ -139,10 +141,14 @@ def encode_event(event: Event) -> bytes:
     ).encode()
 
 
+CONTROL_MAX_BYTES = 1024 * 1024
+"""The largest control message read (a full StreamDiffusion parameter set is about 2 KiB)."""
+
+
 def decode_control(data: bytes) -> dict[str, Any] | None:
-    """A control segment as a parameter dict; None for a keepalive. Raises ValueError for
-    anything that is not a JSON object."""
-    message = json.loads(data)
+    """A control segment as a parameter dict; None for a keepalive. Raises ValueError (in
+    words) for anything that is not a JSON object within the bounded reader's size and depth."""
+    message = loads(data, limit=CONTROL_MAX_BYTES, what="the control message")
     if not isinstance(message, dict):
         raise ValueError("a control message must be a JSON object")
     if message == KEEPALIVE:

@@ -3,22 +3,24 @@ read a JSON body within a size limit."""
 
 from __future__ import annotations
 
-import json
 import secrets
 
 from aiohttp import web
 
+from .bounded_json import JSON_LIMIT, JSONRefused, loads
 from .errors import InvalidRequest, PayloadTooLarge, Unauthorized, UnsupportedMediaType
 
-JSON_LIMIT = 1024 * 1024
+__all__ = ["JSON_LIMIT", "read_body", "read_json", "require_bearer", "too_large"]
 
 
 def require_bearer(request: web.Request, token: str | None) -> None:
     """The bearer token check of every API route, as ai-runner does when AUTH_TOKEN is set."""
     if not token:
         return
-    given = request.headers.get("Authorization", "")
-    if not secrets.compare_digest(given.encode(), f"Bearer {token}".encode()):
+    # aiohttp hands header bytes that are not UTF-8 over as lone surrogates, which a plain
+    # encode() refused (a 500): surrogatepass encodes anything, and such a header never matches.
+    given = request.headers.get("Authorization", "").encode("utf-8", "surrogatepass")
+    if not secrets.compare_digest(given, f"Bearer {token}".encode()):
         raise Unauthorized("missing or invalid bearer token")
 
 
@@ -42,11 +44,11 @@ def too_large(limit: int) -> str:
 
 
 async def read_json(request: web.Request, limit: int = JSON_LIMIT) -> object:
+    """The body as JSON, through the one bounded reader (size, nesting): 400 for anything else."""
     if request.content_type != "application/json":
         raise UnsupportedMediaType("send the body as application/json")
+    body = await read_body(request, limit)
     try:
-        return json.loads(await read_body(request, limit))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidRequest(f"the body is not valid JSON: {exc}") from exc
-    except RecursionError as exc:
-        raise InvalidRequest("the body is not valid JSON: nested too deeply") from exc
+        return loads(body, limit=limit)
+    except JSONRefused as exc:
+        raise InvalidRequest(str(exc)) from None

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
@@ -25,6 +26,17 @@ from runtime.device import choose_device, free_gpu_memory
 from runtime.models import folder_size, resolve_model
 
 from .base import LivePipeline, PipelineContext, PipelineParams
+from .bounds import (
+    OPTION_MAX_ENTRIES,
+    ModelId,
+    OptionList,
+    Options,
+    PromptText,
+    Seed,
+    Url,
+    WeightedPrompts,
+    WeightedSeeds,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -34,27 +46,27 @@ logger = logging.getLogger(__name__)
 DEFAULT_MODEL = "stabilityai/sd-turbo"
 DEFAULT_VAE = "madebyollin/taesd"
 
-Weighted = list[tuple[str, float]]
-
 
 class StreamDiffusionParams(PipelineParams):
-    model_id: str = Field(DEFAULT_MODEL, description="diffusers model id or folder")
-    vae_id: str | None = Field(
+    model_id: ModelId = Field(DEFAULT_MODEL, description="diffusers model id or folder")
+    vae_id: ModelId | None = Field(
         DEFAULT_VAE, description="tiny autoencoder (TAESD class); null: the model's own VAE"
     )
     width: int | None = Field(512, ge=64, le=1024, multiple_of=8, description="output width")
     height: int | None = Field(512, ge=64, le=1024, multiple_of=8, description="output height")
-    prompt: str | Weighted = Field("flowers", description="prompt, or [prompt, weight] pairs")
+    prompt: PromptText | WeightedPrompts = Field(
+        "flowers", description="prompt, or [prompt, weight] pairs (8 at most)"
+    )
     prompt_interpolation_method: Literal["linear", "slerp"] = "slerp"
     normalize_prompt_weights: bool = True
-    negative_prompt: str = "blurry, low quality, flat, 2d"
+    negative_prompt: PromptText = "blurry, low quality, flat, 2d"
     guidance_scale: float = 1.0
     delta: float = 0.7
     num_inference_steps: int = Field(50, ge=1, le=100)
     t_index_list: list[int] = Field(
         default_factory=lambda: [12, 20, 32], min_length=1, max_length=4
     )
-    seed: int | list[tuple[int, float]] = 789
+    seed: Seed | WeightedSeeds = Field(789, description="seed, or [seed, weight] pairs (8 at most)")
     seed_interpolation_method: Literal["linear", "slerp"] = "linear"
     normalize_seed_weights: bool = True
     use_denoising_batch: bool = True
@@ -67,18 +79,18 @@ class StreamDiffusionParams(PipelineParams):
     # Accepted so that a Livepeer gateway's full parameter sets validate; refused when they ask
     # for something this pipeline does not do (yet), rather than silently ignored.
     use_lcm_lora: bool = True
-    lcm_lora_id: str = "latent-consistency/lcm-lora-sdv1-5"
-    lora_dict: dict[str, float] | None = None
+    lcm_lora_id: ModelId = "latent-consistency/lcm-lora-sdv1-5"
+    lora_dict: dict[ModelId, float] | None = Field(None, max_length=OPTION_MAX_ENTRIES)
     use_safety_checker: bool = False
     safety_checker_threshold: float = 0.5
-    controlnets: list[dict[str, Any]] = Field(default_factory=list)
-    ip_adapter: dict[str, Any] | None = None
-    ip_adapter_style_image_url: str | None = None
-    image_preprocessing: dict[str, Any] | None = None
-    image_postprocessing: dict[str, Any] | None = None
-    latent_preprocessing: dict[str, Any] | None = None
-    latent_postprocessing: dict[str, Any] | None = None
-    cached_attention: dict[str, Any] | None = None
+    controlnets: OptionList = Field(default_factory=list)
+    ip_adapter: Options | None = None
+    ip_adapter_style_image_url: Url | None = None
+    image_preprocessing: Options | None = None
+    image_postprocessing: Options | None = None
+    latent_preprocessing: Options | None = None
+    latent_postprocessing: Options | None = None
+    cached_attention: Options | None = None
 
     @field_validator("t_index_list")
     @classmethod
@@ -165,17 +177,24 @@ def _slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
     return ((torch.sin((1 - t) * omega) / so) * a + (torch.sin(t * omega) / so) * b).to(a.dtype)
 
 
-def _blend(items: list[torch.Tensor], weights: list[float], method: str) -> torch.Tensor:
-    if len(items) == 1:
-        return items[0] * (weights[0] if weights[0] else 1.0)
-    if method == "linear":
-        return sum(w * x for w, x in zip(weights, items, strict=True))  # type: ignore[return-value]
-    # slerp folds pairwise, each step weighted by the share of the newcomer.
-    out, acc = items[0], weights[0]
-    for x, w in zip(items[1:], weights[1:], strict=True):
-        share = w / (acc + w) if acc + w else 0.5
-        out = _slerp(out, x, share)
+def _blend(items: Iterable[torch.Tensor], weights: list[float], method: str) -> torch.Tensor:
+    """The weighted blend of `items`, taken one at a time (a generator makes each when it is
+    needed), so that at most the running blend and one item are held, whatever their number."""
+    if len(weights) == 1:
+        (only,) = items
+        return only * (weights[0] if weights[0] else 1.0)
+    out: torch.Tensor | None = None
+    acc = 0.0
+    for x, w in zip(items, weights, strict=True):
+        if out is None:
+            out = x * w if method == "linear" else x
+        elif method == "linear":
+            out += w * x
+        else:
+            # slerp folds pairwise, each step weighted by the share of the newcomer.
+            out = _slerp(out, x, w / (acc + w) if acc + w else 0.5)
         acc += w
+    assert out is not None
     return out
 
 
@@ -342,7 +361,7 @@ class StreamDiffusionPipeline(LivePipeline):
 
         with torch.inference_mode():
             pairs = [(p.prompt, 1.0)] if isinstance(p.prompt, str) else list(p.prompt)
-            embeds = [self._encode_prompt(text) for text, _ in pairs]
+            embeds = (self._encode_prompt(text) for text, _ in pairs)
             weights = _weights(pairs, p.normalize_prompt_weights)
             self.prompt_embeds = _blend(embeds, weights, p.prompt_interpolation_method)
             self.full_cfg = p.guidance_scale > 1.0 and bool(p.negative_prompt)
@@ -375,12 +394,12 @@ class StreamDiffusionPipeline(LivePipeline):
         )
         steps = len(p.t_index_list)
         seeds = [(p.seed, 1.0)] if isinstance(p.seed, int) else list(p.seed)
-        noises = [
+        noises = (
             torch.randn(
                 (steps, *latent_shape), generator=torch.Generator("cpu").manual_seed(int(s))
             )
             for s, _ in seeds
-        ]
+        )
         noise = _blend(
             noises, _weights(seeds, p.normalize_seed_weights), p.seed_interpolation_method
         )
