@@ -88,11 +88,11 @@ async def read_form(request: web.Request, limit: int) -> dict[str, str | bytes]:
             fields[part.name] = bytes(data)
             continue
         if len(data) > TEXT_FIELD_LIMIT:
-            raise PayloadTooLarge(f"the field {part.name!r} is over 1 MiB of text")
+            raise PayloadTooLarge(f'the field "{part.name}" is over 1 MiB of text')
         try:
             fields[part.name] = data.decode(part.get_charset("utf-8"))
         except (UnicodeDecodeError, LookupError) as exc:
-            msg = f"the field {part.name!r} is not valid text: {in_words(exc)}"
+            msg = f'the field "{part.name}" is not valid text: {in_words(exc)}'
             raise InvalidRequest(msg) from exc
 
 
