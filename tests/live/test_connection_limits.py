@@ -7,6 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import resource
+import signal
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -19,6 +24,7 @@ from live.keys import SESSIONS
 from live.settings import Settings
 from protocol.clips import make_clip
 from tests.live.streams import publish_clip, start_session
+from tests.live.test_service import STARTUP_S, _free_port
 from tests.waiting import wait_until
 
 WAIT_S = 20.0  # generous: only a broken guard reaches it
@@ -194,3 +200,48 @@ def test_failed_accepts_are_logged_once_per_interval(caplog) -> None:
     said = [r for r in caplog.records if "cannot accept connections" in r.getMessage()]
     assert len(said) == 1
     assert "Too many open files" in said[0].getMessage()
+
+
+async def test_the_cli_stays_up_past_the_open_files_limit(tmp_path) -> None:
+    """The issue's attack, scaled: `live-v2v serve` under `ulimit -n 400`, and more silent
+    connections than that. The connection limit fits itself under the open-files limit, so
+    accept() never runs out of files and /health keeps answering."""
+    port = _free_port()
+    proc = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "live", "serve", "--port", str(port)),
+        *("--models-dir", str(tmp_path), "--http-header-timeout-s", "600"),
+        stderr=subprocess.PIPE,
+        env={**os.environ, "LIVE_V2V_LOG_LEVEL": "INFO"},
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (400, 400)),
+    )
+    silent: list[asyncio.StreamWriter] = []
+    try:
+        # A new connection for every request, as a health checker makes.
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as http:
+
+            async def health() -> bool:
+                try:
+                    async with http.get(
+                        f"http://127.0.0.1:{port}/health",
+                        timeout=aiohttp.ClientTimeout(total=5),
+                    ) as response:
+                        return response.status == 200
+                except (aiohttp.ClientError, TimeoutError):
+                    return False
+
+            await wait_until(health, "the service to start", within=STARTUP_S, poll=0.1)
+            for _ in range(500):
+                _, writer = await asyncio.open_connection("127.0.0.1", port)
+                silent.append(writer)
+            await wait_until(health, "/health past 500 silent connections", within=WAIT_S)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = await asyncio.wait_for(proc.communicate(), WAIT_S)
+    finally:
+        for writer in silent:
+            writer.close()
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    log = stderr.decode()
+    assert "--max-connections 512 lowered to 144" in log, log
+    assert "accept" not in log and "Traceback" not in log, log
