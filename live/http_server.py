@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_server import Server
@@ -138,6 +139,16 @@ class GuardedRequestHandler(RequestHandler):
             if self.idle:
                 self.idle_since = self._loop.time()
 
+    def log_exception(self, *args: Any, **kwargs: Any) -> None:
+        exc = kwargs.get("exc_info")
+        if isinstance(exc, HttpProcessingError):
+            # A client's malformed request (a line over 8190 bytes, too many headers): it got
+            # its 400; a traceback per attempt would let anyone flood the log.
+            # Its kind only: aiohttp's message quotes the client's bytes.
+            self.guard.bad_requests.log("malformed request answered 400: %s", type(exc).__name__)
+            return
+        super().log_exception(*args, **kwargs)
+
     def _arm_header_timer(self) -> None:
         self._header_timer = self._loop.call_later(self.limits.header_timeout_s, self._headers_late)
 
@@ -186,6 +197,7 @@ class GuardedServer(Server):
         self.limits = limits
         self._open: dict[GuardedRequestHandler, None] = {}
         self._refusals = RateLimitedLog(logger, interval_s=10.0)
+        self.bad_requests = RateLimitedLog(logger, interval_s=10.0)
         self.busy_answer = _answer(
             "503 Service Unavailable",
             f"the service has {limits.max_connections} connections open with requests in "

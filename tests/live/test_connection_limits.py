@@ -184,6 +184,27 @@ async def test_a_trickle_publisher_streams_for_longer_than_the_timeouts(serve) -
     await wait_until(lambda: session.stats.frames_in == 90, "every frame in", within=WAIT_S)
 
 
+async def test_malformed_requests_get_400_and_one_log_line(serve, caplog) -> None:
+    service = await serve()
+    answers = []
+    with caplog.at_level(logging.DEBUG):
+        for index in range(50):
+            reader, writer = await service.connect()
+            long_line = b"X-Long: " + b"a" * 9_000 if index % 2 else b"GET /" + b"a" * 9_000
+            writer.write(long_line + b"\r\n\r\n")
+            answers.append(await read_all(reader))
+            writer.close()
+    assert all(answer.startswith(b"HTTP/1.0 400 Bad Request") for answer in answers)
+    said = [
+        r
+        for r in caplog.records
+        if r.name in ("aiohttp.server", "live.http_server") and r.levelno >= logging.INFO
+    ]
+    assert len(said) == 1, [r.getMessage() for r in said]
+    assert "malformed request answered 400" in said[0].getMessage()
+    assert said[0].exc_info is None
+
+
 def test_failed_accepts_are_logged_once_per_interval(caplog) -> None:
     loop = asyncio.new_event_loop()
     restore = quiet_accept_errors(loop, interval_s=3600)
