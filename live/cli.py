@@ -100,10 +100,10 @@ async def serve(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    # handler_cancellation: a request whose client left is cancelled at once (a GET parked at
-    # the live edge, a publisher gone mid-segment), as under aiohttp's test server.
     limits = settings.connection_limits()
     limits = replace(limits, max_connections=fitted_max_connections(limits.max_connections))
+    # handler_cancellation: a request whose client left is cancelled at once (a GET parked at
+    # the live edge, a publisher gone mid-segment), as under aiohttp's test server.
     runner = ServiceRunner(
         create_app(settings),
         limits,
@@ -111,8 +111,8 @@ async def serve(settings: Settings) -> None:
         shutdown_timeout=5.0,
         handler_cancellation=True,
     )
-    restore_loop_errors = quiet_accept_errors(loop)
     await runner.setup()
+    restore_loop_errors = quiet_accept_errors(loop)
     try:
         site = web.TCPSite(runner, settings.host, settings.port)
         try:
