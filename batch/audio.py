@@ -23,13 +23,15 @@ import numpy as np
 
 from protocol.errors import InvalidRequest, in_words
 
+from .media_input import open_upload
+
 if TYPE_CHECKING:
     from .jobs import StepGate
 
 logger = logging.getLogger(__name__)
 
 FORMATS = "WAV, FLAC, MP3, M4A/AAC, Ogg/Opus, WebM, MP4"
-"""What the docs promise; anything else FFmpeg reads is accepted too."""
+"""What the docs promise; the other containers of `media_input.DEMUXERS` are read too."""
 
 
 @dataclass(frozen=True)
@@ -109,13 +111,14 @@ def decode_audio(
         "service transcribes in one request; split it"
     )
     try:
-        container = av.open(io.BytesIO(data), mode="r")
+        container = open_upload(data)
     except av.EOFError as exc:  # the file ends inside its header
-        raise InvalidRequest(f"the {field} file is truncated: {in_words(exc)}") from exc
+        raise InvalidRequest(f"the {field} file is truncated") from exc
     except (av.FFmpegError, ValueError, OSError) as exc:
+        # One text, without FFmpeg's: what FFmpeg says here can name what the file names
+        # (a playlist's entries), and no two refusals may tell files on this host apart.
         raise InvalidRequest(
-            f"the {field} file is not audio this service can read ({FORMATS}), or it is "
-            f"damaged: {in_words(exc)}"
+            f"the {field} file is not audio this service can read ({FORMATS}), or it is damaged"
         ) from exc
     with container:
         if not container.streams.audio:

@@ -8,14 +8,14 @@ import logging
 import signal
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from aiohttp import web
 from pydantic import ValidationError
 
-from protocol.http_errors import QuietAppRunner
-
 from .app import create_app
+from .http_server import ServiceRunner, fitted_max_connections, quiet_accept_errors
 from .logs import configure_logging
 from .settings import Settings, add_arguments, load_settings
 
@@ -100,12 +100,19 @@ async def serve(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    limits = settings.connection_limits()
+    limits = replace(limits, max_connections=fitted_max_connections(limits.max_connections))
     # handler_cancellation: a request whose client left is cancelled at once (a GET parked at
     # the live edge, a publisher gone mid-segment), as under aiohttp's test server.
-    runner = QuietAppRunner(
-        create_app(settings), access_log=None, shutdown_timeout=5.0, handler_cancellation=True
+    runner = ServiceRunner(
+        create_app(settings),
+        limits,
+        access_log=None,
+        shutdown_timeout=5.0,
+        handler_cancellation=True,
     )
     await runner.setup()
+    restore_loop_errors = quiet_accept_errors(loop)
     try:
         site = web.TCPSite(runner, settings.host, settings.port)
         try:
@@ -122,6 +129,7 @@ async def serve(settings: Settings) -> None:
         logger.info("shutting down")
     finally:
         await runner.cleanup()
+        restore_loop_errors()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
     logger.info("stopped")

@@ -20,6 +20,7 @@ from protocol.trickle import TrickleConfig
 from runtime.runtime import RuntimeConfig
 
 from .cors import CorsPolicy
+from .http_server import ConnectionLimits
 from .ice import IceSettings
 
 ENV_PREFIX = "LIVE_V2V_"
@@ -94,6 +95,27 @@ class Settings(BaseModel):
         600, gt=0, description="how long a video URL of a gateway-shaped answer can be fetched"
     )
     max_sessions: int = Field(4, ge=1, description="live sessions at once (503 beyond)")
+    max_connections: int = Field(
+        512,
+        ge=1,
+        description="HTTP connections open at once; past it a new one replaces the longest "
+        "idle, or gets 503 when all have a request in flight (lowered to leave 256 files "
+        "under the open-files limit)",
+    )
+    http_header_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="a request's line and headers must arrive within this (408 and closed)",
+    )
+    http_idle_timeout_s: float = Field(
+        120.0, gt=0, description="a connection with no request in flight is closed after this"
+    )
+    http_body_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        description="a request body that sends no byte for this long is cut (connection "
+        "closed); trickle publishers pause at most a segment",
+    )
     input_timeout_s: float = Field(
         60.0, gt=0, description="a session ends after this long without input"
     )
@@ -188,6 +210,14 @@ class Settings(BaseModel):
             public_url=self.public_url,
             video_store_bytes=int(self.video_store_mb * 2**20),
             video_ttl_s=self.video_ttl_s,
+        )
+
+    def connection_limits(self) -> ConnectionLimits:
+        return ConnectionLimits(
+            header_timeout_s=self.http_header_timeout_s,
+            idle_timeout_s=self.http_idle_timeout_s,
+            body_timeout_s=self.http_body_timeout_s,
+            max_connections=self.max_connections,
         )
 
     def cors(self) -> CorsPolicy:

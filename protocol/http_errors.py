@@ -11,7 +11,7 @@ line without traceback. Errors of our own (a handler raising, answered 500) stay
 with their traceback.
 
 The parser's message quotes the offending line, and a header line can be `Authorization` with a
-client's token in it: neither the log line nor the 400 body (`QuietAppRunner`) repeats the
+client's token in it: neither the log line nor the 400 body (`QuietRequestHandler`) repeats the
 client's bytes, only the parser's reason ("Invalid header value char").
 """
 
@@ -90,19 +90,3 @@ class QuietRequestHandler(RequestHandler):
         if isinstance(exc, HttpProcessingError) and 400 <= status < 500:
             message = f"{HTTPStatus(status).phrase}: {refusal_reason(exc)}"
         return super().handle_error(request, status, exc, message)
-
-
-class _QuietServer(web.Server):
-    def __call__(self) -> RequestHandler:
-        return QuietRequestHandler(self, loop=self._loop, **self._kwargs)
-
-
-class QuietAppRunner(web.AppRunner):
-    """An AppRunner whose answers to requests aiohttp cannot parse say the parser's reason and
-    never quote the request's bytes back (aiohttp's own answer does)."""
-
-    async def _make_server(self) -> web.Server:
-        server = await super()._make_server()
-        # aiohttp builds its Server in the app; only the handler class it makes is ours.
-        server.__class__ = _QuietServer
-        return server

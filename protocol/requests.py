@@ -1,11 +1,17 @@
 """What every API route does with a request before its own work: check the bearer token,
-read a JSON body within a size limit."""
+read a JSON body within a size limit.
+
+Bodies are read as sent: one with a `Content-Encoding` (gzip, deflate, br, zstd) is refused
+with 415 before any of it is read. A compressed body can inflate a thousandfold, so a limit
+counted after inflating lets a small request cost a large one's memory and CPU, and one counted
+before it bounds nothing that is held. No Livepeer client compresses its requests (ai-runner's
+FastAPI does not inflate them either), and the media uploaded is compressed already."""
 
 from __future__ import annotations
 
 import secrets
 
-from aiohttp import web
+from aiohttp import hdrs, web
 
 from .bounded_json import JSON_LIMIT, JSONRefused, loads
 from .errors import InvalidRequest, PayloadTooLarge, Unauthorized, UnsupportedMediaType
@@ -24,9 +30,20 @@ def require_bearer(request: web.Request, token: str | None) -> None:
         raise Unauthorized("missing or invalid bearer token")
 
 
+def refuse_encoded(request: web.Request) -> None:
+    """415 for a body sent with a Content-Encoding (see the module's docstring)."""
+    encoding = request.headers.get(hdrs.CONTENT_ENCODING, "").strip().lower()
+    if encoding not in ("", "identity"):
+        raise UnsupportedMediaType(
+            "send the request body uncompressed, without a Content-Encoding header: "
+            "compressed request bodies are not accepted"
+        )
+
+
 async def read_body(request: web.Request, limit: int) -> bytes:
     """The whole body, refused with 413 as soon as it passes `limit` (read in chunks, so an
-    oversized upload is never held whole)."""
+    oversized upload is never held whole), and with 415 when it is compressed."""
+    refuse_encoded(request)
     if request.content_length is not None and request.content_length > limit:
         raise PayloadTooLarge(too_large(limit))
     chunks: list[bytes] = []
