@@ -38,6 +38,7 @@ class Segment:
         "chunks",
         "closed",
         "count",
+        "cut",
         "dropped",
         "held",
         "release_read",
@@ -61,6 +62,8 @@ class Segment:
         """Free each chunk once the (one) reader has taken it."""
         self.dropped = False
         """Dropped to keep the channel in its budget: its bytes are gone, new ones not kept."""
+        self.cut = False
+        """Dropped before its writer finished it: no reader can have had it whole."""
         self.closed = False
         self.writer: object | None = None
         """The publisher whose first byte claimed this segment (Channel.claim); None before."""
@@ -91,6 +94,7 @@ class Segment:
         segment."""
         if self.channel is not None:
             self.channel.held_bytes -= self.held
+        self.cut = not self.closed
         self.dropped = True
         self.held = 0
         self.chunks.clear()
@@ -175,7 +179,7 @@ class Segment:
 
     def check_whole(self, chunks_read: int) -> None:
         """Raise SegmentDropped if a reader that got `chunks_read` chunks lost the rest."""
-        if self.dropped and chunks_read < self.count:
+        if self.dropped and (self.cut or chunks_read < self.count):
             raise SegmentDropped(self.seq)
 
 
