@@ -16,6 +16,7 @@ and error texts reach clients in events).
 
 from __future__ import annotations
 
+import os
 import ssl
 
 import aiohttp
@@ -93,8 +94,10 @@ def client_error_in_words(exc: BaseException) -> str:
     if isinstance(exc, aiohttp.ClientConnectorDNSError):
         return f"the host {exc.host} is not known"
     if isinstance(exc, aiohttp.ClientConnectorError):
-        reason = exc.os_error.strerror or "the connection failed"
-        return f"cannot connect to {exc.host}:{exc.port}: {reason.lower()}"
+        # The errno's own text: asyncio's strerror holds the address as a tuple.
+        errno = exc.os_error.errno
+        reason = os.strerror(errno).lower() if errno and errno > 0 else "the connection failed"
+        return f"cannot connect to {exc.host}:{exc.port}: {reason}"
     if isinstance(exc, aiohttp.ServerDisconnectedError):
         return "the server closed the connection"
     if isinstance(exc, aiohttp.ClientPayloadError):
@@ -103,8 +106,8 @@ def client_error_in_words(exc: BaseException) -> str:
         return "no answer in time"
     if isinstance(exc, ssl.SSLError):
         return "the TLS connection failed"
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror.lower()
+    if isinstance(exc, OSError) and exc.errno and exc.errno > 0:
+        return os.strerror(exc.errno).lower()
     if isinstance(exc, TrickleError):
         return str(exc)
     return "the request failed"

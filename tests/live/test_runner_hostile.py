@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import ipaddress
+import socket
 import ssl
 
 import pytest
@@ -262,3 +263,34 @@ async def test_a_self_signed_orchestrator_is_refused_unless_verification_is_off(
         await wait_gone(client, info["session_id"])
         assert not [m for m in error_messages(events) if "TLS" in m]
     await stop_reading(reading)
+
+
+async def test_an_unreachable_input_is_said_in_words_not_as_an_exception_repr(
+    service, trickle_factory
+) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        closed_port = sock.getsockname()[1]  # nobody listens here once it is closed
+    orchestrator = await trickle_factory(base_path="/ai/trickle/")
+    orchestrator.server.create_channel("gw-out")
+    client = await service(runner_hosts="127.0.0.1")
+    client.app[SESSIONS].remote_retry = FAST_RETRY
+    events, reading = await events_of(orchestrator, "gw-events")
+    info = await start_session(
+        client,
+        model_id="noop",
+        subscribe_url=f"http://127.0.0.1:{closed_port}/ai/trickle/gw",
+        publish_url=orchestrator.url("gw-out"),
+        events_url=orchestrator.url("gw-events"),
+    )
+    await wait_gone(client, info["session_id"])
+    final = await events.wait_event(lambda e: e["type"] == "status" and e["end_reason"])
+    await stop_reading(reading)
+    reached = f"cannot reach subscribe_url: cannot connect to 127.0.0.1:{closed_port}"
+    messages = error_messages(events)
+    assert any(f"{reached}: connection refused; retry 1 of 2" in m for m in messages), messages
+    assert (
+        final["end_reason"] == f"input failed: cannot read the input: {reached}: connection refused"
+    )
+    for text in [*messages, final["end_reason"]]:
+        assert "Error(" not in text and "('" not in text and "ConnectionKey" not in text, text
