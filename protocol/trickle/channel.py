@@ -271,6 +271,15 @@ class Channel:
         self.ring[slot] = segment
         return segment
 
+    def _forget_before(self, seq: int) -> None:
+        """The one reader moved on to `seq`: what is older can never be read, so it goes
+        (segments it skipped when it fell behind, too)."""
+        for found in self.ring:
+            if found is not None and found.seq < seq:
+                self.ring[found.seq % RING_SIZE] = None
+                found.drop()
+                found.channel = None
+
     def grew(self, segment: Segment, size: int) -> None:
         """`segment` of the ring took `size` more bytes: over the budget, drop the other
         segments, oldest first, until it fits."""
@@ -292,6 +301,8 @@ class Channel:
     def get_for_read(self, seq: int) -> Segment | None:
         """The segment a subscriber reads, pre-created when it is the next one to be written
         (or seq 1 on a fresh channel, go-livepeer's grace case); None means 470."""
+        if self.single_reader:
+            self._forget_before(seq)
         found = self.segment(seq)
         if found is not None:
             self._note_reader(seq)
