@@ -61,7 +61,8 @@ class Segment:
         self.release_read = channel is not None and channel.single_reader
         """Free each chunk once the (one) reader has taken it."""
         self.dropped = False
-        """Dropped to keep the channel in its budget: its bytes are gone, new ones not kept."""
+        """Dropped (for its channel's budget, or passed by its one reader): its bytes are
+        gone, new ones are not kept."""
         self.cut = False
         """Dropped before its writer finished it: no reader can have had it whole."""
         self.closed = False
@@ -208,7 +209,7 @@ class Channel:
         self.single_reader = single_reader
         """Only one in-process reader: chunks are freed as it reads them (a session's input)."""
         self.dropped = 0
-        """Segments dropped to stay within `max_bytes`."""
+        """Segments dropped to stay within `max_bytes` (what readers lost)."""
         self.outside_writes = outside_writes
         """False: only the service (in process) writes or deletes it; HTTP writes get 403."""
         self.outside_reads = outside_reads
@@ -276,9 +277,7 @@ class Channel:
         (segments it skipped when it fell behind, too)."""
         for found in self.ring:
             if found is not None and found.seq < seq:
-                self.ring[found.seq % RING_SIZE] = None
-                found.drop()
-                found.channel = None
+                self._drop(found)
 
     def grew(self, segment: Segment, size: int) -> None:
         """`segment` of the ring took `size` more bytes: over the budget, drop the other
@@ -293,10 +292,14 @@ class Channel:
         for old in others:
             if self.held_bytes <= self.max_bytes:
                 break
-            self.ring[old.seq % RING_SIZE] = None  # a reader asking for it gets 470
-            old.drop()
-            old.channel = None
+            self._drop(old)
             self.dropped += 1
+
+    def _drop(self, segment: Segment) -> None:
+        """Take `segment` out of the ring (a reader asking for it gets 470) and free it."""
+        self.ring[segment.seq % RING_SIZE] = None
+        segment.drop()
+        segment.channel = None
 
     def get_for_read(self, seq: int) -> Segment | None:
         """The segment a subscriber reads, pre-created when it is the next one to be written
