@@ -74,16 +74,14 @@ def check_remote_url(name: str, url: str) -> None:
     session starts rather than discovered after."""
     try:
         parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise InvalidRequest(f"{name} must be an http:// or https:// URL with a host")
         parts.port  # noqa: B018 - raises ValueError for a port that is not one
     except ValueError as exc:
-        if isinstance(exc, InvalidRequest):
-            raise
         raise InvalidRequest(
             f"{name} is not a well-formed URL: its host or port cannot be read "
             "(a port is a number from 0 to 65535)"
         ) from exc
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise InvalidRequest(f"{name} must be an http:// or https:// URL with a host")
 
 
 class SessionManager:
@@ -103,6 +101,7 @@ class SessionManager:
         self.admission = Admission(settings, runtime)
         self.listeners: list[SessionListener] = []
         self.remote_retry = RemoteRetry()
+        """The trickle client's rules, not a setting; a test may shorten the waits."""
 
     @property
     def context(self) -> PipelineContext:
