@@ -12,6 +12,9 @@ A recorded session leaves a directory of its own:
   the time since the start (`t`), the wall clock (`time_ms`) and the pts of the newest input
   frame then (`pts`, None before the first), so a replay can apply each at the same frame.
 
+A recording is someone's video and prompts: its folders are made 0700 and its files 0600, for
+the service's user alone, whatever the umask.
+
 `replay()` runs a recording through a pipeline offline at full rate (no pacing, no frame
 dropped) and writes the output next to the recording; `ReplaySource` reads a recorded input as
 a `FrameSource`, at its timestamps or at full rate.
@@ -25,6 +28,7 @@ import collections
 import contextlib
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -59,6 +63,30 @@ CONTROL = "control.jsonl"
 INDEX_SUFFIX = ".idx"
 READ_CHUNK = 64 * 1024
 TAP_BACKLOG = 30  # input frames waiting for the recorder's encoder before ingest waits on it
+PRIVATE_DIR = 0o700
+PRIVATE_FILE = 0o600
+
+
+def _private(path: str, flags: int) -> int:
+    """An `open()` opener that creates files readable by their owner only."""
+    return os.open(path, flags, PRIVATE_FILE)
+
+
+def private_open(path: Path, mode: str) -> IO[Any]:
+    """`path.open(mode)`, a file it creates being 0600 (an existing one keeps its mode)."""
+    return open(path, mode, opener=_private)
+
+
+def make_private_dir(directory: Path) -> None:
+    """Make `directory` and any missing parents 0700 (parents that exist are left alone)."""
+    missing = []
+    for folder in (directory, *directory.parents):
+        if folder.exists():
+            break
+        missing.append(folder)
+    for folder in reversed(missing):
+        folder.mkdir(mode=PRIVATE_DIR, exist_ok=True)
+        os.chmod(folder, PRIVATE_DIR)  # mkdir's mode goes through the umask; this does not
 
 
 class TsFile:
@@ -73,8 +101,8 @@ class TsFile:
 
     def start(self) -> None:
         if self._file is None:
-            self._file = self.path.open("wb")
-            self._index = self.path.with_name(self.path.name + INDEX_SUFFIX).open("w")
+            self._file = private_open(self.path, "wb")
+            self._index = private_open(self.path.with_name(self.path.name + INDEX_SUFFIX), "w")
         assert self._index is not None
         self._index.write(f"{self._offset}\n")
 
@@ -134,7 +162,7 @@ class SessionRecording:
 
     def __init__(self, directory: Path, settings: EncoderSettings | None = None) -> None:
         self.directory = directory
-        directory.mkdir(parents=True, exist_ok=True)
+        make_private_dir(directory)
         self.settings = settings or EncoderSettings()
         self.started = time.monotonic()
         self.last_input_pts: int | None = None
@@ -155,7 +183,7 @@ class SessionRecording:
             "outcome": outcome,
             "params": params.model_dump(mode="json"),
         }
-        with (self.directory / CONTROL).open("a") as file:
+        with private_open(self.directory / CONTROL, "a") as file:
             file.write(json.dumps(line) + "\n")
 
 

@@ -40,7 +40,7 @@ from protocol.messages import (
     now_ms,
 )
 from protocol.trickle import EndOfStream, StreamNotFound, TrickleError
-from protocol.trickle.interface import Publisher, Subscriber
+from protocol.trickle.interface import Publisher, SubscribedSegment, Subscriber
 
 from .edges import FrameSink, FrameSource, InputFailed, MediaContext, OutputFrame
 from .frame_loop import FrameLoop
@@ -433,20 +433,37 @@ class LiveSession:
     async def _read_control(self) -> None:
         control = self.control
         assert control is not None
-        async for segment in control:
+        if hasattr(control, "on_retry"):
+            # A remote control channel that fails is reported while it is retried.
+            control.on_retry = lambda problem: self.error(f"control: {problem}")
+        while True:
             try:
-                data = await segment.read()
-                message = decode_control(data)
-                if message is None:
-                    continue
-                outcome = await self.update_params(message)
-                self.log.info("control message applied outcome=%s", outcome)
-            except ValidationError as exc:
-                self.error(f"invalid params in control message: {_summary(exc)}")
-            except ValueError as exc:
-                self.error(f"invalid control message: {exc}")
+                segment = await control.next()
             except (TrickleError, OSError) as exc:
-                self.error(f"control segment failed: {in_words(exc)}")
+                # Given up after the trickle client's retries: params can no longer reach
+                # the session, so it ends (cleanly, with its final status) rather than run on
+                # unsteerable; the gateway sees why in the events and can start another.
+                self.error(f"cannot read the control channel: {in_words(exc)}; the session ends")
+                self.loop.stop(f"control failed: {in_words(exc)}")
+                return
+            if segment is None:
+                return
+            await self._apply_control(segment)
+
+    async def _apply_control(self, segment: SubscribedSegment) -> None:
+        try:
+            # decode_control bounds the size and nesting (protocol/bounded_json.py).
+            message = decode_control(await segment.read())
+            if message is None:
+                return
+            outcome = await self.update_params(message)
+            self.log.info("control message applied outcome=%s", outcome)
+        except ValidationError as exc:
+            self.error(f"invalid params in control message: {_summary(exc)}")
+        except ValueError as exc:
+            self.error(f"invalid control message: {exc}")
+        except (TrickleError, OSError) as exc:
+            self.error(f"control segment failed: {in_words(exc)}")
 
     # -- events and status ----------------------------------------------------------------------
 

@@ -58,12 +58,30 @@ class SessionListener(Protocol):
     def ended(self, session: LiveSession) -> None: ...
 
 
+@dataclass(frozen=True)
+class RemoteRetry:
+    """How a runner-mode subscriber (input, control) retries a remote that fails: the
+    trickle client's rules, doubling waits up to a cap, then the stream is given up."""
+
+    retries: int = 5
+    delay_s: float = 0.5
+    max_delay_s: float = 4.0
+
+
 def check_remote_url(name: str, url: str) -> None:
-    """A runner-mode URL must be an absolute http(s) URL; anything else is the caller's
-    mistake, answered before the session starts rather than discovered after."""
-    parts = urlsplit(url)
+    """A runner-mode URL must be an absolute http(s) URL with a host and, if it has one, a
+    port from 0 to 65535; anything else is the caller's mistake, answered before the
+    session starts rather than discovered after."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not one
+    except ValueError as exc:
+        raise InvalidRequest(
+            f"{name} is not a well-formed URL: its host or port cannot be read "
+            "(a port is a number from 0 to 65535)"
+        ) from exc
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise InvalidRequest(f"{name} must be an http:// or https:// URL with a host, not {url!r}")
+        raise InvalidRequest(f"{name} must be an http:// or https:// URL with a host")
 
 
 class SessionManager:
@@ -82,6 +100,8 @@ class SessionManager:
         self.runtime = runtime
         self.admission = Admission(settings, runtime)
         self.listeners: list[SessionListener] = []
+        self.remote_retry = RemoteRetry()
+        """The trickle client's rules, not a setting; a test may shorten the waits."""
 
     @property
     def context(self) -> PipelineContext:
@@ -249,7 +269,7 @@ class SessionManager:
             host = (parts.hostname or "").lower()
             if host not in allowed and f"{host}:{parts.port}" not in allowed:
                 raise Forbidden(
-                    f"{name}: host {host!r} is not an allowed trickle host (see --runner-hosts)"
+                    f"{name}: host {host} is not an allowed trickle host (see --runner-hosts)"
                 )
 
     def _local_channels(
@@ -259,10 +279,19 @@ class SessionManager:
         (publish input, read output, send control, read events), and none can be derived
         from another or from the session id. Outside clients may not write what the session
         writes, nor read what only the session reads."""
+        # The session is the only reader of its input and control: each chunk is freed once
+        # it has read it, so a publisher's segments are not kept once decoded.
         specs = (
-            ("video/MP2T", {"outside_reads": False}),
+            ("video/MP2T", {"outside_reads": False, "single_reader": True}),
             ("video/MP2T", {"outside_writes": False}),
-            ("application/json", {"outside_reads": False, "max_segment_bytes": CONTROL_MAX_BYTES}),
+            (
+                "application/json",
+                {
+                    "outside_reads": False,
+                    "max_segment_bytes": CONTROL_MAX_BYTES,
+                    "single_reader": True,
+                },
+            ),
             ("application/json", {"outside_writes": False, "max_segment_bytes": CONTROL_MAX_BYTES}),
         )
         try:
@@ -297,11 +326,27 @@ class SessionManager:
     def _remote_channels(
         self, request: LiveVideoToVideoParams, session_id: str
     ) -> tuple[SessionChannels, LiveVideoToVideoResponse]:
+        verify_tls = self.settings.runner_tls_verify
+        retry = self.remote_retry
+
+        def subscriber(name: str, url: str) -> TrickleSubscriber:
+            # Each error names the URL by its field: the client knows which one it gave.
+            return TrickleSubscriber(
+                url,
+                name=name,
+                verify_tls=verify_tls,
+                max_retries=retry.retries,
+                retry_delay_s=retry.delay_s,
+                max_retry_delay_s=retry.max_delay_s,
+            )
+
         channels = SessionChannels(
-            input=TrickleSubscriber(request.subscribe_url),
-            output=TricklePublisher(request.publish_url),
-            control=TrickleSubscriber(request.control_url) if request.control_url else None,
-            events=TricklePublisher(request.events_url, "application/json")
+            input=subscriber("subscribe_url", request.subscribe_url),
+            output=TricklePublisher(request.publish_url, name="publish_url", verify_tls=verify_tls),
+            control=subscriber("control_url", request.control_url) if request.control_url else None,
+            events=TricklePublisher(
+                request.events_url, "application/json", name="events_url", verify_tls=verify_tls
+            )
             if request.events_url
             else None,
         )

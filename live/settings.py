@@ -129,6 +129,12 @@ class Settings(BaseModel):
         description="runner mode: the trickle hosts (HOST or HOST:PORT, comma-separated, or *) "
         "whose URLs a start request may name; empty: runner mode off, only standalone sessions",
     )
+    runner_tls_verify: bool = Field(
+        True,
+        description="runner mode: verify the TLS certificates of https:// trickle URLs "
+        "(--no-runner-tls-verify accepts any certificate, as go-livepeer does, for "
+        "orchestrators with self-signed ones)",
+    )
     max_viewers: int = Field(4, ge=1, description="WHEP viewers per session (429 beyond)")
     webrtc_max_candidates: int = Field(
         32,
@@ -178,6 +184,12 @@ class Settings(BaseModel):
     trickle_max_channels: int = Field(1024, ge=1, description="trickle channels open at once")
     trickle_max_segment_bytes: int = Field(
         64 * 1024 * 1024, ge=1, description="largest trickle segment accepted"
+    )
+    trickle_max_channel_bytes: int = Field(
+        64 * 1024 * 1024,
+        ge=1,
+        description="memory one trickle channel's segments may take: the oldest are dropped "
+        "beyond, and a segment larger than this is refused (413)",
     )
     trickle_idle_timeout_s: float = Field(
         300.0, gt=0, description="idle trickle channels are removed after this"
@@ -252,6 +264,7 @@ class Settings(BaseModel):
             autocreate=self.trickle_autocreate,
             max_channels=self.trickle_max_channels,
             max_segment_bytes=self.trickle_max_segment_bytes,
+            max_channel_bytes=self.trickle_max_channel_bytes,
             idle_timeout_s=self.trickle_idle_timeout_s,
             sweep_interval_s=self.trickle_sweep_interval_s,
         )

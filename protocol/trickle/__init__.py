@@ -7,11 +7,13 @@ See protocol/trickle.md in the shared notes for the behaviour this follows.
 
 from .errors import (
     EndOfStream,
+    SegmentDropped,
     SegmentExists,
     SequenceNonexistent,
     StreamNotFound,
     TrickleError,
     TrickleHTTPError,
+    client_error_in_words,
 )
 from .local import LocalPublisher, LocalSubscriber
 from .publisher import TricklePublisher, client_session
@@ -24,6 +26,7 @@ __all__ = [
     "EndOfStream",
     "LocalPublisher",
     "LocalSubscriber",
+    "SegmentDropped",
     "SegmentExists",
     "SequenceNonexistent",
     "StreamNotFound",
@@ -33,6 +36,7 @@ __all__ = [
     "TricklePublisher",
     "TrickleServer",
     "TrickleSubscriber",
+    "client_error_in_words",
     "client_session",
     "create_trickle_app",
 ]

@@ -5,6 +5,12 @@ A channel keeps a ring of five segments; segment `seq` lives in slot `seq % 5`. 
 append-only list of byte chunks plus a closed flag; every reader keeps its own offset, so each one
 gets the segment from byte 0 however late it attaches. Everything here runs on the event loop and
 is shared by the HTTP handlers (server.py) and the in-process clients (local.py).
+
+Memory: the bytes a channel's ring holds are counted (`Channel.held_bytes`) and kept within its
+budget (`max_bytes`) by dropping the oldest segments first. Live readers want the newest bytes;
+a reader that far behind would be sent to the live edge anyway, while refusing the newest
+segment would stop the stream for everyone. On a channel whose only reader is the service
+(`single_reader`, a session's input), each chunk is freed as soon as that reader has taken it.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import contextlib
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 
+from .errors import SegmentDropped
 from .headers import LATEST_SEQ, NEXT_SEQ
 
 RING_SIZE = 5
@@ -24,12 +31,40 @@ MAX_READERS_FOLLOWED = 64
 class Segment:
     """One published unit: chunks appended by one publisher, read from byte 0 by any reader."""
 
-    __slots__ = ("_changed", "_on_close", "chunks", "closed", "seq", "size", "writer")
+    __slots__ = (
+        "_changed",
+        "_on_close",
+        "channel",
+        "chunks",
+        "closed",
+        "count",
+        "cut",
+        "dropped",
+        "held",
+        "release_read",
+        "seq",
+        "size",
+        "writer",
+    )
 
-    def __init__(self, seq: int) -> None:
+    def __init__(self, seq: int, channel: Channel | None = None) -> None:
         self.seq = seq
         self.chunks: list[bytes] = []
         self.size = 0
+        """Bytes written to it (what the segment limit counts)."""
+        self.held = 0
+        """Bytes of it still in memory."""
+        self.count = 0
+        """Chunks written to it."""
+        self.channel = channel
+        """The channel whose ring holds it, told of its growth; None once it left the ring."""
+        self.release_read = channel is not None and channel.single_reader
+        """Free each chunk once the (one) reader has taken it."""
+        self.dropped = False
+        """Dropped (for its channel's budget, or passed by its one reader): its bytes are
+        gone, new ones are not kept."""
+        self.cut = False
+        """Dropped before its writer finished it: no reader can have had it whole."""
         self.closed = False
         self.writer: object | None = None
         """The publisher whose first byte claimed this segment (Channel.claim); None before."""
@@ -44,9 +79,36 @@ class Segment:
 
     def append(self, data: bytes) -> None:
         if data:
-            self.chunks.append(data)
             self.size += len(data)
+            if self.dropped:
+                return  # its writer is still sending; nobody can read it any more
+            self.chunks.append(data)
+            self.count += 1
+            self.held += len(data)
             self._notify()
+            if self.channel is not None:
+                self.channel.grew(self, len(data))
+
+    def drop(self) -> None:
+        """Free its bytes and close it. The chunk list is emptied in place, so a reader in the
+        middle of it sees that it was cut short (`SegmentDropped`) rather than a whole
+        segment."""
+        if self.channel is not None:
+            self.channel.held_bytes -= self.held
+        self.cut = not self.closed
+        self.dropped = True
+        self.held = 0
+        self.chunks.clear()
+        self.close()
+
+    def _release(self, index: int) -> None:
+        chunks = self.chunks
+        if index < len(chunks) and chunks[index]:
+            size = len(chunks[index])
+            chunks[index] = b""  # the index stays: other offsets into the list keep meaning
+            self.held -= size
+            if self.channel is not None:
+                self.channel.held_bytes -= size
 
     def close(self) -> None:
         if not self.closed:
@@ -96,6 +158,7 @@ class Segment:
 
     async def iter_chunks(self) -> AsyncIterator[bytes]:
         """Every chunk from byte 0, then each new one as it is appended, until closed.
+        Raises SegmentDropped when the segment was dropped before this reader had it all.
 
         Chunks go out as they came in, never joined: a join would copy the segment once per
         subscriber (measured: twice the server CPU per MB at 8 subscribers), and aiohttp
@@ -106,11 +169,19 @@ class Segment:
         while True:
             if sent < len(chunks):
                 yield chunks[sent]
+                if self.release_read:
+                    self._release(sent)  # the reader asked for more: it is done with this one
                 sent += 1
                 continue
             if self.closed:
+                self.check_whole(sent)
                 return
             await self.wait_beyond(sent)
+
+    def check_whole(self, chunks_read: int) -> None:
+        """Raise SegmentDropped if a reader that got `chunks_read` chunks lost the rest."""
+        if self.dropped and (self.cut or chunks_read < self.count):
+            raise SegmentDropped(self.seq)
 
 
 class Channel:
@@ -124,9 +195,21 @@ class Channel:
         outside_writes: bool = True,
         outside_reads: bool = True,
         max_segment_bytes: int | None = None,
+        max_bytes: int | None = None,
+        single_reader: bool = False,
     ) -> None:
+        if single_reader and outside_reads:
+            raise ValueError("a channel with one in-process reader cannot be read over HTTP")
         self.name = name
         self.mime = mime
+        self.max_bytes = max_bytes
+        """The most bytes its ring holds (None: no budget); the oldest segments go beyond."""
+        self.held_bytes = 0
+        """Bytes its ring's segments hold now."""
+        self.single_reader = single_reader
+        """Only one in-process reader: chunks are freed as it reads them (a session's input)."""
+        self.dropped = 0
+        """Segments dropped to stay within `max_bytes` (what readers lost)."""
         self.outside_writes = outside_writes
         """False: only the service (in process) writes or deletes it; HTTP writes get 403."""
         self.outside_reads = outside_reads
@@ -172,16 +255,57 @@ class Channel:
         found = self.segment(seq)
         if found is not None:
             return found
-        slot = seq % RING_SIZE
-        previous = self.ring[slot]
+        previous = self.ring[seq % RING_SIZE]
+        fresh = self._place(Segment(seq, self))
         if previous is not None:
             previous.close()
-        fresh = self.ring[slot] = Segment(seq)
         return fresh
+
+    def _place(self, segment: Segment) -> Segment:
+        """Put `segment` in its slot; the previous occupant leaves the ring and the count (its
+        readers in progress keep it until they are done)."""
+        slot = segment.seq % RING_SIZE
+        previous = self.ring[slot]
+        if previous is not None:
+            self.held_bytes -= previous.held
+            previous.channel = None
+        self.ring[slot] = segment
+        return segment
+
+    def _forget_before(self, seq: int) -> None:
+        """The one reader moved on to `seq`: what is older can never be read, so it goes
+        (segments it skipped when it fell behind, too)."""
+        for found in self.ring:
+            if found is not None and found.seq < seq:
+                self._drop(found)
+
+    def grew(self, segment: Segment, size: int) -> None:
+        """`segment` of the ring took `size` more bytes: over the budget, drop the other
+        segments, oldest first, until it fits."""
+        self.held_bytes += size
+        if self.max_bytes is None or self.held_bytes <= self.max_bytes:
+            return
+        others = sorted(
+            (s for s in self.ring if s is not None and s is not segment and s.held),
+            key=lambda s: s.seq,
+        )
+        for old in others:
+            if self.held_bytes <= self.max_bytes:
+                break
+            self._drop(old)
+            self.dropped += 1
+
+    def _drop(self, segment: Segment) -> None:
+        """Take `segment` out of the ring (a reader asking for it gets 470) and free it."""
+        self.ring[segment.seq % RING_SIZE] = None
+        segment.drop()
+        segment.channel = None
 
     def get_for_read(self, seq: int) -> Segment | None:
         """The segment a subscriber reads, pre-created when it is the next one to be written
         (or seq 1 on a fresh channel, go-livepeer's grace case); None means 470."""
+        if self.single_reader:
+            self._forget_before(seq)
         found = self.segment(seq)
         if found is not None:
             self._note_reader(seq)
@@ -191,7 +315,7 @@ class Channel:
         if seq == self.next_write or (self.next_write == 0 and seq == 1):
             # livepeer-compat: pre-creation replaces the slot occupant without closing it
             # (protocol/trickle.md §1.3.3 step 3); a reader attached to it keeps its object.
-            fresh = self.ring[seq % RING_SIZE] = Segment(seq)
+            fresh = self._place(Segment(seq, self))
             self._note_reader(seq)
             return fresh
         return None
@@ -315,7 +439,11 @@ class Channel:
         # pre-creation replaces the occupant): release it too rather than leave it hanging.
         for found in self._parked:
             found.close()
+        for found in self.ring:
+            if found is not None:
+                found.channel = None
         self.ring = [None] * RING_SIZE
+        self.held_bytes = 0
 
     # -- requests parked on a segment -------------------------------------------------------------
 

@@ -24,15 +24,34 @@ from .errors import EndOfStream, StreamNotFound, TrickleError, TrickleHTTPError
 logger = logging.getLogger(__name__)
 
 _END = None  # queued to end a POST body
+MAX_IGNORED_BODY = 4096  # what is read of an answer whose body is not used, so the connection
+# can be reused; a longer one is dropped with its connection
+ERROR_BODY_CHARS = 200  # what an error keeps of a refusal's body (TrickleHTTPError.body)
+ERROR_BODY_WAIT_S = 5.0
 
 
-def client_session() -> aiohttp.ClientSession:
+async def error_body(response: aiohttp.ClientResponse) -> str:
+    """The start of a refusal's body, read within a bound of bytes and time: a remote
+    server's answer can be any size, or never end."""
+    try:
+        async with asyncio.timeout(ERROR_BODY_WAIT_S):
+            data = await response.content.read(ERROR_BODY_CHARS)
+    except (TimeoutError, aiohttp.ClientError, OSError):
+        return ""
+    return data.decode(errors="replace")
+
+
+def client_session(*, verify_tls: bool = True) -> aiohttp.ClientSession:
     """A session suited to trickle: no overall timeout (segments stream for seconds and
-    preconnects wait), a bounded connect, no TLS verification (as go-livepeer and ai-runner do
-    for orchestrators' self-signed certificates)."""
+    preconnects wait), a bounded connect, and TLS certificates verified unless `verify_tls` is
+    False (go-livepeer and ai-runner never verify, for orchestrators' self-signed
+    certificates; here that is the operator's choice).
+
+    Requests made with it pass `allow_redirects=False`: trickle servers never redirect, and
+    following one would take a request from a host the operator allowed to any other."""
     return aiohttp.ClientSession(
         timeout=aiohttp.ClientTimeout(total=None, sock_connect=10, connect=10),
-        connector=aiohttp.TCPConnector(ssl=False, limit=0),
+        connector=aiohttp.TCPConnector(ssl=verify_tls, limit=0),
     )
 
 
@@ -57,9 +76,9 @@ class _PendingPost:
         self, session: aiohttp.ClientSession, mime: str
     ) -> tuple[int, CIMultiDictProxy[str], str]:
         async with session.post(
-            self.url, data=self._body(), headers={"Content-Type": mime}
+            self.url, data=self._body(), headers={"Content-Type": mime}, allow_redirects=False
         ) as response:
-            body = await response.text(errors="replace")
+            body = "" if response.status == 200 else await error_body(response)
             return response.status, response.headers, body
 
     async def put(self, chunk: bytes | None) -> None:
@@ -110,7 +129,8 @@ class SegmentWriter:
 
 
 class TricklePublisher:
-    """Publishes consecutive segments to the trickle channel at `url` (no trailing slash)."""
+    """Publishes consecutive segments to the trickle channel at `url` (no trailing slash).
+    `name` says in error messages which URL this is to its user (default: the URL)."""
 
     def __init__(
         self,
@@ -121,8 +141,12 @@ class TricklePublisher:
         start_seq: int = 0,
         retries: int = 3,
         retry_delay_s: float = 0.25,
+        name: str | None = None,
+        verify_tls: bool = True,
     ) -> None:
         self.url = url.rstrip("/")
+        self.name = name
+        self.verify_tls = verify_tls
         self.mime = mime
         self.seq = start_seq
         self.retries = retries
@@ -135,7 +159,7 @@ class TricklePublisher:
     @property
     def session(self) -> aiohttp.ClientSession:
         if self._session is None:
-            self._session = client_session()
+            self._session = client_session(verify_tls=self.verify_tls)
         return self._session
 
     async def _take(self, seq: int) -> _PendingPost:
@@ -173,7 +197,8 @@ class TricklePublisher:
             if answer is not None:
                 self._check(*answer, pending.url)
             if isinstance(exc, _AnsweredEarly):
-                raise TrickleError(f"server ended {pending.url} before its body") from exc
+                what = self.name or pending.url
+                raise TrickleError(f"{what} answered before the segment was sent") from exc
             raise
         self._check(*answer, pending.url)
 
@@ -182,8 +207,8 @@ class TricklePublisher:
             raise EndOfStream(self.url)
         if status == 404:
             raise StreamNotFound(self.url)
-        if status >= 400:
-            raise TrickleHTTPError(status, body, url)
+        if status >= 300:
+            raise TrickleHTTPError(status, url, self.name, body)
 
     async def write(self, data: bytes) -> int:
         """Publish `data` as one segment, retrying on the next seq after a transport error or a
@@ -210,8 +235,8 @@ class TricklePublisher:
 
     async def _delete_seq(self, seq: int) -> None:
         try:
-            async with self.session.delete(f"{self.url}/{seq}") as response:
-                await response.read()
+            async with self.session.delete(f"{self.url}/{seq}", allow_redirects=False) as response:
+                await response.content.read(MAX_IGNORED_BODY)
         except (aiohttp.ClientError, OSError) as exc:
             logger.debug("segment delete failed url=%s seq=%d error=%r", self.url, seq, exc)
 
@@ -224,8 +249,8 @@ class TricklePublisher:
         try:
             if delete:
                 try:
-                    async with self.session.delete(self.url) as response:
-                        await response.read()
+                    async with self.session.delete(self.url, allow_redirects=False) as response:
+                        await response.content.read(MAX_IGNORED_BODY)
                 except (aiohttp.ClientError, OSError) as exc:
                     logger.info("channel delete failed url=%s error=%r", self.url, exc)
             pending, self._pending = self._pending, None

@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from . import headers as h
 from .channel import Channel, Segment
+from .errors import SegmentDropped
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +47,12 @@ class TrickleConfig(BaseModel):
     max_channels: int = Field(1024, ge=1, description="channels open at once")
     max_channel_name_length: int = Field(128, ge=1, description="characters in a channel name")
     max_segment_bytes: int = Field(64 * 1024 * 1024, ge=1, description="bytes in one segment")
+    max_channel_bytes: int = Field(
+        64 * 1024 * 1024,
+        ge=1,
+        description="bytes one channel's ring of segments may hold; the oldest segments are "
+        "dropped beyond, and a segment larger than this is refused (413)",
+    )
     idle_timeout_s: float = Field(300.0, gt=0, description="channel removed after this idle time")
     sweep_interval_s: float = Field(60.0, gt=0, description="how often idle channels are swept")
     keepalive_interval_s: float = Field(
@@ -98,11 +105,14 @@ class TrickleServer:
         outside_writes: bool = True,
         outside_reads: bool = True,
         max_segment_bytes: int | None = None,
+        single_reader: bool = False,
     ) -> Channel:
         """Create a channel (a random, unguessable name when none is given); an existing name
         returns the existing channel unchanged, as go-livepeer does. `outside_writes` and
         `outside_reads` False keep HTTP clients from writing or reading what only the service
-        should (a channel URL then grants exactly one thing)."""
+        should (a channel URL then grants exactly one thing). `single_reader`: the service's
+        own reader is its only one, so each chunk is freed once that reader has it (needs
+        `outside_reads` False)."""
         if name is None:
             # 128 random bits: standalone channel names act as capabilities.
             name = secrets.token_hex(16)
@@ -120,6 +130,8 @@ class TrickleServer:
             outside_writes=outside_writes,
             outside_reads=outside_reads,
             max_segment_bytes=max_segment_bytes,
+            max_bytes=self.config.max_channel_bytes,
+            single_reader=single_reader,
         )
         logger.debug("channel created channel=%s mime=%s", name, mime)
         return channel
@@ -439,7 +451,10 @@ class _Routes:
             if error.status in (403, 404):
                 error.force_close()
             return error
-        limit = channel.max_segment_bytes or self.config.max_segment_bytes
+        limit = min(
+            channel.max_segment_bytes or self.config.max_segment_bytes,
+            channel.max_bytes or self.config.max_channel_bytes,
+        )
         if (request.content_length or 0) > limit:
             # Refused at the header: nothing of the body is read or kept.
             response = _text(413, f"Segment too large: the limit is {limit} bytes")
@@ -645,6 +660,11 @@ class _Routes:
             # one segment and one socket buffer for it, never an unbounded backlog.
             logger.info("slow subscriber dropped channel=%s seq=%d", channel.name, seq)
             _abort(request)
+        except SegmentDropped:
+            # Dropped for the channel's budget while this reader was in it: cut the
+            # connection, so the reader sees a broken segment, not a short whole one.
+            logger.info("segment dropped under a reader channel=%s seq=%d", channel.name, seq)
+            _abort(request)
         except ConnectionError:
             pass  # the subscriber left; nothing to clean up but the handler itself
         return response
@@ -695,6 +715,7 @@ class _Routes:
                         corked = _cork(sock, False)
                     continue
                 if segment.closed:
+                    segment.check_whole(sent)
                     break
                 await segment.wait_beyond(sent)
         finally:

@@ -19,8 +19,8 @@ from collections.abc import AsyncIterator, Callable
 import aiohttp
 
 from . import headers as h
-from .errors import TrickleError, TrickleHTTPError
-from .publisher import client_session
+from .errors import TrickleError, TrickleHTTPError, client_error_in_words
+from .publisher import client_session, error_body
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +57,8 @@ class HTTPSegment:
 
 
 class TrickleSubscriber:
-    """Reads the trickle channel at `url` segment by segment."""
+    """Reads the trickle channel at `url` segment by segment. `name` says in error messages
+    which URL this is to its user (default: the URL)."""
 
     def __init__(
         self,
@@ -70,8 +71,12 @@ class TrickleSubscriber:
         max_retry_delay_s: float = 4.0,
         header_timeout_s: float = 20.0,
         read_timeout_s: float = 60.0,
+        name: str | None = None,
+        verify_tls: bool = True,
     ) -> None:
         self.url = url.rstrip("/")
+        self.name = name or self.url
+        self.verify_tls = verify_tls
         self.seq = start_seq
         self.max_retries = max_retries
         self.retry_delay_s = retry_delay_s
@@ -92,7 +97,7 @@ class TrickleSubscriber:
     @property
     def session(self) -> aiohttp.ClientSession:
         if self._session is None:
-            self._session = client_session()
+            self._session = client_session(verify_tls=self.verify_tls)
         return self._session
 
     async def _get(self, seq: int) -> aiohttp.ClientResponse:
@@ -101,7 +106,8 @@ class TrickleSubscriber:
         while True:
             try:
                 async with asyncio.timeout(self.header_timeout_s):
-                    return await self.session.get(f"{self.url}/{seq}")
+                    # Never redirected: see client_session.
+                    return await self.session.get(f"{self.url}/{seq}", allow_redirects=False)
             except TimeoutError:
                 logger.debug("segment wait refreshed url=%s seq=%d", self.url, seq)
 
@@ -147,10 +153,11 @@ class TrickleSubscriber:
                 response = await task
             except (aiohttp.ClientError, OSError) as exc:
                 failures += 1
+                problem = f"cannot reach {self.name}: {client_error_in_words(exc)}"
                 if failures > self.max_retries:
-                    raise TrickleError(f"cannot read {self.url}/{self.seq}: {exc!r}") from exc
+                    raise TrickleError(problem) from exc
                 logger.info("segment read retry url=%s seq=%d error=%r", self.url, self.seq, exc)
-                await self._back_off(failures, f"cannot reach {self.url}: {exc}")
+                await self._back_off(failures, problem)
                 continue
 
             if h.CLOSED in response.headers:
@@ -169,15 +176,17 @@ class TrickleSubscriber:
                 self.seq = latest
                 failures += 1
                 if failures > self.max_retries:
-                    raise TrickleError(f"{self.url} keeps answering 470")
+                    raise TrickleError(f"{self.name} keeps answering 470 (segment gone)")
                 continue
             if response.status != 200:
-                body = await response.text(errors="replace")
-                response.release()
+                body = await error_body(response)
+                response.close()  # not drained: the rest of a refusal can be any size
+                error = TrickleHTTPError(response.status, f"{self.url}/{self.seq}", self.name, body)
+                logger.info("segment read failed url=%s status=%d", error.url, error.status)
                 failures += 1
                 if failures > self.max_retries:
-                    raise TrickleHTTPError(response.status, body, f"{self.url}/{self.seq}")
-                await self._back_off(failures, f"{self.url} answered {response.status}")
+                    raise error
+                await self._back_off(failures, str(error))
                 continue
 
             seq = h.parse_int(response.headers.get(h.SEQ), self.seq)

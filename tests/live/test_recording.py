@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -105,6 +107,32 @@ async def test_a_recording_dir_that_cannot_be_made_is_a_503(service, tmp_path) -
     response = await client.post("/live-video-to-video", json={"model_id": "noop"})
     assert response.status == 503
     assert "cannot record" in (await response.json())["detail"]["msg"]
+
+
+async def test_recordings_are_readable_by_the_service_s_user_alone(service, tmp_path) -> None:
+    """A recording is someone's video and prompts: 0700 folders, 0600 files (they were 0755
+    and 0644), whatever the umask, the record dir included when the service makes it."""
+    record_dir = tmp_path / "made" / "by-the-service"
+    old_umask = os.umask(0o022)
+    try:
+        client = await service(record_dir=record_dir)
+        info = await start_session(client, model_id="noop")
+        viewer, events, tasks = watch(info)
+        await publish_clip(info["publish_url"], make_clip(15), realtime=False)
+        await asyncio.wait_for(asyncio.gather(*tasks), 20)
+        await wait_gone(client, info["session_id"])
+    finally:
+        os.umask(old_umask)
+    assert viewer.frames
+    directory = record_dir / info["session_id"]
+    for folder in (record_dir.parent, record_dir, directory):
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o700, folder
+    files = sorted(p.name for p in directory.iterdir())
+    assert {INPUT, OUTPUT, CONTROL} <= set(files)
+    for name in files:
+        assert stat.S_IMODE((directory / name).stat().st_mode) == 0o600, name
+    result = await replay(directory, NoopPipeline)  # a replay's output is private too
+    assert stat.S_IMODE(result.output.stat().st_mode) == 0o600
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
