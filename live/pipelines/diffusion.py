@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 import numpy as np
 from pydantic import Field, field_validator, model_validator
 
+from protocol.model_ids import ModelId
 from runtime.device import choose_device, free_gpu_memory
 from runtime.models import folder_size, resolve_model
 
@@ -38,8 +39,10 @@ Weighted = list[tuple[str, float]]
 
 
 class StreamDiffusionParams(PipelineParams):
-    model_id: str = Field(DEFAULT_MODEL, description="diffusers model id or folder")
-    vae_id: str | None = Field(
+    model_id: ModelId = Field(
+        DEFAULT_MODEL, description="diffusers model id, in the models directory or the HF cache"
+    )
+    vae_id: ModelId | None = Field(
         DEFAULT_VAE, description="tiny autoencoder (TAESD class); null: the model's own VAE"
     )
     width: int | None = Field(512, ge=64, le=1024, multiple_of=8, description="output width")
