@@ -369,7 +369,15 @@ class LiveSession:
         pipeline = self.pipeline_cls(params, self.config.context)
         try:
             await run_in(self._load_thread, pipeline.load)
+        except asyncio.CancelledError:
+            # The load goes on on its thread: whatever it takes is given back after it, on
+            # the same thread (the session's close waits for that thread).
+            with contextlib.suppress(RuntimeError):  # already shut down: nothing runs on it
+                self._load_thread.submit(_unload_quietly, pipeline, self.log)
+            raise
         except Exception as exc:
+            # What the failed load took before failing (a leased model) is given back.
+            await run_in(self._load_thread, _unload_quietly, pipeline, self.log)
             self.error(f"pipeline {self.pipeline_cls.name} failed to load: {in_words(exc)}")
             self._set_state("ERROR")
             self._loading = False
@@ -576,6 +584,13 @@ class LiveSession:
             height, width = self._last_output.shape[:2]
             return width, height
         return self._input_size
+
+
+def _unload_quietly(pipeline: LivePipeline, log: logging.LoggerAdapter[logging.Logger]) -> None:
+    try:
+        pipeline.unload()
+    except Exception:
+        log.warning("unloading a pipeline that failed to load failed", exc_info=True)
 
 
 def _summary(exc: ValidationError) -> str:

@@ -259,7 +259,13 @@ class StreamDiffusionPipeline(LivePipeline):
                 runtime.key(self.name, model), load, estimate=self._weights_bytes
             )
             components = self._lease.value
-        self.attach(**components)
+        try:
+            self.attach(**components)
+        except BaseException:
+            # A load that fails after leasing (the warm-up running out of memory) gives the
+            # model back: pinned and counted as in use, it would never be evicted.
+            self.unload()
+            raise
 
     def _compiling(self, spec: Any) -> bool:
         return self.params.acceleration == "compile" or (self.context.compile and spec.is_gpu)

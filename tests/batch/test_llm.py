@@ -577,3 +577,39 @@ async def test_live_output_flows_while_an_llm_streams(batch_service) -> None:
     assert chunks[-1].usage.completion_tokens == pace.calls
     assert worker.done_live > live_before
     assert_live_kept_up(worker, before, after)
+
+
+async def test_a_cancelled_job_keeps_its_model_until_its_thread_is_out(own_server) -> None:
+    """Issue 18, finding 20: a client that leaves mid-answer cancels its handler at once, but
+    the job's thread is still inside the model: the model stays leased (never evicted under
+    it) until that thread is out, then it is given back."""
+    runner, url = await own_server(True)
+    app = runner.app
+    models = app[RUNTIME].models
+
+    def users() -> int:
+        return sum(m.users for m in models.models() if m.key.kind == "llm")
+
+    async with aiohttp.ClientSession(url) as session:
+
+        async def loaded() -> bool:
+            async with session.get("/health") as response:
+                return (await response.json())["status"] != "LOADING"
+
+        await wait_until(loaded, "the chat model to load", within=60)
+        pace = Pace()
+        hook = served_model(app).model.register_forward_pre_hook(pace)
+        try:
+            asking = asyncio.create_task(session.post("/llm", json=GREEDY))
+            await wait_until(lambda: pace.waiting, "the model call of the first token")
+            assert users() == 1
+            asking.cancel()  # the client goes away while the worker is inside the model
+            await asyncio.gather(asking, return_exceptions=True)
+            # The handler's part of the job ends when aiohttp cancels it.
+            await wait_until(lambda: app[BATCH].jobs.active == 0, "the handler to be cancelled")
+            assert pace.waiting, "the job's thread is still inside the model"
+            assert users() == 1, "the model was given back while a job still ran on it"
+        finally:
+            pace.allow(1000)
+            hook.remove()
+        await wait_until(lambda: users() == 0, "the job's thread to give the model back")
