@@ -114,13 +114,17 @@ class SessionManager:
             return "streamdiffusion"
         return "cartoon" if "cartoon" in self.pipelines else sorted(self.pipelines)[0]
 
-    def pipeline(self, model_id: str) -> type[LivePipeline]:
-        name = model_id or self.default_pipeline()
+    def pipeline(self, name: str) -> type[LivePipeline]:
         found = self.pipelines.get(name)
         if found is None:
             known = ", ".join(sorted(self.pipelines))
             raise InvalidRequest(f"unknown pipeline {name!r}; known pipelines: {known}")
         return found
+
+    async def default_pipeline_name(self) -> str:
+        """`default_pipeline`, off the event loop: deciding it may read the models
+        directory and import torch."""
+        return await asyncio.to_thread(self.default_pipeline)
 
     def session_config(self) -> SessionConfig:
         config = SessionConfig(
@@ -136,27 +140,49 @@ class SessionManager:
     async def start(self, request: LiveVideoToVideoParams, origin: str) -> LiveVideoToVideoResponse:
         """Start a session. Standalone when the request has no URLs (our own channels),
         runner mode when it names another trickle server's channels."""
-        pipeline_cls = self.pipeline(request.model_id)
+        pipeline_cls = self.pipeline(request.model_id or await self.default_pipeline_name())
         try:
             params = pipeline_cls.parse_params(request.params)
         except ValidationError as exc:
             raise InvalidFields.from_validation(exc, "body", "params") from exc
-        reason = self.unavailable_reason(pipeline_cls, params)
-        if reason is not None:
-            raise Unavailable(f"pipeline {pipeline_cls.name} is unavailable: {reason}")
-        # Sessions, model memory, device throughput: 503 with the limit named.
-        self.admission.check(pipeline_cls, params, self.context, list(self.sessions.values()))
         self.check_runner_urls(request)
         record_dir = self.settings.record_dir
         if request.record and record_dir is None:
             raise InvalidRequest(
                 "recording is off on this service: the operator enables it with --record-dir"
             )
+        # Blocking (model folders, torch, CUDA's free memory): off the event loop.
+        context = self.context
+        reason = await asyncio.to_thread(self.unavailable_reason, pipeline_cls, params)
+        if reason is not None:
+            raise Unavailable(f"pipeline {pipeline_cls.name} is unavailable: {reason}")
+        need = await asyncio.to_thread(self.admission.measure, pipeline_cls, params, context)
         session_id = secrets.token_hex(16)
+        # Sessions, model memory, device throughput: 503 with the limit named. From here to
+        # the session's registration nothing awaits but the recording's folder, and the
+        # model's memory stays reserved for this session (released when it ends or fails).
+        self.admission.check(pipeline_cls, need, list(self.sessions.values()), session_id)
+        try:
+            return await self._start(request, origin, pipeline_cls, params, session_id)
+        except BaseException:
+            if session_id not in self.sessions:
+                self.admission.release(session_id)
+            raise
+
+    async def _start(
+        self,
+        request: LiveVideoToVideoParams,
+        origin: str,
+        pipeline_cls: type[LivePipeline],
+        params: PipelineParams,
+        session_id: str,
+    ) -> LiveVideoToVideoResponse:
+        record_dir = self.settings.record_dir
         recording = None
         if record_dir is not None and (request.record or self.settings.record_all):
             try:
-                recording = SessionRecording(record_dir / session_id)
+                # Creates its folder: a disk write, off the event loop.
+                recording = await asyncio.to_thread(SessionRecording, record_dir / session_id)
             except OSError as exc:
                 raise Unavailable(f"cannot record the session: {exc.strerror or exc}") from exc
         standalone = not request.subscribe_url
@@ -168,6 +194,7 @@ class SessionManager:
 
         async def on_close() -> None:
             self.admission.observe(session)  # its measured throughput outlives it
+            self.admission.release(session_id)
             ended = self.sessions.pop(session_id, None)
             # In the same step as the pop: a scrape sees the session live or ended, never both.
             for listener in self.listeners if ended is not None else ():
