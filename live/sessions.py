@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import time
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 from pydantic import ValidationError
@@ -38,6 +39,17 @@ logger = logging.getLogger(__name__)
 
 ROLES = ("input", "output", "control", "events")
 CONTROL_MAX_BYTES = 1024 * 1024  # control and events segments: JSON messages, never large
+
+
+AVAILABILITY_TTL_S = 5.0
+"""How long which pipelines can run here is remembered: models pulled meanwhile show after."""
+
+
+@dataclass(frozen=True)
+class Availability:
+    default: str
+    pipelines: list[dict[str, Any]]
+    checked: float
 
 
 @dataclass
@@ -82,6 +94,8 @@ class SessionManager:
         self.runtime = runtime
         self.admission = Admission(settings, runtime)
         self.listeners: list[SessionListener] = []
+        self._availability: Availability | None = None
+        self._availability_lock = asyncio.Lock()
 
     @property
     def context(self) -> PipelineContext:
@@ -122,9 +136,33 @@ class SessionManager:
         return found
 
     async def default_pipeline_name(self) -> str:
-        """`default_pipeline`, off the event loop: deciding it may read the models
-        directory and import torch."""
-        return await asyncio.to_thread(self.default_pipeline)
+        """`default_pipeline`, off the event loop and remembered a while (see `availability`)."""
+        return (await self.availability()).default
+
+    async def availability(self) -> Availability:
+        """Which pipelines can run here, the default one and their parameter schemas, as
+        `/pipelines`, `/version` and `/hardware/*` show them. Deciding reads the models
+        directory and may import torch, so it runs off the event loop, once per
+        AVAILABILITY_TTL_S however many callers ask (those routes are public)."""
+        async with self._availability_lock:
+            now = time.monotonic()
+            known = self._availability
+            if known is None or now - known.checked > AVAILABILITY_TTL_S:
+                known = self._availability = await asyncio.to_thread(self._check_availability)
+            return known
+
+    def _check_availability(self) -> Availability:
+        listing = [
+            {
+                "name": name,
+                "description": cls.description,
+                "live_params": sorted(cls.live_params),
+                "params": cls.Params.model_json_schema(),
+                "unavailable": self.unavailable_reason(cls, cls.parse_params({})),
+            }
+            for name, cls in sorted(self.pipelines.items())
+        ]
+        return Availability(self.default_pipeline(), listing, time.monotonic())
 
     def session_config(self) -> SessionConfig:
         config = SessionConfig(

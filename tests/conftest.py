@@ -76,6 +76,22 @@ async def no_leaked_tasks() -> AsyncIterator[None]:
     pytest.fail(f"tasks left running after the test: {names}")
 
 
+@pytest.fixture(autouse=True)
+def _blockbuster(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Tests marked `blockbuster` fail when the service blocks its event loop (see
+    tests/blocking.py). Started before the test's service and stopped after it."""
+    if request.node.get_closest_marker("blockbuster") is None:
+        yield
+        return
+    from tests.blocking import watching_the_loop
+
+    with watching_the_loop() as watch:
+        request.node.loop_watch = watch
+        yield
+    if watch.found:
+        pytest.fail("the service blocked its event loop:\n" + "\n".join(watch.found))
+
+
 @pytest.fixture(scope="session")
 def tiny_models_dir(tmp_path_factory: pytest.TempPathFactory):
     """Tiny random-weight models under the real ids, built once and loaded back by the same
