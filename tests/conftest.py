@@ -76,6 +76,25 @@ async def no_leaked_tasks() -> AsyncIterator[None]:
     pytest.fail(f"tasks left running after the test: {names}")
 
 
+WATCHED_MODULES = (
+    "tests/live/test_service.py",
+    "tests/live/test_sessions.py",
+    "tests/live/test_admission.py",
+    "tests/live/test_model_ids.py",
+    "tests/live/test_model_leases.py",
+    "tests/live/test_events_backlog.py",
+    "tests/batch/test_errors.py",
+)
+"""Route tests run under the `blockbuster` watch (besides modules that mark themselves)."""
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    root = config.rootpath
+    for item in items:
+        if item.path.relative_to(root).as_posix() in WATCHED_MODULES:
+            item.add_marker(pytest.mark.blockbuster)
+
+
 @pytest.fixture(autouse=True)
 def _blockbuster(request: pytest.FixtureRequest) -> Iterator[None]:
     """Tests marked `blockbuster` fail when the service blocks its event loop (see
