@@ -111,7 +111,12 @@ async def _sessions_ctx(app: web.Application) -> AsyncIterator[None]:
     for pipeline in known.pipelines:
         if pipeline["name"] == "streamdiffusion" and pipeline["unavailable"]:
             # One clear line at start-up when the diffusion pipeline cannot run, and what to do.
-            logger.warning("streamdiffusion unavailable: %s", pipeline["unavailable"])
+            # Only the log names the folder: /pipelines, which is public, does not.
+            logger.warning(
+                "streamdiffusion unavailable: %s (models directory: %s)",
+                pipeline["unavailable"],
+                app[SETTINGS].models_dir,
+            )
     logger.info("default live pipeline: %s", known.default)
     settings = app[SETTINGS]
     if settings.runner_host_set() and not settings.auth_token:
