@@ -340,8 +340,8 @@ async def test_the_client_reads_any_event_stream_and_refuses_broken_ones(aiohttp
         "ok": [": a comment", "", f"data: {chunk_json('Hel', 1)}", "", "data: [DONE]", ""],
         "split": [f"data: {head}\r", f"data:{sep}{tail}\r", "\r", "data: [DONE]", ""],
         "cut": [f"data: {chunk_json('Hel', 1)}", ""],
-        "not json": ["data: {nope", ""],
-        "not a chunk": ['data: {"id": "x"}', ""],
+        "not-json": ["data: {nope", ""],
+        "not-a-chunk": ['data: {"id": "x"}', ""],
     }
     attempts: list[str] = []
 
@@ -376,9 +376,9 @@ async def test_the_client_reads_any_event_stream_and_refuses_broken_ones(aiohttp
         with pytest.raises(InvalidResponse, match="before \\[DONE\\]"):
             await read("cut")
         with pytest.raises(InvalidResponse, match="not JSON"):
-            await read("not json")
+            await read("not-json")
         with pytest.raises(InvalidResponse, match="not a valid LLMResponse"):
-            await read("not a chunk")
+            await read("not-a-chunk")
 
 
 # --- refused requests -----------------------------------------------------------------------
@@ -455,20 +455,22 @@ async def test_a_prompt_past_the_model_context_is_a_400_before_any_stream(batch_
 
 
 @pytest.fixture
-def odd_chat_models(tmp_path: Path) -> tuple[str, str]:
-    """Two variants of the tiny chat model, as folders named by absolute path: one whose
-    template refuses a system turn (as some models' templates do), one with no chat template
-    at all (a base model)."""
-    strict = build_tiny_llama3(tmp_path / "strict-chat")
-    refuse = (
-        "{%- if messages[0]['role'] == 'system' %}"
-        "{{- raise_exception('System role not supported') }}{%- endif %}"
-    )
-    template = strict / "chat_template.jinja"
-    template.write_text(refuse + template.read_text())
-    base = build_tiny_llama3(tmp_path / "base-llm")
-    (base / "chat_template.jinja").unlink()
-    return str(strict), str(base)
+def odd_chat_models(tiny_models_dir: Path) -> tuple[str, str]:
+    """Two variants of the tiny chat model, in the models directory under ids of their own:
+    one whose template refuses a system turn (as some models' templates do), one with no chat
+    template at all (a base model)."""
+    strict_id, base_id = "test/strict-chat", "test/base-llm"
+    if not (tiny_models_dir / strict_id).exists():
+        strict = build_tiny_llama3(tiny_models_dir / strict_id)
+        refuse = (
+            "{%- if messages[0]['role'] == 'system' %}"
+            "{{- raise_exception('System role not supported') }}{%- endif %}"
+        )
+        template = strict / "chat_template.jinja"
+        template.write_text(refuse + template.read_text())
+        base = build_tiny_llama3(tiny_models_dir / base_id)
+        (base / "chat_template.jinja").unlink()
+    return strict_id, base_id
 
 
 async def test_models_that_cannot_chat_are_refused_clearly(batch_service, odd_chat_models) -> None:
