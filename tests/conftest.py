@@ -84,6 +84,7 @@ WATCHED_MODULES = (
     "tests/live/test_model_leases.py",
     "tests/live/test_events_backlog.py",
     "tests/batch/test_errors.py",
+    "tests/live/test_capabilities.py",
     "tests/batch/test_image_routes.py",
     "tests/batch/test_llm.py",
     "tests/batch/test_audio_routes.py",
