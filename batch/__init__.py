@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from protocol.errors import Unavailable
+from protocol.model_ids import BadModelId, check_model_id
 from protocol.openapi import Operation
 from runtime.runtime import Runtime
 
@@ -74,7 +75,11 @@ def parse_warm(entry: str) -> tuple[BatchRoute, str]:
     name, _, model_id = entry.partition("=")
     for route in ROUTES:
         if route.name == name.strip():
-            return route, model_id.strip() or route.default_model
+            model_id = model_id.strip() or route.default_model
+            try:
+                return route, check_model_id(model_id)
+            except BadModelId as exc:
+                raise ValueError(f"--warm {entry!r}: {exc}") from None
     known = ", ".join(route.name for route in ROUTES)
     raise ValueError(f"--warm {entry!r}: {name!r} is not a batch route; choose from {known}")
 

@@ -63,20 +63,40 @@ class BatchJobs:
         job (a streaming handler cancels it when its client goes away)."""
         return StepGate(self.runtime.worker().yield_to_live)
 
-    async def run(self, job: Callable[[StepGate], T], *, gate: StepGate | None = None) -> T:
+    async def run(
+        self,
+        job: Callable[[StepGate], T],
+        *,
+        gate: StepGate | None = None,
+        finished: Callable[[], None] | None = None,
+    ) -> T:
         """Run `job(gate)` on the device's worker as batch work. Raises Unavailable (503,
         Retry-After) when `max_jobs` are already running or waiting; JobCancelled when `gate`
-        was cancelled."""
+        was cancelled. `finished` is called once the job can no longer run: at once when it
+        ended or never started, but for a job cancelled while it runs, only when its thread
+        is out of it (on that thread): what the job uses (its model's lease) is released
+        then, never under it."""
         if self.active >= self.max_jobs:
+            if finished is not None:
+                finished()
             raise Unavailable(
                 f"the batch queue is full ({self.max_jobs} jobs running or waiting); retry later",
                 retry_after_s=max(1.0, self.typical_duration()),
             )
         self.active += 1
-        worker = self.runtime.worker()
-        gate = gate or StepGate(worker.yield_to_live)
+        try:
+            worker = self.runtime.worker()
+            gate = gate or StepGate(worker.yield_to_live)
+            future = worker.submit_batch(job, gate)
+        except BaseException:
+            self.active -= 1
+            if finished is not None:
+                finished()
+            raise
+        if finished is not None:
+            # On the worker's thread when the job ends there; at once if it is already over.
+            future.add_done_callback(lambda _: finished())
         started = time.monotonic()
-        future = worker.submit_batch(job, gate)
         try:
             result = await asyncio.wrap_future(future)
         except asyncio.CancelledError:

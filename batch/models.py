@@ -12,10 +12,10 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, TypeVar
 
-from protocol.errors import Unavailable
+from protocol.errors import InvalidRequest, Unavailable
 from runtime.device import DeviceSpec
 from runtime.model_cache import Lease, OverBudget, StillLoading
-from runtime.models import ModelNotFound, folder_size, resolve_model
+from runtime.models import BadModelId, ModelNotFound, folder_size, resolve_model
 from runtime.runtime import Runtime
 
 logger = logging.getLogger(__name__)
@@ -52,7 +52,10 @@ def _lease(
         return loaded
     try:
         path = resolve_model(model_id, runtime.config.models_dir)
+    except BadModelId as exc:
+        raise InvalidRequest(f"model id {model_id!r} refused: {exc}") from exc
     except ModelNotFound as exc:
+        logger.warning("%s (%s)", exc, exc.where)
         raise Unavailable(str(exc)) from exc
     spec = runtime.spec
     try:

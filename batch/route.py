@@ -190,8 +190,13 @@ async def run_on_model(
     lease = await lease_model(
         state.runtime, route.name, model_id, route.load, config.retry_after_s, config.load_wait_s
     )
+    model = lease.value
     try:
-        return await state.jobs.run(lambda gate: job(lease.value, gate), gate=gate)
+        # Released when the job's thread is done with the model, which for a job cancelled
+        # by its client is after this handler has gone: never evicted under a running job.
+        return await state.jobs.run(
+            lambda gate: job(model, gate), gate=gate, finished=lease.release
+        )
     except Exception as exc:
         if not out_of_memory(exc):
             raise
@@ -200,8 +205,6 @@ async def run_on_model(
             "(smaller images, fewer of them)",
             retry_after_s=state.jobs.typical_duration(),
         ) from exc
-    finally:
-        lease.release()
 
 
 def out_of_memory(exc: BaseException) -> bool:

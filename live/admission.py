@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from protocol.api import Capacity
@@ -78,6 +79,17 @@ def _size(count: int) -> str:
     return f"{count} bytes"
 
 
+@dataclass(frozen=True)
+class ModelNeed:
+    """The model a session would load (as the model cache names it) and the device's free
+    memory when asked (None where unknown)."""
+
+    kind: str
+    model_id: str
+    size_bytes: int
+    free_gpu: int | None
+
+
 class Admission:
     """The checks above, and the capacity they leave (for /health and /hardware/stats).
 
@@ -89,6 +101,9 @@ class Admission:
         self.settings = settings
         self.runtime = runtime
         self.seconds_per_frame: dict[str, float] = {}
+        self.reserved: dict[str, ModelNeed] = {}
+        """Model memory of admitted sessions, by session id, until they end."""
+        self.admitted: set[str] = set()
 
     # -- measurements ---------------------------------------------------------------------------
 
@@ -125,62 +140,91 @@ class Admission:
 
     # -- the checks -----------------------------------------------------------------------------
 
-    def check(
-        self,
-        cls: type[LivePipeline],
-        params: PipelineParams,
-        context: PipelineContext,
-        sessions: list[LiveSession],
-    ) -> None:
-        """Raise Unavailable (503, Retry-After) when a session of `cls` cannot be taken now."""
-        reason = self.refusal(cls, params, context, sessions)
-        if reason is not None:
-            # An operator sees why clients were turned away, not only the clients.
-            logger.info("session refused pipeline=%s reason=%s", cls.name, reason)
-            raise Unavailable(reason, retry_after_s=RETRY_AFTER_S)
-
-    def refusal(
-        self,
-        cls: type[LivePipeline],
-        params: PipelineParams,
-        context: PipelineContext,
-        sessions: list[LiveSession],
-    ) -> str | None:
-        limit = self.settings.max_sessions
-        if len(sessions) >= limit:
-            return (
-                f"the service runs its maximum of {limit} live sessions (--max-sessions); "
-                "retry later"
-            )
-        reason = self.memory_reason(cls, params, context)
-        if reason is not None:
-            return f"pipeline {cls.name} cannot load now: {reason}; retry later"
-        return self.throughput_reason(cls, sessions)
-
-    def memory_reason(
+    def measure(
         self, cls: type[LivePipeline], params: PipelineParams, context: PipelineContext
-    ) -> str | None:
+    ) -> ModelNeed | None:
+        """What a session of `cls` would load, and the device's free memory: blocking (it
+        finds and sizes the model's folder, may start CUDA), so called off the event loop,
+        before `check`."""
         try:
             need = cls.model_memory(params, context)
         except LookupError:
             return None  # weights missing: check_available already answered that
         if need is None:
             return None
-        model_id, needed = need
-        cache = self.runtime.models
-        models = cache.models()
-        if any(m.key.kind == cls.name and m.key.model_id == model_id for m in models):
-            return None  # loaded or loading: the session shares it
         spec = choose_device(context.device, context.dtype)
         if spec.device.startswith("cuda"):
             self.runtime.spec  # noqa: B018 - sets the default budget: a share of the GPU
-        in_use = sum(m.size_bytes for m in models if m.users or m.state == "loading")
-        idle = sum(m.size_bytes for m in models if not m.users and m.state == "ready")
+        return ModelNeed(cls.name, need[0], need[1], free_gpu_memory(spec))
+
+    def check(
+        self,
+        cls: type[LivePipeline],
+        need: ModelNeed | None,
+        sessions: list[LiveSession],
+        session_id: str,
+    ) -> None:
+        """Raise Unavailable (503, Retry-After) when a session of `cls` cannot be taken now;
+        else reserve its model's memory for `session_id` until `release`. On the event loop,
+        with no await between the check and the reservation: two sessions started together
+        see each other's models even while neither has begun loading."""
+        reason = self.refusal(cls, need, sessions)
+        if reason is not None:
+            # An operator sees why clients were turned away, not only the clients.
+            logger.info("session refused pipeline=%s reason=%s", cls.name, reason)
+            raise Unavailable(reason, retry_after_s=RETRY_AFTER_S)
+        self.admitted.add(session_id)
+        if need is not None:
+            self.reserved[session_id] = need
+
+    def release(self, session_id: str) -> None:
+        self.admitted.discard(session_id)
+        self.reserved.pop(session_id, None)
+
+    def refusal(
+        self, cls: type[LivePipeline], need: ModelNeed | None, sessions: list[LiveSession]
+    ) -> str | None:
+        limit = self.settings.max_sessions
+        # Admitted sessions count from their admission, before they are registered.
+        if len(self.admitted | {session.id for session in sessions}) >= limit:
+            return (
+                f"the service runs its maximum of {limit} live sessions (--max-sessions); "
+                "retry later"
+            )
+        reason = self.memory_reason(need)
+        if reason is not None:
+            return f"pipeline {cls.name} cannot load now: {reason}; retry later"
+        return self.throughput_reason(cls, sessions)
+
+    def in_use(self) -> tuple[set[tuple[str, str]], int, int]:
+        """The models held (in use, loading, or reserved by an admitted session that has not
+        begun loading), the bytes they take, and the bytes of idle models that could be
+        evicted. A model loading counts at its expected size."""
+        models = self.runtime.models.models()
+        held: dict[tuple[str, str], int] = {}
+        idle = 0
+        for m in models:
+            if m.users or m.state == "loading":
+                held[(m.key.kind, m.key.model_id)] = m.size_bytes
+            else:
+                idle += m.size_bytes
+        for need in self.reserved.values():
+            key = (need.kind, need.model_id)
+            held[key] = max(held.get(key, 0), need.size_bytes)
+        loaded = {(m.key.kind, m.key.model_id) for m in models}
+        return loaded | set(held), sum(held.values()), idle
+
+    def memory_reason(self, need: ModelNeed | None) -> str | None:
+        if need is None:
+            return None
+        present, in_use, idle = self.in_use()
+        if (need.kind, need.model_id) in present:
+            return None  # loaded, loading or about to: the session shares it
         return memory_refusal(
-            needed,
-            budget=cache.budget_bytes,
+            need.size_bytes,
+            budget=self.runtime.models.budget_bytes,
             in_use=in_use,
-            free_gpu=free_gpu_memory(spec),
+            free_gpu=need.free_gpu,
             idle=idle,
         )
 
@@ -213,12 +257,7 @@ class Admission:
         budget = self.runtime.models.budget_bytes
         left = None
         if budget is not None:
-            in_use = sum(
-                m.size_bytes
-                for m in self.runtime.models.models()
-                if m.users or m.state == "loading"
-            )
-            left = max(0, budget - in_use)
+            left = max(0, budget - self.in_use()[1])
         load, rate = self.device_load(bound)
         streams_left = {}
         for name, spf in sorted(self.seconds_per_frame.items()):

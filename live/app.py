@@ -106,13 +106,18 @@ async def _stop_sessions(app: web.Application) -> None:
 
 async def _sessions_ctx(app: web.Application) -> AsyncIterator[None]:
     manager = app[SESSIONS]
-    diffusion = manager.pipelines.get("streamdiffusion")
-    if diffusion is not None:
-        # One clear line at start-up when the diffusion pipeline cannot run, and what to do.
-        reason = manager.unavailable_reason(diffusion, diffusion.parse_params({}))
-        if reason:
-            logger.warning("streamdiffusion unavailable: %s", reason)
-    logger.info("default live pipeline: %s", manager.default_pipeline())
+    # Checked once at start-up, off the event loop; the routes that show it start warm.
+    known = await manager.availability()
+    for pipeline in known.pipelines:
+        if pipeline["name"] == "streamdiffusion" and pipeline["unavailable"]:
+            # One clear line at start-up when the diffusion pipeline cannot run, and what to do.
+            # Only the log names the folder: /pipelines, which is public, does not.
+            logger.warning(
+                "streamdiffusion unavailable: %s (models directory: %s)",
+                pipeline["unavailable"],
+                app[SETTINGS].models_dir,
+            )
+    logger.info("default live pipeline: %s", known.default)
     settings = app[SETTINGS]
     if settings.runner_host_set() and not settings.auth_token:
         logger.warning(

@@ -5,6 +5,7 @@ no session, LOADING while one loads, ERROR if one failed, else OK. Beside it, th
 from __future__ import annotations
 
 import asyncio
+import functools
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as package_version
 
@@ -17,7 +18,10 @@ from .keys import RUNTIME, SESSIONS
 PIPELINE = "live-video-to-video"
 
 
+@functools.cache
 def service_version() -> str:
+    """The installed package's version. Read from its metadata on disk once (the app factory
+    does, before serving): the routes that show it never touch the disk."""
     try:
         return package_version("live-v2v")
     except PackageNotFoundError:  # run from a checkout that was never installed
@@ -37,7 +41,7 @@ async def get_health(request: web.Request) -> web.Response:
 
 
 async def get_version(request: web.Request) -> web.Response:
-    model_id = request.app[SESSIONS].default_pipeline()
+    model_id = await request.app[SESSIONS].default_pipeline_name()
     body = Version(pipeline=PIPELINE, model_id=model_id, version=service_version())
     return web.json_response(body.model_dump())
 
@@ -47,7 +51,7 @@ async def get_hardware_info(request: web.Request) -> web.Response:
 
     # torch's first import and CUDA queries block: off the event loop.
     gpus = await asyncio.get_running_loop().run_in_executor(None, gpu_info)
-    model_id = request.app[SESSIONS].default_pipeline()
+    model_id = await request.app[SESSIONS].default_pipeline_name()
     body = HardwareInformation(pipeline=PIPELINE, model_id=model_id, gpu_info=gpus)
     return web.json_response(body.model_dump())
 
@@ -58,7 +62,7 @@ async def get_hardware_stats(request: web.Request) -> web.Response:
     from runtime.hardware import gpu_stats
 
     gpus = await asyncio.get_running_loop().run_in_executor(None, gpu_stats)
-    model_id = request.app[SESSIONS].default_pipeline()
+    model_id = await request.app[SESSIONS].default_pipeline_name()
     body = HardwareStats(
         pipeline=PIPELINE,
         model_id=model_id,
@@ -69,6 +73,7 @@ async def get_hardware_stats(request: web.Request) -> web.Response:
 
 
 def add_health_routes(app: web.Application) -> None:
+    service_version()
     app.router.add_get("/health", get_health)
     app.router.add_get("/version", get_version)
     app.router.add_get("/hardware/info", get_hardware_info)

@@ -66,22 +66,8 @@ async def delete_session(request: web.Request) -> web.Response:
 
 
 async def get_pipelines(request: web.Request) -> web.Response:
-    manager = request.app[SESSIONS]
-    return web.json_response(
-        {
-            "default": manager.default_pipeline(),
-            "pipelines": [
-                {
-                    "name": name,
-                    "description": cls.description,
-                    "live_params": sorted(cls.live_params),
-                    "params": cls.Params.model_json_schema(),
-                    "unavailable": manager.unavailable_reason(cls, cls.parse_params({})),
-                }
-                for name, cls in sorted(manager.pipelines.items())
-            ],
-        }
-    )
+    known = await request.app[SESSIONS].availability()
+    return web.json_response({"default": known.default, "pipelines": known.pipelines})
 
 
 def add_live_routes(app: web.Application) -> None:

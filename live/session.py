@@ -58,6 +58,8 @@ logger = logging.getLogger(__name__)
 
 
 WATCH_BACKLOG = 100  # events an in-process reader may fall behind by
+EVENTS_BACKLOG = 256
+"""Events waiting for the events channel; past it the oldest are dropped (and counted)."""
 STOP_GRACE_S = 5.0  # a stopped session drains its in-flight frames for at most this long
 INPUT_STALE_MS = 2000
 RESTART_DEGRADED_MS = 60_000
@@ -137,7 +139,10 @@ class LiveSession:
                 TraceEvent(type="runner_send_first_processed_segment")
             ),
         )
-        self._events: asyncio.Queue[Event | None] = asyncio.Queue()
+        # Bounded: an events channel slower than the session (a stalled runner-mode
+        # events_url) costs its oldest events, counted, never unbounded memory.
+        self._events: asyncio.Queue[Event | None] = asyncio.Queue(maxsize=EVENTS_BACKLOG)
+        self.events_dropped = 0
         self._watchers: set[asyncio.Queue[dict[str, Any] | None]] = set()
         self._pipeline: LivePipeline | None = None
         self._reload = asyncio.Event()
@@ -234,7 +239,7 @@ class LiveSession:
                     task.cancel()
                 self._set_state("OFFLINE" if self.ended in NORMAL_ENDS else "ERROR")
                 self.emit(self.status(for_event=True))
-                self._events.put_nowait(None)
+                self._queue_event(None)
                 await events
         except* Exception as failed:
             self.log.error("session failed", exc_info=failed.exceptions[0])
@@ -368,7 +373,15 @@ class LiveSession:
         pipeline = self.pipeline_cls(params, self.config.context)
         try:
             await run_in(self._load_thread, pipeline.load)
+        except asyncio.CancelledError:
+            # The load goes on on its thread: whatever it takes is given back after it, on
+            # the same thread (the session's close waits for that thread).
+            with contextlib.suppress(RuntimeError):  # already shut down: nothing runs on it
+                self._load_thread.submit(_unload_quietly, pipeline, self.log)
+            raise
         except Exception as exc:
+            # What the failed load took before failing (a leased model) is given back.
+            await run_in(self._load_thread, _unload_quietly, pipeline, self.log)
             self.error(f"pipeline {self.pipeline_cls.name} failed to load: {in_words(exc)}")
             self._set_state("ERROR")
             self._loading = False
@@ -468,7 +481,16 @@ class LiveSession:
     # -- events and status ----------------------------------------------------------------------
 
     def emit(self, event: Event) -> None:
-        self._events.put_nowait(event)
+        self._queue_event(event)
+
+    def _queue_event(self, event: Event | None) -> None:
+        if self._events.full():
+            self.events_dropped += 1
+            if self.events_dropped in (1, 10, 100) or self.events_dropped % 1000 == 0:
+                self.log.warning(
+                    "events channel falls behind: %d oldest events dropped", self.events_dropped
+                )
+        put_dropping_oldest(self._events, event)
 
     def error(self, message: str) -> None:
         self.last_error = message
@@ -593,6 +615,13 @@ class LiveSession:
             height, width = self._last_output.shape[:2]
             return width, height
         return self._input_size
+
+
+def _unload_quietly(pipeline: LivePipeline, log: logging.LoggerAdapter[logging.Logger]) -> None:
+    try:
+        pipeline.unload()
+    except Exception:
+        log.warning("unloading a pipeline that failed to load failed", exc_info=True)
 
 
 def _summary(exc: ValidationError) -> str:

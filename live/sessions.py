@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import time
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 from pydantic import ValidationError
@@ -38,6 +39,17 @@ logger = logging.getLogger(__name__)
 
 ROLES = ("input", "output", "control", "events")
 CONTROL_MAX_BYTES = 1024 * 1024  # control and events segments: JSON messages, never large
+
+
+AVAILABILITY_TTL_S = 5.0
+"""How long which pipelines can run here is remembered: models pulled meanwhile show after."""
+
+
+@dataclass(frozen=True)
+class Availability:
+    default: str
+    pipelines: list[dict[str, Any]]
+    checked: float
 
 
 @dataclass
@@ -102,6 +114,8 @@ class SessionManager:
         self.listeners: list[SessionListener] = []
         self.remote_retry = RemoteRetry()
         """The trickle client's rules, not a setting; a test may shorten the waits."""
+        self._availability: Availability | None = None
+        self._availability_lock = asyncio.Lock()
 
     @property
     def context(self) -> PipelineContext:
@@ -134,13 +148,41 @@ class SessionManager:
             return "streamdiffusion"
         return "cartoon" if "cartoon" in self.pipelines else sorted(self.pipelines)[0]
 
-    def pipeline(self, model_id: str) -> type[LivePipeline]:
-        name = model_id or self.default_pipeline()
+    def pipeline(self, name: str) -> type[LivePipeline]:
         found = self.pipelines.get(name)
         if found is None:
             known = ", ".join(sorted(self.pipelines))
             raise InvalidRequest(f"unknown pipeline {name!r}; known pipelines: {known}")
         return found
+
+    async def default_pipeline_name(self) -> str:
+        """`default_pipeline`, off the event loop and remembered a while (see `availability`)."""
+        return (await self.availability()).default
+
+    async def availability(self) -> Availability:
+        """Which pipelines can run here, the default one and their parameter schemas, as
+        `/pipelines`, `/version` and `/hardware/*` show them. Deciding reads the models
+        directory and may import torch, so it runs off the event loop, once per
+        AVAILABILITY_TTL_S however many callers ask (those routes are public)."""
+        async with self._availability_lock:
+            now = time.monotonic()
+            known = self._availability
+            if known is None or now - known.checked > AVAILABILITY_TTL_S:
+                known = self._availability = await asyncio.to_thread(self._check_availability)
+            return known
+
+    def _check_availability(self) -> Availability:
+        listing = [
+            {
+                "name": name,
+                "description": cls.description,
+                "live_params": sorted(cls.live_params),
+                "params": cls.Params.model_json_schema(),
+                "unavailable": self.unavailable_reason(cls, cls.parse_params({})),
+            }
+            for name, cls in sorted(self.pipelines.items())
+        ]
+        return Availability(self.default_pipeline(), listing, time.monotonic())
 
     def session_config(self) -> SessionConfig:
         config = SessionConfig(
@@ -156,27 +198,49 @@ class SessionManager:
     async def start(self, request: LiveVideoToVideoParams, origin: str) -> LiveVideoToVideoResponse:
         """Start a session. Standalone when the request has no URLs (our own channels),
         runner mode when it names another trickle server's channels."""
-        pipeline_cls = self.pipeline(request.model_id)
+        pipeline_cls = self.pipeline(request.model_id or await self.default_pipeline_name())
         try:
             params = pipeline_cls.parse_params(request.params)
         except ValidationError as exc:
             raise InvalidFields.from_validation(exc, "body", "params") from exc
-        reason = self.unavailable_reason(pipeline_cls, params)
-        if reason is not None:
-            raise Unavailable(f"pipeline {pipeline_cls.name} is unavailable: {reason}")
-        # Sessions, model memory, device throughput: 503 with the limit named.
-        self.admission.check(pipeline_cls, params, self.context, list(self.sessions.values()))
         self.check_runner_urls(request)
         record_dir = self.settings.record_dir
         if request.record and record_dir is None:
             raise InvalidRequest(
                 "recording is off on this service: the operator enables it with --record-dir"
             )
+        # Blocking (model folders, torch, CUDA's free memory): off the event loop.
+        context = self.context
+        reason = await asyncio.to_thread(self.unavailable_reason, pipeline_cls, params)
+        if reason is not None:
+            raise Unavailable(f"pipeline {pipeline_cls.name} is unavailable: {reason}")
+        need = await asyncio.to_thread(self.admission.measure, pipeline_cls, params, context)
         session_id = secrets.token_hex(16)
+        # Sessions, model memory, device throughput: 503 with the limit named. From here to
+        # the session's registration nothing awaits but the recording's folder, and the
+        # model's memory stays reserved for this session (released when it ends or fails).
+        self.admission.check(pipeline_cls, need, list(self.sessions.values()), session_id)
+        try:
+            return await self._start(request, origin, pipeline_cls, params, session_id)
+        except BaseException:
+            if session_id not in self.sessions:
+                self.admission.release(session_id)
+            raise
+
+    async def _start(
+        self,
+        request: LiveVideoToVideoParams,
+        origin: str,
+        pipeline_cls: type[LivePipeline],
+        params: PipelineParams,
+        session_id: str,
+    ) -> LiveVideoToVideoResponse:
+        record_dir = self.settings.record_dir
         recording = None
         if record_dir is not None and (request.record or self.settings.record_all):
             try:
-                recording = SessionRecording(record_dir / session_id)
+                # Creates its folder: a disk write, off the event loop.
+                recording = await asyncio.to_thread(SessionRecording, record_dir / session_id)
             except OSError as exc:
                 raise Unavailable(f"cannot record the session: {exc.strerror or exc}") from exc
         standalone = not request.subscribe_url
@@ -188,6 +252,7 @@ class SessionManager:
 
         async def on_close() -> None:
             self.admission.observe(session)  # its measured throughput outlives it
+            self.admission.release(session_id)
             ended = self.sessions.pop(session_id, None)
             # In the same step as the pop: a scrape sees the session live or ended, never both.
             for listener in self.listeners if ended is not None else ():

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validat
 from pydantic.json_schema import SkipJsonSchema
 
 from .bounded_json import loads
+from .model_ids import OptionalModelId
 
 # An uploaded file: bytes in the handler, `string`/`binary` in the OpenAPI document.
 Upload = Annotated[bytes, WithJsonSchema({"type": "string", "format": "binary"})]
@@ -39,7 +40,7 @@ class _Body(BaseModel):
 
 
 class TextToImageParams(_Body):
-    model_id: str = Field("", description=MODEL_ID)
+    model_id: OptionalModelId = Field("", description=MODEL_ID)
     loras: str = Field("", description=LORAS)
     prompt: str = Field(
         description="Text prompt(s) to guide image generation.", min_length=1, max_length=4000
@@ -67,7 +68,7 @@ class ImageToImageForm(_Body):
         description="Text prompt(s) to guide image generation.", min_length=1, max_length=4000
     )
     image: Upload = Field(description="Uploaded image to modify with the pipeline.")
-    model_id: str = Field("", description=MODEL_ID)
+    model_id: OptionalModelId = Field("", description=MODEL_ID)
     loras: str = Field("", description=LORAS)
     strength: float = Field(
         0.8, ge=0, le=1, description="Degree of transformation applied to the reference image."
@@ -89,7 +90,7 @@ class ImageToVideoForm(_Body):
     """Multipart body of `POST /image-to-video` (the spec's `Body_genImageToVideo`)."""
 
     image: Upload = Field(description="Uploaded image to generate a video from.")
-    model_id: str = Field("", description=MODEL_ID)
+    model_id: OptionalModelId = Field("", description=MODEL_ID)
     height: Size = Field(576, description="The height in pixels of the generated video.")
     width: Size = Field(1024, description="The width in pixels of the generated video.")
     fps: int = Field(6, ge=1, le=60, description="The frames per second of the generated video.")
@@ -111,7 +112,7 @@ class UpscaleForm(_Body):
         description="Text prompt(s) to guide upscaled image generation.", max_length=4000
     )
     image: Upload = Field(description="Uploaded image to upscale (4x).")
-    model_id: str = Field("", description=MODEL_ID)
+    model_id: OptionalModelId = Field("", description=MODEL_ID)
     safety_check: bool = Field(True, description=SAFETY)
     seed: Seed | SkipJsonSchema[None] = None
     num_inference_steps: int = Field(75, ge=1, le=200, description="Number of denoising steps.")
@@ -192,7 +193,9 @@ class LLMRequest(_Body):
     messages: list[LLMMessage] = Field(
         min_length=1, max_length=1000, description="The conversation so far, oldest first."
     )
-    model: str = Field("", description="Hugging Face model ID (empty: the route's default).")
+    model: OptionalModelId = Field(
+        "", description="Hugging Face model ID (empty: the route's default)."
+    )
     temperature: float = Field(
         0.7, ge=0, le=2, description="Sampling temperature; 0 picks the likeliest token."
     )
@@ -216,7 +219,7 @@ class StudioLLMForm(_Body):
     turns as JSON. Taken on the gateway-shaped routes, read into an `LLMRequest`."""
 
     prompt: str = Field(min_length=1, max_length=200_000, description="The user's turn.")
-    model_id: str = Field("", description="Hugging Face model ID (empty: the default).")
+    model_id: OptionalModelId = Field("", description="Hugging Face model ID (empty: the default).")
     system_msg: str = Field("", max_length=200_000, description="The system message, if any.")
     temperature: float = Field(0.7, ge=0, le=2, description="Sampling temperature.")
     max_tokens: int = Field(256, ge=1, le=LLM_MAX_TOKENS, description="The most tokens.")
@@ -301,7 +304,9 @@ class AudioToTextForm(_Body):
     """Multipart body of `POST /audio-to-text` (the spec's `Body_genAudioToText`)."""
 
     audio: Upload = Field(description="Uploaded audio file to be transcribed.")
-    model_id: str = Field("", description="Hugging Face model ID used for transcription.")
+    model_id: OptionalModelId = Field(
+        "", description="Hugging Face model ID used for transcription."
+    )
     return_timestamps: str = Field(
         "true",
         description="Return timestamps for the transcribed text. Supported values: "
@@ -352,7 +357,7 @@ class TextResponse(BaseModel):
 
 
 class TextToSpeechParams(_Body):
-    model_id: str = Field(
+    model_id: OptionalModelId = Field(
         "", description="Hugging Face model ID used for text to speech generation."
     )
     # The spec's default is "" only because the runner's Go client cannot express an
@@ -402,7 +407,7 @@ class ImageToTextForm(_Body):
         max_length=2000,
         description="Text the caption continues (BLIP's conditional captioning); empty: none.",
     )
-    model_id: str = Field("", description=MODEL_ID)
+    model_id: OptionalModelId = Field("", description=MODEL_ID)
 
 
 class ImageToTextResponse(BaseModel):
@@ -414,7 +419,7 @@ class SegmentAnything2Form(_Body):
     The prompts are JSON arrays in text fields, as the spec types them."""
 
     image: Upload = Field(description="Image to segment.")
-    model_id: str = Field("", description=MODEL_ID)
+    model_id: OptionalModelId = Field("", description=MODEL_ID)
     point_coords: str | SkipJsonSchema[None] = Field(
         None,
         description="Nx2 array of point prompts to the model, where each point is in (X,Y) "

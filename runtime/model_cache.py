@@ -325,7 +325,8 @@ class ModelCache:
                 ModelInfo(
                     e.key,
                     "ready" if e.loaded.is_set() else "loading",
-                    e.size,
+                    # A model loading takes its expected size: admission counts it.
+                    e.size or e.estimate,
                     e.users,
                     e.load_seconds,
                 )

@@ -7,25 +7,34 @@ folder of the same path (`models/stabilityai/sd-turbo`), holding what `save_pret
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from protocol.model_ids import BadModelId, check_model_id
+
 logger = logging.getLogger(__name__)
+
+__all__ = ["BadModelId", "ModelNotFound", "check_model_id", "resolve_model"]
 
 MARKERS = ("model_index.json", "config.json")
 
 
 class ModelNotFound(LookupError):
-    """A model is not on this machine; the message says how to get it."""
+    """A model is not on this machine; the message says how to get it. It never names the
+    models directory: callers of a public route must not learn the host's paths (the
+    operator finds them in the log, `where`)."""
 
     def __init__(self, model_id: str, models_dir: Path) -> None:
         self.model_id = model_id
+        self.where = f"looked in {models_dir.resolve()} and the Hugging Face cache"
         super().__init__(
-            f"model {model_id!r} is not in {models_dir} nor in the Hugging Face cache; "
-            f"fetch it with `live-v2v models pull {model_id} --models-dir {models_dir}` "
-            f"(or `live-v2v models tiny {models_dir}` for tiny random test models)"
+            f"model {model_id} is not on this machine (neither in the models directory nor in "
+            f"the Hugging Face cache); the operator fetches it with "
+            f"`live-v2v models pull {model_id}` (or `live-v2v models tiny` for tiny random "
+            "test models)"
         )
 
 
@@ -41,13 +50,22 @@ def _is_model_dir(path: Path) -> bool:
     return path.is_dir() and any((path / marker).is_file() for marker in MARKERS)
 
 
+def _inside(path: Path, root: Path) -> bool:
+    # Real paths: a symlink in the models directory may not lead out of it.
+    try:
+        return path.resolve(strict=True).is_relative_to(root.resolve(strict=True))
+    except OSError:
+        return False
+
+
 def resolve_model(model_id: str, models_dir: Path) -> Path:
-    """The local folder of `model_id`. Raises ModelNotFound (never downloads)."""
-    direct = Path(model_id).expanduser()
-    if direct.is_absolute() and _is_model_dir(direct):
-        return direct
+    """The local folder of `model_id`: in the models directory, else in the Hugging Face
+    cache, and never outside them (symlinks followed). Raises BadModelId for an id that is
+    not a Hugging Face id, ModelNotFound when it is not here (never downloads). The one place
+    a model id becomes a folder."""
+    check_model_id(model_id)
     local = models_dir / model_id
-    if _is_model_dir(local):
+    if _is_model_dir(local) and _inside(local, models_dir):
         return local
     cached = _from_hf_cache(model_id)
     if cached is not None:
@@ -72,6 +90,22 @@ def _from_hf_cache(model_id: str) -> Path | None:
 
 
 def folder_size(path: Path) -> int:
+    """Bytes of every file under `path`. A walk of every file, so remembered per folder and
+    modification time (a pull or a rewrite changes the time): the walk of a large model took
+    ~20 ms, too much to repeat per request. Still blocking: call it off the event loop."""
+    try:
+        stamp = max(
+            path.stat().st_mtime_ns,
+            *((path / m).stat().st_mtime_ns for m in MARKERS if (path / m).exists()),
+        )
+    except OSError:
+        return 0
+    return _walk_size(str(path.resolve()), stamp)
+
+
+@functools.lru_cache(maxsize=256)
+def _walk_size(path: str, stamp: int) -> int:
+    # A pure function of the disk's content at `stamp`: a memo, not service state.
     total = 0
     for root, _dirs, files in os.walk(path):
         for name in files:
@@ -108,7 +142,7 @@ def pull_model(model_id: str, models_dir: Path) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
-    target = models_dir / model_id
+    target = models_dir / check_model_id(model_id)
     try:
         snapshot_download(
             model_id,

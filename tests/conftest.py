@@ -76,6 +76,46 @@ async def no_leaked_tasks() -> AsyncIterator[None]:
     pytest.fail(f"tasks left running after the test: {names}")
 
 
+WATCHED_MODULES = (
+    "tests/live/test_service.py",
+    "tests/live/test_sessions.py",
+    "tests/live/test_admission.py",
+    "tests/live/test_model_ids.py",
+    "tests/live/test_model_leases.py",
+    "tests/live/test_events_backlog.py",
+    "tests/batch/test_errors.py",
+    "tests/live/test_capabilities.py",
+    "tests/batch/test_image_routes.py",
+    "tests/batch/test_llm.py",
+    "tests/batch/test_audio_routes.py",
+    "tests/batch/test_vision_routes.py",
+)
+"""Route tests run under the `blockbuster` watch (besides modules that mark themselves)."""
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    root = config.rootpath
+    for item in items:
+        if item.path.relative_to(root).as_posix() in WATCHED_MODULES:
+            item.add_marker(pytest.mark.blockbuster)
+
+
+@pytest.fixture(autouse=True)
+def _blockbuster(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Tests marked `blockbuster` fail when the service blocks its event loop (see
+    tests/blocking.py). Started before the test's service and stopped after it."""
+    if request.node.get_closest_marker("blockbuster") is None:
+        yield
+        return
+    from tests.blocking import watching_the_loop
+
+    with watching_the_loop() as watch:
+        request.node.loop_watch = watch
+        yield
+    if watch.found:
+        pytest.fail("the service blocked its event loop:\n" + "\n".join(watch.found))
+
+
 @pytest.fixture(scope="session")
 def tiny_models_dir(tmp_path_factory: pytest.TempPathFactory):
     """Tiny random-weight models under the real ids, built once and loaded back by the same

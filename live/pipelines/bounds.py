@@ -18,8 +18,8 @@ BLEND_MAX_ENTRIES = 8
 PROMPT_MAX_CHARS = 2000
 """Characters of one prompt: CLIP reads 77 tokens (about 300 characters), the rest is cut."""
 
-ID_MAX_CHARS = 256
-"""Characters of a model id or a folder name."""
+NAME_MAX_CHARS = 256
+"""Characters of a key in an option object (model ids are `protocol.model_ids.ModelId`)."""
 
 URL_MAX_CHARS = 2048
 """Characters of a URL."""
@@ -32,7 +32,7 @@ SEED_MIN, SEED_END = -(2**63), 2**64
 """What torch's generator takes as a seed (`manual_seed`)."""
 
 PromptText = Annotated[str, Field(max_length=PROMPT_MAX_CHARS)]
-ModelId = Annotated[str, Field(max_length=ID_MAX_CHARS)]
+Name = Annotated[str, Field(max_length=NAME_MAX_CHARS)]
 Url = Annotated[str, Field(max_length=URL_MAX_CHARS)]
 Seed = Annotated[int, Field(ge=SEED_MIN, lt=SEED_END)]
 Weight = Annotated[float, Field(allow_inf_nan=False)]
@@ -42,5 +42,5 @@ WeightedPrompts = Annotated[
 WeightedSeeds = Annotated[
     list[tuple[Seed, Weight]], Field(min_length=1, max_length=BLEND_MAX_ENTRIES)
 ]
-Options = Annotated[dict[ModelId, Any], Field(max_length=OPTION_MAX_ENTRIES)]
+Options = Annotated[dict[Name, Any], Field(max_length=OPTION_MAX_ENTRIES)]
 OptionList = Annotated[list[Options], Field(max_length=OPTION_MAX_ENTRIES)]

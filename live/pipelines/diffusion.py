@@ -22,13 +22,13 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 import numpy as np
 from pydantic import Field, field_validator, model_validator
 
+from protocol.model_ids import ModelId
 from runtime.device import choose_device, free_gpu_memory
 from runtime.models import folder_size, resolve_model
 
 from .base import LivePipeline, PipelineContext, PipelineParams
 from .bounds import (
     OPTION_MAX_ENTRIES,
-    ModelId,
     OptionList,
     Options,
     PromptText,
@@ -48,7 +48,9 @@ DEFAULT_VAE = "madebyollin/taesd"
 
 
 class StreamDiffusionParams(PipelineParams):
-    model_id: ModelId = Field(DEFAULT_MODEL, description="diffusers model id or folder")
+    model_id: ModelId = Field(
+        DEFAULT_MODEL, description="diffusers model id, in the models directory or the HF cache"
+    )
     vae_id: ModelId | None = Field(
         DEFAULT_VAE, description="tiny autoencoder (TAESD class); null: the model's own VAE"
     )
@@ -275,7 +277,13 @@ class StreamDiffusionPipeline(LivePipeline):
                 runtime.key(self.name, model), load, estimate=self._weights_bytes
             )
             components = self._lease.value
-        self.attach(**components)
+        try:
+            self.attach(**components)
+        except BaseException:
+            # A load that fails after leasing (the warm-up running out of memory) gives the
+            # model back: pinned and counted as in use, it would never be evicted.
+            self.unload()
+            raise
 
     def _compiling(self, spec: Any) -> bool:
         return self.params.acceleration == "compile" or (self.context.compile and spec.is_gpu)

@@ -334,13 +334,13 @@ async def test_text_to_speech_refuses_bad_text(batch_service) -> None:
         assert "no character this voice can speak" in (await response.json())["detail"]["msg"]
 
 
-async def test_text_to_speech_says_which_models_it_runs(batch_service, tmp_path) -> None:
+async def test_text_to_speech_says_which_models_it_runs(batch_service, tiny_models_dir) -> None:
     service = api(await batch_service(warm=()))
-    parler = tmp_path / "parler-tts-large-v1"
-    parler.mkdir()
+    parler = tiny_models_dir / "test" / "parler-tts-large-v1"
+    parler.mkdir(parents=True, exist_ok=True)
     (parler / "config.json").write_text(json.dumps({"model_type": "parler_tts"}))
     with pytest.raises(APIError) as refused:
-        await service.text_to_speech(text="hi", model_id=str(parler))
+        await service.text_to_speech(text="hi", model_id="test/parler-tts-large-v1")
     assert refused.value.status == 503
     assert "parler-tts package is not installed" in refused.value.msg
     assert MMS_TTS in refused.value.msg

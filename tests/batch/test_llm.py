@@ -340,8 +340,8 @@ async def test_the_client_reads_any_event_stream_and_refuses_broken_ones(aiohttp
         "ok": [": a comment", "", f"data: {chunk_json('Hel', 1)}", "", "data: [DONE]", ""],
         "split": [f"data: {head}\r", f"data:{sep}{tail}\r", "\r", "data: [DONE]", ""],
         "cut": [f"data: {chunk_json('Hel', 1)}", ""],
-        "not json": ["data: {nope", ""],
-        "not a chunk": ['data: {"id": "x"}', ""],
+        "not-json": ["data: {nope", ""],
+        "not-a-chunk": ['data: {"id": "x"}', ""],
     }
     attempts: list[str] = []
 
@@ -376,9 +376,9 @@ async def test_the_client_reads_any_event_stream_and_refuses_broken_ones(aiohttp
         with pytest.raises(InvalidResponse, match="before \\[DONE\\]"):
             await read("cut")
         with pytest.raises(InvalidResponse, match="not JSON"):
-            await read("not json")
+            await read("not-json")
         with pytest.raises(InvalidResponse, match="not a valid LLMResponse"):
-            await read("not a chunk")
+            await read("not-a-chunk")
 
 
 # --- refused requests -----------------------------------------------------------------------
@@ -455,20 +455,22 @@ async def test_a_prompt_past_the_model_context_is_a_400_before_any_stream(batch_
 
 
 @pytest.fixture
-def odd_chat_models(tmp_path: Path) -> tuple[str, str]:
-    """Two variants of the tiny chat model, as folders named by absolute path: one whose
-    template refuses a system turn (as some models' templates do), one with no chat template
-    at all (a base model)."""
-    strict = build_tiny_llama3(tmp_path / "strict-chat")
-    refuse = (
-        "{%- if messages[0]['role'] == 'system' %}"
-        "{{- raise_exception('System role not supported') }}{%- endif %}"
-    )
-    template = strict / "chat_template.jinja"
-    template.write_text(refuse + template.read_text())
-    base = build_tiny_llama3(tmp_path / "base-llm")
-    (base / "chat_template.jinja").unlink()
-    return str(strict), str(base)
+def odd_chat_models(tiny_models_dir: Path) -> tuple[str, str]:
+    """Two variants of the tiny chat model, in the models directory under ids of their own:
+    one whose template refuses a system turn (as some models' templates do), one with no chat
+    template at all (a base model)."""
+    strict_id, base_id = "test/strict-chat", "test/base-llm"
+    if not (tiny_models_dir / strict_id).exists():
+        strict = build_tiny_llama3(tiny_models_dir / strict_id)
+        refuse = (
+            "{%- if messages[0]['role'] == 'system' %}"
+            "{{- raise_exception('System role not supported') }}{%- endif %}"
+        )
+        template = strict / "chat_template.jinja"
+        template.write_text(refuse + template.read_text())
+        base = build_tiny_llama3(tiny_models_dir / base_id)
+        (base / "chat_template.jinja").unlink()
+    return strict_id, base_id
 
 
 async def test_models_that_cannot_chat_are_refused_clearly(batch_service, odd_chat_models) -> None:
@@ -577,3 +579,39 @@ async def test_live_output_flows_while_an_llm_streams(batch_service) -> None:
     assert chunks[-1].usage.completion_tokens == pace.calls
     assert worker.done_live > live_before
     assert_live_kept_up(worker, before, after)
+
+
+async def test_a_cancelled_job_keeps_its_model_until_its_thread_is_out(own_server) -> None:
+    """Issue 18, finding 20: a client that leaves mid-answer cancels its handler at once, but
+    the job's thread is still inside the model: the model stays leased (never evicted under
+    it) until that thread is out, then it is given back."""
+    runner, url = await own_server(True)
+    app = runner.app
+    models = app[RUNTIME].models
+
+    def users() -> int:
+        return sum(m.users for m in models.models() if m.key.kind == "llm")
+
+    async with aiohttp.ClientSession(url) as session:
+
+        async def loaded() -> bool:
+            async with session.get("/health") as response:
+                return (await response.json())["status"] != "LOADING"
+
+        await wait_until(loaded, "the chat model to load", within=60)
+        pace = Pace()
+        hook = served_model(app).model.register_forward_pre_hook(pace)
+        try:
+            asking = asyncio.create_task(session.post("/llm", json=GREEDY))
+            await wait_until(lambda: pace.waiting, "the model call of the first token")
+            assert users() == 1
+            asking.cancel()  # the client goes away while the worker is inside the model
+            await asyncio.gather(asking, return_exceptions=True)
+            # The handler's part of the job ends when aiohttp cancels it.
+            await wait_until(lambda: app[BATCH].jobs.active == 0, "the handler to be cancelled")
+            assert pace.waiting, "the job's thread is still inside the model"
+            assert users() == 1, "the model was given back while a job still ran on it"
+        finally:
+            pace.allow(1000)
+            hook.remove()
+        await wait_until(lambda: users() == 0, "the job's thread to give the model back")

@@ -5,6 +5,7 @@ both jobs step their gate (the worker's safe point for live frames and cancellat
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 
@@ -167,12 +168,15 @@ async def test_coordinates_relative_to_the_image_without_normalize_coords(batch_
     assert arrays(other_point)[2].tolist() != arrays(relative)[2].tolist()
 
 
-async def test_a_plain_sam2_checkpoint_loads_too(batch_service, tmp_path: Path) -> None:
+async def test_a_plain_sam2_checkpoint_loads_too(batch_service, tiny_models_dir: Path) -> None:
     """The Sam2Model layout (model_type sam2), beside the video checkpoint of the default."""
-    folder = build_tiny_sam2(tmp_path / "sam2", seed=1, video=False)
+    model_id = "test/sam2-plain"
+    if not (tiny_models_dir / model_id).exists():
+        # Writes weights: off the event loop the test may watch.
+        await asyncio.to_thread(build_tiny_sam2, tiny_models_dir / model_id, seed=1, video=False)
     service = api(await batch_service(warm=()))
     body = await service.segment_anything_2(
-        image=png(WIDTH, HEIGHT), model_id=str(folder), box="[10, 8, 60, 50]"
+        image=png(WIDTH, HEIGHT), model_id=model_id, box="[10, 8, 60, 50]"
     )
     masks, scores, logits = arrays(body)
     assert (masks.shape, scores.shape, logits.shape) == (
