@@ -166,6 +166,9 @@ class SessionRecording:
         self.settings = settings or EncoderSettings()
         self.started = time.monotonic()
         self.last_input_pts: int | None = None
+        # control.jsonl is appended on a thread of its own, one line after another in the
+        # order the changes came: params change on the event loop, which never waits on disk.
+        self._lines = ThreadPoolExecutor(1, thread_name_prefix="record-control")
 
     def source(self, inner: FrameSource) -> RecordingSource:
         return RecordingSource(inner, self)
@@ -174,8 +177,8 @@ class SessionRecording:
         return RecordingSink(self)
 
     def params_changed(self, params: PipelineParams, outcome: str) -> None:
-        """One line of `control.jsonl`. Written at once (a small append, a few times a
-        session at most) so a session that dies still leaves every change it took."""
+        """One line of `control.jsonl`, appended at once (a few times a session at most) so a
+        session that dies still leaves every change it took."""
         line = {
             "t": round(time.monotonic() - self.started, 6),
             "time_ms": now_ms(),
@@ -183,8 +186,20 @@ class SessionRecording:
             "outcome": outcome,
             "params": params.model_dump(mode="json"),
         }
-        with private_open(self.directory / CONTROL, "a") as file:
-            file.write(json.dumps(line) + "\n")
+        self._lines.submit(self._append, json.dumps(line) + "\n")
+
+    def _append(self, text: str) -> None:
+        try:
+            with private_open(self.directory / CONTROL, "a") as file:
+                file.write(text)
+        except OSError as exc:
+            # Recording is a side job: the session goes on without its params log.
+            logger.warning("recording params failed path=%s: %s", self.directory / CONTROL, exc)
+
+    async def close(self) -> None:
+        """Waits for the params lines still to be written, then lets their thread go."""
+        await asyncio.wrap_future(self._lines.submit(lambda: None))
+        self._lines.shutdown(wait=False)
 
 
 class RecordingSource(FrameSource):
@@ -250,6 +265,7 @@ class RecordingSink(FrameSink):
     primary = False
 
     def __init__(self, recording: SessionRecording) -> None:
+        self._recording = recording
         self._recorder = _Recorder(recording.directory / OUTPUT, recording.settings)
         self._context: MediaContext | None = None
         self._reported = False
@@ -266,7 +282,11 @@ class RecordingSink(FrameSink):
         return self._recorder.frames > before
 
     async def close(self) -> None:
-        await self._recorder.close()
+        try:
+            await self._recorder.close()
+        finally:
+            # The sink is the recording's last part to close: the session has ended.
+            await self._recording.close()
 
 
 # -- reading a recording back -------------------------------------------------------------------
@@ -329,7 +349,8 @@ class ReplaySource(FrameSource):
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="replay")
 
     async def items(self, context: MediaContext) -> AsyncIterator[MediaItem]:
-        reader = _SegmentReader(self.path, self.size)
+        # Its index is read from disk: on the replay's thread, not the loop.
+        reader = await run_in(self._thread, _SegmentReader, self.path, self.size)
         first: tuple[int, float] | None = None
         while True:
             items = await run_in(self._thread, next, reader, None)
@@ -385,14 +406,15 @@ async def replay(
     first at the start, each later one from the first frame at or after its recorded pts.
     """
     source_path = directory / INPUT
-    if not source_path.exists():
+    # The recording is read from disk off the loop, which may be serving meanwhile.
+    if not await asyncio.to_thread(source_path.exists):
         raise FileNotFoundError(f"{source_path} does not exist: not a session recording")
     output = output or directory / f"replay-{pipeline_cls.name}.ts"
     changes: list[tuple[int | None, PipelineParams]] = []
     if params is not None:
         current = pipeline_cls.parse_params(params)
     else:
-        recorded = read_control(directory)
+        recorded = await asyncio.to_thread(read_control, directory)
         current = pipeline_cls.parse_params(recorded[0]["params"] if recorded else {})
         changes = [(e.get("pts"), pipeline_cls.parse_params(e["params"])) for e in recorded[1:]]
     errors: list[str] = []

@@ -89,6 +89,7 @@ WATCHED_MODULES = (
     "tests/batch/test_llm.py",
     "tests/batch/test_audio_routes.py",
     "tests/batch/test_vision_routes.py",
+    "tests/live/test_recording.py",
 )
 """Route tests run under the `blockbuster` watch (besides modules that mark themselves)."""
 
