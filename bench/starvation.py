@@ -36,7 +36,6 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-import aiohttp
 import aiortc
 import av
 import numpy as np
@@ -46,7 +45,6 @@ from bench.webrtc_latency import (
     FIRST_FRAME_TIMEOUT_S,
     TAIL_S,
     PaintedCamera,
-    Target,
     Viewer,
     codec_preferences,
     connect_direct,
@@ -54,6 +52,7 @@ from bench.webrtc_latency import (
     frame_on_marker,
     loopback_peer,
     negotiate,
+    open_session,
     service_process,
 )
 from live.webrtc import restrict_host_addresses
@@ -91,25 +90,6 @@ class Hogs:
         for proc in self.procs:
             proc.wait(10)
         self.procs = []
-
-
-async def open_session(service: Process, model: str) -> Target:
-    body = {"model_id": model}  # no size: the output has the camera's, as from a browser
-    async with (
-        aiohttp.ClientSession() as http,
-        http.post(service.base + "/live-video-to-video", json=body) as response,
-    ):
-        if response.status >= 300:
-            raise RuntimeError(f"session start: {response.status} {await response.text()}")
-        info = await response.json()
-    url = f"{service.base}/live-video-to-video/{info['session_id']}"
-
-    async def status() -> dict[str, Any]:
-        async with aiohttp.ClientSession() as http, http.get(url) as response:
-            found: dict[str, Any] = await response.json() if response.status == 200 else {}
-            return found
-
-    return Target(info["whip_url"], info["whep_url"], status, lambda: delete(url))
 
 
 async def run_phase(

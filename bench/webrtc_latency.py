@@ -259,12 +259,15 @@ class Target:
     end: Callable[[], Awaitable[None]]
 
 
-async def open_session(service: Process) -> Target:
+async def open_session(service: Process, model: str = "noop") -> Target:
+    """A session of `model` on `service`; no size asked, so the output has the camera's, as
+    from a browser."""
     async with (
         aiohttp.ClientSession() as http,
-        http.post(service.base + "/live-video-to-video", json={"model_id": "noop"}) as response,
+        http.post(service.base + "/live-video-to-video", json={"model_id": model}) as response,
     ):
-        response.raise_for_status()
+        if response.status >= 300:
+            raise RuntimeError(f"session start: {response.status} {await response.text()}")
         info = await response.json()
     url = f"{service.base}/live-video-to-video/{info['session_id']}"
 
