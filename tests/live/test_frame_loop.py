@@ -35,6 +35,21 @@ def session_with(source, sinks, **config) -> LiveSession:
     )
 
 
+async def run_burst(
+    source: MemorySource, sink: MemorySink, frames: int = 60, **config
+) -> LiveSession:
+    """A session fed `frames` frames in one go (as a whole-segment publisher sends them, or a
+    live source after a stall), run until the input ends."""
+    session = session_with(source, [sink], **config)
+    session.start()
+    await asyncio.wait_for(session.wait_ready(), WAIT_S)
+    for i in range(frames):
+        source.put_image(numbered_frame(i, SIZE, SIZE), i * STEP)
+    source.end()
+    await asyncio.wait_for(session.wait(), WAIT_S)
+    return session
+
+
 async def feed_realtime(source: MemorySource, frames: int, size: int = SIZE) -> None:
     """A camera: one frame every frame interval, each at its own time."""
     start = time.monotonic()
@@ -66,15 +81,9 @@ def test_pacer_releases_a_burst_at_the_frame_rate_and_never_holds_a_late_frame()
 
 
 async def test_a_burst_of_frames_is_paced_not_dropped() -> None:
-    source = MemorySource()
     sink = MemorySink(primary=True)
-    session = session_with(source, [sink])
-    session.start()
-    await asyncio.wait_for(session.wait_ready(), WAIT_S)
-    for i in range(60):  # two seconds of frames in one go, as a whole-segment publisher does
-        source.put_image(numbered_frame(i, SIZE, SIZE), i * STEP)
-    source.end()
-    await asyncio.wait_for(session.wait(), WAIT_S)
+    # Two seconds of frames in one go, as a whole-segment publisher sends them.
+    session = await run_burst(MemorySource(), sink)
     assert indices(sink) == list(range(60))
     assert [d.frame.pts for d in sink.delivered] == [i * STEP for i in range(60)]
     assert session.stats.frames_dropped == 0
@@ -82,15 +91,8 @@ async def test_a_burst_of_frames_is_paced_not_dropped() -> None:
 
 
 async def test_without_pacing_a_burst_keeps_only_what_the_pipeline_can_take() -> None:
-    source = MemorySource()
     sink = MemorySink(primary=True)
-    session = session_with(source, [sink], pace=False)
-    session.start()
-    await asyncio.wait_for(session.wait_ready(), WAIT_S)
-    for i in range(60):
-        source.put_image(numbered_frame(i, SIZE, SIZE), i * STEP)
-    source.end()
-    await asyncio.wait_for(session.wait(), WAIT_S)
+    session = await run_burst(MemorySource(), sink, pace=False)
     # The slot keeps the newest: what went out is in order and ends with the last frame.
     got = indices(sink)
     assert got == sorted(got) and got[-1] == 59

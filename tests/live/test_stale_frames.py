@@ -3,15 +3,13 @@ WHIP publisher's frames that piled up behind a stalled stage give way to the new
 
 from __future__ import annotations
 
-import asyncio
 import threading
 
 from live.keys import SESSIONS
 from live.memory_io import MemorySink, MemorySource
 from live.rtc_receive import FreshDecodeQueue
-from protocol.clips import numbered_frame
 from tests.live.streams import start_session
-from tests.live.test_frame_loop import SIZE, STEP, WAIT_S, indices, session_with
+from tests.live.test_frame_loop import WAIT_S, indices, run_burst
 from tests.live.test_webrtc import NumberedTrack, Watcher, negotiate, peer
 from tests.waiting import wait_until
 
@@ -27,15 +25,8 @@ class LiveMemorySource(MemorySource):
 async def test_a_live_source_burst_is_not_paced_the_newest_frame_goes_on() -> None:
     # A burst from a live source means the service fell behind (a stalled event loop): these
     # frames are already late, so the loop keeps the newest rather than pacing them all out.
-    source = LiveMemorySource()
     sink = MemorySink(primary=True)
-    session = session_with(source, [sink])
-    session.start()
-    await asyncio.wait_for(session.wait_ready(), WAIT_S)
-    for i in range(60):
-        source.put_image(numbered_frame(i, SIZE, SIZE), i * STEP)
-    source.end()
-    await asyncio.wait_for(session.wait(), WAIT_S)
+    session = await run_burst(LiveMemorySource(), sink)
     got = indices(sink)
     assert got == sorted(got) and got[-1] == 59
     assert len(got) < 30, f"{len(got)} of 60 frames went out: the burst was paced, not dropped"
