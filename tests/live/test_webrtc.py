@@ -20,6 +20,7 @@ from aiortc import (
     VideoStreamTrack,
 )
 from aiortc.mediastreams import MediaStreamError
+from multidict import CIMultiDict
 
 from live.keys import SESSIONS
 from protocol.clips import make_clip, numbered_frame, read_index
@@ -63,14 +64,19 @@ async def negotiate(pc: RTCPeerConnection, url: str, headers: dict | None = None
     return location, links
 
 
-async def offer_only(pc: RTCPeerConnection, url: str) -> tuple[int, str, dict[str, str]]:
-    """POST `pc`'s offer; the status, body and headers, without completing the connection."""
-    await pc.setLocalDescription(await pc.createOffer())
+async def post_sdp(url: str, sdp: str) -> tuple[int, str, CIMultiDict[str]]:
+    """POST an SDP offer as it is; the status, body and headers (any case, as HTTP's are)."""
     async with aiohttp.ClientSession() as http:
         async with http.post(
-            url, data=pc.localDescription.sdp, headers={"Content-Type": "application/sdp"}
+            url, data=sdp, headers={"Content-Type": "application/sdp"}
         ) as response:
-            return response.status, await response.text(), dict(response.headers)
+            return response.status, await response.text(), response.headers.copy()
+
+
+async def offer_only(pc: RTCPeerConnection, url: str) -> tuple[int, str, CIMultiDict[str]]:
+    """POST `pc`'s offer; the status, body and headers, without completing the connection."""
+    await pc.setLocalDescription(await pc.createOffer())
+    return await post_sdp(url, pc.localDescription.sdp)
 
 
 class Watcher:
@@ -434,12 +440,8 @@ async def test_the_service_is_the_dtls_server_unless_the_client_insists(
     try:
         await publisher.setLocalDescription(await publisher.createOffer())
         offer = publisher.localDescription.sdp.replace("a=setup:actpass", f"a=setup:{offered}")
-        async with aiohttp.ClientSession() as http:
-            async with http.post(
-                info["whip_url"], data=offer, headers={"Content-Type": "application/sdp"}
-            ) as response:
-                answer = await response.text()
-                assert response.status == 201, answer
+        status, answer, _ = await post_sdp(info["whip_url"], offer)
+        assert status == 201, answer
         assert setup_of(answer) == {answered}
         await publisher.setRemoteDescription(RTCSessionDescription(answer, "answer"))
         await viewer.wait_frames(10)  # DTLS completed with those roles: media flows
@@ -487,17 +489,12 @@ async def test_a_whip_publisher_connects_through_trickled_candidates(rtc_service
     try:
         await publisher.setLocalDescription(await publisher.createOffer())
         offer = publisher.localDescription.sdp
-        async with aiohttp.ClientSession() as http:
-            async with http.post(
-                info["whip_url"],
-                data=without_candidates(offer),  # the offer goes before any candidate
-                headers={"Content-Type": "application/sdp"},
-            ) as response:
-                answer = await response.text()
-                assert response.status == 201, answer
-                etag = response.headers["ETag"]
-                assert response.headers["Accept-Patch"] == TRICKLE
-                resource = absolute(client, response.headers["Location"])
+        # The offer goes before any candidate.
+        status, answer, headers = await post_sdp(info["whip_url"], without_candidates(offer))
+        assert status == 201, answer
+        etag = headers["ETag"]
+        assert headers["Accept-Patch"] == TRICKLE
+        resource = absolute(client, headers["Location"])
         # Without the service's candidates the publisher cannot start checks itself: the
         # connection comes up only if the service checks the candidates trickled to it.
         await publisher.setRemoteDescription(
@@ -526,15 +523,11 @@ async def test_patch_refusals_follow_rfc_9725(rtc_service) -> None:
         await negotiate(publisher, info["whip_url"])
         await watcher.pc.setLocalDescription(await watcher.pc.createOffer())
         offer = watcher.pc.localDescription.sdp
-        async with aiohttp.ClientSession() as http:
-            async with http.post(
-                info["whep_url"], data=offer, headers={"Content-Type": "application/sdp"}
-            ) as response:
-                answer = await response.text()
-                assert response.status == 201, answer
-                etag = response.headers["ETag"]
-                assert etag.startswith('"') and response.headers["Accept-Patch"] == TRICKLE
-                resource = absolute(client, response.headers["Location"])
+        status, answer, headers = await post_sdp(info["whep_url"], offer)
+        assert status == 201, answer
+        etag = headers["ETag"]
+        assert etag.startswith('"') and headers["Accept-Patch"] == TRICKLE
+        resource = absolute(client, headers["Location"])
         await watcher.pc.setRemoteDescription(RTCSessionDescription(answer, "answer"))
         await watcher.wait_frames(5)
         fragment = trickle_fragment(offer)
