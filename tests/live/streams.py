@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,6 +22,14 @@ from protocol.media import AudioPacket, StreamDecoder
 from protocol.trickle import TricklePublisher, TrickleSubscriber
 
 WAIT_S = 30.0  # generous: only a hung test ever reaches it
+
+
+def free_port() -> int:
+    """A port on 127.0.0.1 that nobody listens on once this returns: free to bind, and a
+    connection to it is refused."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 async def publish_clip(

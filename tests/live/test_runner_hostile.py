@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import datetime
 import ipaddress
-import socket
 import ssl
 
 import pytest
@@ -22,7 +21,7 @@ from live.keys import SESSIONS
 from live.sessions import RemoteRetry
 from protocol.clips import make_clip
 from protocol.trickle import LocalPublisher, TrickleConfig, TrickleServer, create_trickle_app
-from tests.live.streams import EventLog, publish_clip, start_session, wait_gone
+from tests.live.streams import EventLog, free_port, publish_clip, start_session, wait_gone
 
 SECRET = "internal-admin-page: do not show this to anyone"
 FAST_RETRY = RemoteRetry(retries=2, delay_s=0.01, max_delay_s=0.01)
@@ -268,9 +267,7 @@ async def test_a_self_signed_orchestrator_is_refused_unless_verification_is_off(
 async def test_an_unreachable_input_is_said_in_words_not_as_an_exception_repr(
     service, trickle_factory
 ) -> None:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        closed_port = sock.getsockname()[1]  # nobody listens here once it is closed
+    closed_port = free_port()
     orchestrator = await trickle_factory(base_path="/ai/trickle/")
     orchestrator.server.create_channel("gw-out")
     client = await service(runner_hosts="127.0.0.1")

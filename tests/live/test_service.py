@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 
@@ -15,6 +14,7 @@ import pytest
 from live.app import create_app
 from live.keys import TRICKLE
 from live.settings import Settings, parse_settings
+from tests.live.streams import free_port
 from tests.waiting import wait_until
 
 STARTUP_S = 30.0
@@ -73,15 +73,9 @@ def test_protocol_does_not_import_torch() -> None:
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.parametrize("command", [["-m", "live", "serve"], ["-m", "live"]])
 async def test_cli_serves_and_stops_cleanly_on_sigterm(command: list[str]) -> None:
-    port = _free_port()
+    port = free_port()
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         *command,

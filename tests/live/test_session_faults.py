@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 from urllib.parse import urlsplit
 
 import pytest
@@ -20,6 +19,7 @@ from protocol.trickle import TricklePublisher
 from tests.live.streams import (
     EventLog,
     Viewer,
+    free_port,
     publish_clip,
     run_stream,
     start_session,
@@ -136,12 +136,6 @@ async def test_a_pts_wrap_loses_no_frame_and_counters_count_what_was_sent(servic
     assert final_status(events)["frames_out"] == 90
 
 
-def _closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]  # nobody listens here once the socket is closed
-
-
 async def test_runner_mode_unreachable_input_is_an_error_and_a_true_end(
     service, trickle_factory
 ) -> None:
@@ -154,7 +148,7 @@ async def test_runner_mode_unreachable_input_is_an_error_and_a_true_end(
     info = await start_session(
         client,
         model_id="noop",
-        subscribe_url=f"http://127.0.0.1:{_closed_port()}/ai/trickle/gw",
+        subscribe_url=f"http://127.0.0.1:{free_port()}/ai/trickle/gw",
         publish_url=orchestrator.url("gw-out"),
         events_url=orchestrator.url("gw-events"),
     )
