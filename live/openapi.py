@@ -155,6 +155,32 @@ def _webrtc_options(path: str, operation_id: str) -> Operation:
     )
 
 
+def _sdp_exchange(path: str, operation_id: str, summary: str, **fields: Any) -> Operation:
+    """A WHIP or WHEP POST: an SDP offer in, the SDP answer out as a created resource."""
+    shared: dict[str, Any] = {
+        "request_type": SDP,
+        "response_type": SDP,
+        "status": 201,
+        "response_headers": WHIP_HEADERS,
+        "tags": WEBRTC,
+    }
+    return Operation("POST", path, operation_id, summary, **{**shared, **fields})
+
+
+def _webrtc_peer(method: str, operation_id: str, summary: str, **fields: Any) -> Operation:
+    """An operation on a WHIP or WHEP peer's resource (its answer's `Location`)."""
+    return Operation(
+        method,
+        "/webrtc/{peer}",
+        operation_id,
+        summary,
+        path_params=(("peer", "The peer id."),),
+        auth=False,
+        tags=WEBRTC,
+        **fields,
+    )
+
+
 def live_operations(trickle_base_path: str = "/trickle/") -> list[Operation]:
     """Every live route's operation, the trickle routes under `trickle_base_path`."""
     start = Operation(
@@ -235,102 +261,68 @@ def live_operations(trickle_base_path: str = "/trickle/") -> list[Operation]:
             tags=LIVE,
         ),
         # live/webrtc_routes.py
-        Operation(
-            method="POST",
-            path="/live-video-to-video/whip",
-            operation_id="startLiveSessionWhip",
+        _sdp_exchange(
+            "/live-video-to-video/whip",
+            "startLiveSessionWhip",
             summary="Start Live Session over WHIP",
             description="Start a session (pipeline and params from the query) and publish to "
             "it: the body is the WHIP offer, the answer the SDP answer.",
-            request_type=SDP,
             query=WhipStartQuery,
-            response_type=SDP,
-            status=201,
             response_headers=(
                 *WHIP_HEADERS,
                 ("X-Session-Id", "The started session's id."),
             ),
             errors=(400, 401, 403, 409, 413, 415, 429, 500, 503, 422),
-            tags=WEBRTC,
         ),
-        Operation(
-            method="POST",
-            path="/live-video-to-video/{id}/whip",
-            operation_id="publishLiveSessionWhip",
+        _sdp_exchange(
+            "/live-video-to-video/{id}/whip",
+            "publishLiveSessionWhip",
             summary="Publish to Live Session (WHIP)",
             description="Publish the session's input over WebRTC; a new publisher replaces "
             "the one before.",
-            request_type=SDP,
-            response_type=SDP,
-            status=201,
-            response_headers=WHIP_HEADERS,
             errors=(400, 401, 404, 409, 415, 500, 503),
             path_params=ID,
-            tags=WEBRTC,
         ),
-        Operation(
-            method="POST",
-            path="/live-video-to-video/{id}/whep",
-            operation_id="playLiveSessionWhep",
+        _sdp_exchange(
+            "/live-video-to-video/{id}/whep",
+            "playLiveSessionWhep",
             summary="Play Live Session (WHEP)",
             description="Receive the session's output over WebRTC.",
-            request_type=SDP,
-            response_type=SDP,
-            status=201,
-            response_headers=WHIP_HEADERS,
             errors=(400, 401, 404, 415, 429, 500, 503),
             path_params=ID,
-            tags=WEBRTC,
         ),
-        Operation(
-            method="POST",
-            path="/whip/{channel}",
-            operation_id="publishWhip",
+        _sdp_exchange(
+            "/whip/{channel}",
+            "publishWhip",
             summary="Publish (WHIP capability)",
             description="As the session's WHIP route, without a token: the URL (`whip_url` "
             "of the start answer) is the capability to publish, and only that: its answer "
             "carries no WHEP link (watching takes `whep_url`).",
-            request_type=SDP,
-            response_type=SDP,
-            status=201,
-            response_headers=WHIP_HEADERS,
             errors=(400, 404, 409, 415, 500, 503),
             path_params=(("channel", "The session's input channel name."),),
             auth=False,
-            tags=WEBRTC,
         ),
-        Operation(
-            method="POST",
-            path="/whep/{channel}",
-            operation_id="playWhep",
+        _sdp_exchange(
+            "/whep/{channel}",
+            "playWhep",
             summary="Play (WHEP capability)",
             description="As the session's WHEP route, without a token: the URL (`whep_url` "
             "of the start answer) is the capability.",
-            request_type=SDP,
-            response_type=SDP,
-            status=201,
-            response_headers=WHIP_HEADERS,
             errors=(400, 404, 415, 429, 500, 503),
             path_params=(("channel", "The session's output channel name."),),
             auth=False,
-            tags=WEBRTC,
         ),
-        Operation(
-            method="DELETE",
-            path="/webrtc/{peer}",
-            operation_id="closeWebrtcPeer",
+        _webrtc_peer(
+            "DELETE",
+            "closeWebrtcPeer",
             summary="Close WebRTC Peer",
             description="End a WHIP or WHEP peer (the `Location` of its answer).",
             response_type="",
             errors=(404, 500),
-            path_params=(("peer", "The peer id."),),
-            auth=False,
-            tags=WEBRTC,
         ),
-        Operation(
-            method="PATCH",
-            path="/webrtc/{peer}",
-            operation_id="trickleWebrtcPeer",
+        _webrtc_peer(
+            "PATCH",
+            "trickleWebrtcPeer",
             summary="Trickle ICE to WebRTC Peer",
             description="Add the client's ICE candidates (RFC 9725 §4.3): an RFC 8840 "
             "fragment, with If-Match naming the answer's ETag (428 without, 412 for another). "
@@ -339,14 +331,10 @@ def live_operations(trickle_base_path: str = "/trickle/") -> list[Operation]:
             response_type="",
             status=204,
             errors=(400, 404, 412, 415, 428, 500, 422),
-            path_params=(("peer", "The peer id."),),
-            auth=False,
-            tags=WEBRTC,
         ),
-        Operation(
-            method="OPTIONS",
-            path="/webrtc/{peer}",
-            operation_id="optionsWebrtcPeer",
+        _webrtc_peer(
+            "OPTIONS",
+            "optionsWebrtcPeer",
             summary="WebRTC Peer Options",
             description="What the resource takes: DELETE, and PATCH with trickle ICE.",
             response_type="",
@@ -356,9 +344,6 @@ def live_operations(trickle_base_path: str = "/trickle/") -> list[Operation]:
                 ("Accept-Patch", "application/trickle-ice-sdpfrag"),
             ),
             errors=(500,),
-            path_params=(("peer", "The peer id."),),
-            auth=False,
-            tags=WEBRTC,
         ),
         _webrtc_options("/live-video-to-video/whip", "optionsStartLiveSessionWhip"),
         _webrtc_options("/live-video-to-video/{id}/whip", "optionsPublishLiveSessionWhip"),
