@@ -246,6 +246,47 @@ class _Publisher(Protocol):
     async def close(self, delete: bool = True) -> None: ...
 
 
+async def _publish_measured(
+    publisher: _Publisher,
+    data: bytes,
+    args: argparse.Namespace,
+    seconds: float,
+    window: Window,
+    progress: asyncio.Event,
+    slowest: Callable[[], int],
+    delivered: Callable[[], int],
+) -> tuple[int, int]:
+    """Write `data` back to back, within `args.window` segments of the slowest subscriber (its
+    last whole segment, `slowest()`), and measure `delivered()` bytes over `seconds` once every
+    subscriber is past the warm-up; the stalls and the segments written in the window."""
+    stalls = segments = 0
+    started = False
+    deadline = 0.0
+    while True:
+        # Flow control: stay within `window` segments of the slowest subscriber.
+        while slowest() < publisher.seq - args.window:
+            progress.clear()
+            try:
+                async with asyncio.timeout(2.0):
+                    await progress.wait()
+            except TimeoutError:
+                stalls += 1
+                break
+        if not started and slowest() >= args.warmup - 1:
+            started = True
+            window.start(delivered())
+            deadline = window.t0 + seconds
+        elif not started and publisher.seq > args.warmup + 20:
+            raise RuntimeError(f"subscribers got no segment: slowest done {slowest()}")
+        if started and (
+            time.perf_counter() >= deadline or (args.segments and segments >= args.segments)
+        ):
+            window.stop(delivered())
+            return stalls, segments
+        await publisher.write(data)
+        segments += started
+
+
 async def fanout(
     make_publisher: Callable[[], _Publisher],
     make_subscriber: Callable[[], _Subscriber],
@@ -272,41 +313,20 @@ async def fanout(
     await asyncio.sleep(0.3)  # let every GET park on seq 0 before the first byte
     publisher = make_publisher()
     window = Window(server_pid)
-    stalls = segments = 0
     try:
-        started = False
-        deadline = 0.0
-        while True:
-            # Flow control: stay within `window` segments of the slowest subscriber.
-            while min(done_seq) < publisher.seq - args.window:
-                progress.clear()
-                try:
-                    async with asyncio.timeout(2.0):
-                        await progress.wait()
-                except TimeoutError:
-                    stalls += 1
-                    break
-            if not started and min(done_seq) >= args.warmup - 1:
-                started = True
-                window.start(sum(received))
-                deadline = window.t0 + seconds
-            elif not started and publisher.seq > args.warmup + 20:
-                raise RuntimeError(f"subscribers got no segment: done {done_seq}")
-            if started and (
-                time.perf_counter() >= deadline or (args.segments and segments >= args.segments)
-            ):
-                window.stop(sum(received))
-                break
-            await publisher.write(data)
-            segments += started
+        stalls, segments = await _publish_measured(
+            publisher,
+            data,
+            args,
+            seconds,
+            window,
+            progress,
+            slowest=lambda: min(done_seq),
+            delivered=lambda: sum(received),
+        )
     finally:
         await publisher.close()
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(5.0):
-                await asyncio.gather(*readers, return_exceptions=True)
-        for task in readers:
-            task.cancel()
-        await asyncio.gather(*readers, return_exceptions=True)
+        await _finish_readers(readers, [])
         for subscriber in subscribers:
             await subscriber.close()
     return window.result(
@@ -527,34 +547,17 @@ async def fanout_lean(
     await asyncio.sleep(0.3)  # let every GET park on the live edge before the first byte
     publisher = TricklePublisher(url)
     window = Window(server_pid)
-    stalls = segments = 0
     try:
-        started = False
-        deadline = 0.0
-        while True:
-            slowest = min(s.done_seq for s in subscribers)
-            while slowest < publisher.seq - args.window:
-                progress.clear()
-                try:
-                    async with asyncio.timeout(2.0):
-                        await progress.wait()
-                except TimeoutError:
-                    stalls += 1
-                    break
-                slowest = min(s.done_seq for s in subscribers)
-            if not started and slowest >= args.warmup - 1:
-                started = True
-                window.start(counter[0])
-                deadline = window.t0 + args.seconds
-            elif not started and publisher.seq > args.warmup + 20:
-                raise RuntimeError(f"subscribers got no segment: done {slowest}")
-            if started and (
-                time.perf_counter() >= deadline or (args.segments and segments >= args.segments)
-            ):
-                window.stop(counter[0])
-                break
-            await publisher.write(data)
-            segments += started
+        stalls, segments = await _publish_measured(
+            publisher,
+            data,
+            args,
+            args.seconds,
+            window,
+            progress,
+            slowest=lambda: min(s.done_seq for s in subscribers),
+            delivered=lambda: counter[0],
+        )
     finally:
         await publisher.close()
         await _finish_readers(readers, subscribers)
