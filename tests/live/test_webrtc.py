@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+from collections.abc import AsyncIterator
 from fractions import Fraction
 
 import aiohttp
@@ -421,6 +422,24 @@ def test_a_bad_udp_port_range_is_refused() -> None:
         create_app(Settings(webrtc_udp_ports="9000-8000"))
 
 
+@contextlib.asynccontextmanager
+async def camera_session(client) -> AsyncIterator[tuple[dict, RTCPeerConnection, Viewer]]:
+    """A noop session, a publisher peer with a numbered camera (the test connects it) and a
+    trickle viewer reading the output; on exit the publisher closes, the session is stopped
+    and the viewer reads to the end."""
+    info = await start_session(client, model_id="noop")
+    publisher = peer()
+    publisher.addTrack(NumberedTrack())
+    viewer = Viewer(info["subscribe_url"])
+    reading = asyncio.create_task(viewer.run())
+    try:
+        yield info, publisher, viewer
+    finally:
+        await publisher.close()
+        await client.delete(f"/live-video-to-video/{info['session_id']}")
+        await asyncio.wait_for(reading, WAIT_S)
+
+
 def setup_of(sdp: str) -> set[str]:
     return {line.split(":", 1)[1] for line in sdp.splitlines() if line.startswith("a=setup:")}
 
@@ -432,12 +451,7 @@ async def test_the_service_is_the_dtls_server_unless_the_client_insists(
     # A client that leaves the role open (browsers, GStreamer, OBS) gets `passive`: the
     # service is the DTLS server. One that must be the server itself is answered `active`.
     client = await rtc_service()
-    info = await start_session(client, model_id="noop")
-    publisher = peer()
-    publisher.addTrack(NumberedTrack())
-    viewer = Viewer(info["subscribe_url"])
-    reading = asyncio.create_task(viewer.run())
-    try:
+    async with camera_session(client) as (info, publisher, viewer):
         await publisher.setLocalDescription(await publisher.createOffer())
         offer = publisher.localDescription.sdp.replace("a=setup:actpass", f"a=setup:{offered}")
         status, answer, _ = await post_sdp(info["whip_url"], offer)
@@ -445,10 +459,6 @@ async def test_the_service_is_the_dtls_server_unless_the_client_insists(
         assert setup_of(answer) == {answered}
         await publisher.setRemoteDescription(RTCSessionDescription(answer, "answer"))
         await viewer.wait_frames(10)  # DTLS completed with those roles: media flows
-    finally:
-        await publisher.close()
-        await client.delete(f"/live-video-to-video/{info['session_id']}")
-        await asyncio.wait_for(reading, WAIT_S)
 
 
 TRICKLE = "application/trickle-ice-sdpfrag"
@@ -481,12 +491,7 @@ async def patch(url: str, body: str, headers: dict[str, str]) -> tuple[int, str,
 
 async def test_a_whip_publisher_connects_through_trickled_candidates(rtc_service) -> None:
     client = await rtc_service()
-    info = await start_session(client, model_id="noop")
-    publisher = peer()
-    publisher.addTrack(NumberedTrack())
-    viewer = Viewer(info["subscribe_url"])
-    reading = asyncio.create_task(viewer.run())
-    try:
+    async with camera_session(client) as (info, publisher, viewer):
         await publisher.setLocalDescription(await publisher.createOffer())
         offer = publisher.localDescription.sdp
         # The offer goes before any candidate.
@@ -507,10 +512,6 @@ async def test_a_whip_publisher_connects_through_trickled_candidates(rtc_service
         await viewer.wait_frames(10)
         server_peer = client.app[SESSIONS].peers.peers[resource.rsplit("/", 1)[1]]
         assert server_peer.trickled >= 1
-    finally:
-        await publisher.close()
-        await client.delete(f"/live-video-to-video/{info['session_id']}")
-        await asyncio.wait_for(reading, WAIT_S)
 
 
 async def test_patch_refusals_follow_rfc_9725(rtc_service) -> None:
