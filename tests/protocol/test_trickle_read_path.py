@@ -4,9 +4,24 @@ raw sockets (HTTP/1.1 kept alive, HTTP/1.0 close-delimited) and by many subscrib
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+from collections.abc import AsyncIterator
 
 from protocol.trickle import TricklePublisher, TrickleSubscriber
+
+
+@contextlib.asynccontextmanager
+async def raw_connection(
+    port: int,
+) -> AsyncIterator[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+    """A plain TCP connection to the server on 127.0.0.1, closed on exit."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        yield reader, writer
+    finally:
+        writer.close()
+        await writer.wait_closed()
 
 
 async def read_head(reader: asyncio.StreamReader) -> tuple[int, dict[str, str]]:
@@ -41,8 +56,7 @@ async def test_http11_reader_gets_framed_chunks_live_then_gathered_on_one_connec
     trickle.server.create_channel("c")
     url = trickle.url("c")
     parts = [os.urandom(100), os.urandom(300_000), os.urandom(5)]
-    reader, writer = await asyncio.open_connection("127.0.0.1", trickle.http.port)
-    try:
+    async with raw_connection(trickle.http.port) as (reader, writer):
         # Parked before the first byte: the chunks reach it one by one as they are published.
         writer.write(b"GET /trickle/c/0 HTTP/1.1\r\nHost: x\r\n\r\n")
         await writer.drain()
@@ -64,9 +78,6 @@ async def test_http11_reader_gets_framed_chunks_live_then_gathered_on_one_connec
             status, headers = await read_head(reader)
             assert status == 200 and headers["transfer-encoding"] == "chunked"
             assert b"".join(await read_chunked(reader)) == b"".join(parts)
-    finally:
-        writer.close()
-        await writer.wait_closed()
 
 
 async def test_http10_reader_gets_the_segment_unframed_until_close(trickle) -> None:
@@ -74,17 +85,13 @@ async def test_http10_reader_gets_the_segment_unframed_until_close(trickle) -> N
     payload = os.urandom(200_000)
     async with TricklePublisher(trickle.url("c")) as publisher:
         await publisher.write(payload)
-        reader, writer = await asyncio.open_connection("127.0.0.1", trickle.http.port)
-        try:
+        async with raw_connection(trickle.http.port) as (reader, writer):
             writer.write(b"GET /trickle/c/0 HTTP/1.0\r\n\r\n")
             await writer.drain()
             status, headers = await read_head(reader)
             assert status == 200
             assert "transfer-encoding" not in headers
             body = await asyncio.wait_for(reader.read(), 5)
-        finally:
-            writer.close()
-            await writer.wait_closed()
     assert body == payload
 
 
@@ -124,8 +131,7 @@ async def test_head_gets_no_body_and_the_connection_goes_on(trickle) -> None:
     payload = os.urandom(50_000)
     async with TricklePublisher(trickle.url("c")) as publisher:
         await publisher.write(payload)
-        reader, writer = await asyncio.open_connection("127.0.0.1", trickle.http.port)
-        try:
+        async with raw_connection(trickle.http.port) as (reader, writer):
             writer.write(b"HEAD /trickle/c/0 HTTP/1.1\r\nHost: x\r\n\r\n")
             writer.write(b"GET /trickle/c/0 HTTP/1.1\r\nHost: x\r\n\r\n")
             await writer.drain()
@@ -135,6 +141,3 @@ async def test_head_gets_no_body_and_the_connection_goes_on(trickle) -> None:
             status, headers = await read_head(reader)
             assert status == 200 and headers["transfer-encoding"] == "chunked"
             assert b"".join(await read_chunked(reader)) == payload
-        finally:
-            writer.close()
-            await writer.wait_closed()
