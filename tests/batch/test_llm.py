@@ -224,6 +224,16 @@ async def own_server(tiny_models_dir: Path) -> AsyncIterator[Any]:
         await runner.cleanup()
 
 
+async def wait_loaded(session: aiohttp.ClientSession) -> None:
+    """Until /health, asked on `session`'s own connection, no longer says LOADING."""
+
+    async def loaded() -> bool:
+        async with session.get("/health") as response:
+            return (await response.json())["status"] != "LOADING"
+
+    await wait_until(loaded, "the chat model to load", within=60)
+
+
 @pytest.mark.parametrize("handler_cancellation", [True, False])
 async def test_a_client_that_goes_away_stops_the_generation(
     own_server, handler_cancellation: bool
@@ -241,12 +251,7 @@ async def test_a_client_that_goes_away_stops_the_generation(
         return sum(handler.transport is not None for handler in server.connections)
 
     async with aiohttp.ClientSession(url) as session:
-
-        async def loaded() -> bool:
-            async with session.get("/health") as response:
-                return (await response.json())["status"] != "LOADING"
-
-        await wait_until(loaded, "the chat model to load", within=60)
+        await wait_loaded(session)
         pace = Pace()
         hook = served_model(app).model.register_forward_pre_hook(pace)
         request = {**GREEDY, "max_tokens": 200, "stream": True}
@@ -593,12 +598,7 @@ async def test_a_cancelled_job_keeps_its_model_until_its_thread_is_out(own_serve
         return sum(m.users for m in models.models() if m.key.kind == "llm")
 
     async with aiohttp.ClientSession(url) as session:
-
-        async def loaded() -> bool:
-            async with session.get("/health") as response:
-                return (await response.json())["status"] != "LOADING"
-
-        await wait_until(loaded, "the chat model to load", within=60)
+        await wait_loaded(session)
         pace = Pace()
         hook = served_model(app).model.register_forward_pre_hook(pace)
         try:
