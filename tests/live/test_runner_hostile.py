@@ -31,6 +31,17 @@ def host_of(server) -> str:
     return f"127.0.0.1:{server.port}"
 
 
+def base_url(server) -> str:
+    """The server's URL without a trailing slash, for a redirect to prefix paths with."""
+    return str(server.make_url("")).rstrip("/")
+
+
+async def final_status(client, info: dict, events: EventLog) -> dict:
+    """Once the session is gone, its last status event: the one with an end reason."""
+    await wait_gone(client, info["session_id"])
+    return await events.wait_event(lambda e: e["type"] == "status" and e["end_reason"])
+
+
 @pytest.fixture
 async def unlisted(aiohttp_server):
     """A host the operator did not allow: counts every request, answers with a secret."""
@@ -79,9 +90,7 @@ async def test_a_redirecting_input_url_is_not_followed_and_its_target_never_show
     service, trickle_factory, aiohttp_server, unlisted, status
 ) -> None:
     elsewhere, seen = unlisted
-    redirector = await aiohttp_server(
-        misbehaving_app(status, str(elsewhere.make_url("")).rstrip("/"))
-    )
+    redirector = await aiohttp_server(misbehaving_app(status, base_url(elsewhere)))
     orchestrator = await trickle_factory(base_path="/ai/trickle/")
     orchestrator.server.create_channel("gw-out")
     client = await service(runner_hosts=f"{host_of(redirector)},{host_of(orchestrator.http)}")
@@ -94,8 +103,7 @@ async def test_a_redirecting_input_url_is_not_followed_and_its_target_never_show
         publish_url=orchestrator.url("gw-out"),
         events_url=orchestrator.url("gw-events"),
     )
-    await wait_gone(client, info["session_id"])
-    final = await events.wait_event(lambda e: e["type"] == "status" and e["end_reason"])
+    final = await final_status(client, info, events)
     await stop_reading(reading)
     assert seen == []  # not one request reached the host the operator did not allow
     messages = error_messages(events)
@@ -109,7 +117,7 @@ async def test_a_redirecting_output_url_is_not_followed(
     service, trickle_factory, aiohttp_server, unlisted
 ) -> None:
     elsewhere, seen = unlisted
-    redirector = await aiohttp_server(misbehaving_app(307, str(elsewhere.make_url("")).rstrip("/")))
+    redirector = await aiohttp_server(misbehaving_app(307, base_url(elsewhere)))
     orchestrator = await trickle_factory(base_path="/ai/trickle/")
     orchestrator.server.create_channel("gw")
     client = await service(runner_hosts=f"{host_of(redirector)},{host_of(orchestrator.http)}")
@@ -137,9 +145,7 @@ async def test_a_failing_control_url_is_an_error_event_and_a_clean_end(
 ) -> None:
     elsewhere, seen = unlisted
     control = await aiohttp_server(
-        misbehaving_app(500)
-        if answer == "refusal"
-        else misbehaving_app(307, str(elsewhere.make_url("")).rstrip("/"))
+        misbehaving_app(500) if answer == "refusal" else misbehaving_app(307, base_url(elsewhere))
     )
     orchestrator = await trickle_factory(base_path="/ai/trickle/")
     for name in ("gw", "gw-out"):
@@ -155,8 +161,7 @@ async def test_a_failing_control_url_is_an_error_event_and_a_clean_end(
         control_url=str(control.make_url("/ai/trickle/gw-control")),
         events_url=orchestrator.url("gw-events"),
     )
-    await wait_gone(client, info["session_id"])
-    final = await events.wait_event(lambda e: e["type"] == "status" and e["end_reason"])
+    final = await final_status(client, info, events)
     await stop_reading(reading)
     status = 500 if answer == "refusal" else 307
     messages = error_messages(events)
@@ -247,8 +252,7 @@ async def test_a_self_signed_orchestrator_is_refused_unless_verification_is_off(
     )
     assert https.scheme == "https"
     if verify:
-        await wait_gone(client, info["session_id"])
-        final = await events.wait_event(lambda e: e["type"] == "status" and e["end_reason"])
+        final = await final_status(client, info, events)
         refused = [m for m in error_messages(events) if "subscribe_url" in m]
         assert refused and "TLS certificate" in refused[0] and "not trusted" in refused[0]
         assert final["state"] == "ERROR" and final["end_reason"].startswith("input failed")
@@ -280,8 +284,7 @@ async def test_an_unreachable_input_is_said_in_words_not_as_an_exception_repr(
         publish_url=orchestrator.url("gw-out"),
         events_url=orchestrator.url("gw-events"),
     )
-    await wait_gone(client, info["session_id"])
-    final = await events.wait_event(lambda e: e["type"] == "status" and e["end_reason"])
+    final = await final_status(client, info, events)
     await stop_reading(reading)
     reached = f"cannot reach subscribe_url: cannot connect to 127.0.0.1:{closed_port}"
     messages = error_messages(events)
