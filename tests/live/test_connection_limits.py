@@ -23,8 +23,8 @@ from live.http_server import ACCEPT_ERROR, GuardedServer, ServiceRunner, quiet_a
 from live.keys import SESSIONS
 from live.settings import Settings
 from protocol.clips import make_clip
-from tests.live.streams import publish_clip, start_session
-from tests.live.test_service import STARTUP_S, _free_port
+from tests.live.streams import free_port, publish_clip, start_session
+from tests.live.test_service import STARTUP_S
 from tests.waiting import wait_until
 
 WAIT_S = 20.0  # generous: only a broken guard reaches it
@@ -227,7 +227,7 @@ async def test_the_cli_stays_up_past_the_open_files_limit(tmp_path) -> None:
     """The issue's attack, scaled: `live-v2v serve` under `ulimit -n 400`, and more silent
     connections than that. The connection limit fits itself under the open-files limit, so
     accept() never runs out of files and /health keeps answering."""
-    port = _free_port()
+    port = free_port()
     proc = await asyncio.create_subprocess_exec(
         *(sys.executable, "-m", "live", "serve", "--port", str(port)),
         *("--models-dir", str(tmp_path), "--http-header-timeout-s", "600"),
