@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 
+import av
 import numpy as np
 
 from protocol.media import TIME_BASE, AudioPacket, VideoFrame
@@ -39,6 +40,7 @@ class OutputFrame:
     arrived: float  # time.monotonic() when the input frame's bytes arrived
     loading: bool  # a loading frame standing in while the pipeline (re)loads
     time_base: Fraction = TIME_BASE
+    decoded: av.VideoFrame | None = None  # the input's decoded frame, where `image` is unchanged
 
 
 @dataclass

@@ -309,7 +309,9 @@ class LiveSession:
         self._failures = 0
         self._restarts_in_a_row = 0
         self._last_output = image
-        return OutputFrame(image, frame.pts, frame.arrived, False)
+        unchanged = pipeline.passes_through and image is frame.image
+        decoded = frame.decoded if unchanged else None
+        return OutputFrame(image, frame.pts, frame.arrived, False, decoded=decoded)
 
     def _loading_frame(self, frame: VideoFrame) -> np.ndarray:
         height, width = frame.image.shape[:2]

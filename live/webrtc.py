@@ -22,6 +22,7 @@ from fractions import Fraction
 
 import av
 import av.error
+import numpy as np
 from aiortc import (
     MediaStreamTrack,
     RTCConfiguration,
@@ -226,7 +227,9 @@ class WhipSource(FrameSource):
                 pts = self._video_clock.map(_to_clock(frame))
                 now = time.monotonic()
                 self._anchor = (pts, now)
-                self._put(VideoFrame(image, pts, now, self._index))
+                same = (frame.width, frame.height) == (image.shape[1], image.shape[0])
+                decoded = frame if same and frame.format.name == "yuv420p" else None
+                self._put(VideoFrame(image, pts, now, self._index, decoded=decoded))
                 self._index += 1
             logger.info("WHIP publisher left; waiting for it to come back")
         finally:
@@ -475,13 +478,22 @@ class _SharedEncoder:
         self._last_key = -1.0
         self.want_key = True
 
-    def encode(self, image: object, pts: int) -> list[av.Packet]:
-        frame = av.VideoFrame.from_ndarray(image, format="rgb24")  # type: ignore[arg-type]
-        if self._codec is None or (frame.width, frame.height) != self._size:
-            self._codec = self._open(frame.width - frame.width % 2, frame.height - frame.height % 2)
-            self._size = (frame.width, frame.height)
+    def encode(
+        self, image: np.ndarray, pts: int, decoded: av.VideoFrame | None = None
+    ) -> list[av.Packet]:
+        """`decoded`: the same picture as `image`, already YUV 4:2:0 (an input passed through
+        unchanged), encoded as it is: no conversion to RGB and back."""
+        height, width = image.shape[:2]
+        if self._codec is None or (width, height) != self._size:
+            self._codec = self._open(width - width % 2, height - height % 2)
+            self._size = (width, height)
         codec = self._codec
-        yuv = frame.reformat(codec.width, codec.height, format="yuv420p")
+        if decoded is not None and (decoded.width, decoded.height) == (codec.width, codec.height):
+            yuv = decoded
+            yuv.pict_type = PictureType.NONE  # the decoder's type is no request for a keyframe
+        else:
+            frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+            yuv = frame.reformat(codec.width, codec.height, format="yuv420p")
         yuv.pts = pts
         yuv.time_base = TIME_BASE
         now = time.monotonic()
@@ -546,7 +558,9 @@ class SharedVideoSink(FrameSink):
         if not self.viewers:
             raise OutputClosed("no viewer left")
         started = time.perf_counter()
-        packets = await run_in(self._thread, self.encoder.encode, frame.image, frame.pts)
+        packets = await run_in(
+            self._thread, self.encoder.encode, frame.image, frame.pts, frame.decoded
+        )
         if self._context is not None:
             self._context.stats.stage("encode", time.perf_counter() - started)
         for viewer in list(self.viewers):

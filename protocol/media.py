@@ -58,6 +58,9 @@ class VideoFrame:
     arrived: float  # time.monotonic() when its last byte arrived
     index: int  # position in the stream, counting from 0
     time_base: Fraction = TIME_BASE  # of pts; always the 90 kHz clock
+    # The decoded YUV frame `image` was converted from at the same size, where a source has it:
+    # a sink can encode a frame that a pipeline passed through unchanged without converting back.
+    decoded: av.VideoFrame | None = None
 
 
 @dataclass(slots=True)

@@ -59,6 +59,8 @@ class LivePipeline(ABC):
     Params: ClassVar[type[PipelineParams]] = PipelineParams
     live_params: ClassVar[frozenset[str]] = frozenset()
     """Fields whose change applies without a reload."""
+    passes_through: ClassVar[bool] = False
+    """`process` returns its input untouched: sinks may encode the input's decoded frame."""
     uses_device: ClassVar[bool] = False
     """Runs on the device's shared inference worker rather than the session's own thread."""
 

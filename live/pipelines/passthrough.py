@@ -18,6 +18,7 @@ class NoopPipeline(LivePipeline):
     name = "noop"
     description = "passes frames through unchanged (params it has no use for are ignored)"
     Params = NoopParams
+    passes_through = True
 
     def process(self, image: np.ndarray) -> np.ndarray:
         return image
