@@ -230,7 +230,10 @@ def resources() -> dict[str, int]:
         rss = int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     return {
         "tasks": len(asyncio.all_tasks()),
-        "threads": threading.active_count(),
+        # The loop's default executor (asyncio.to_thread: a session start's disk and model
+        # checks) makes its workers on demand up to its bound and keeps them; they are shared,
+        # not a session's, so they are not counted. A session's own threads are.
+        "threads": sum(not t.name.startswith("asyncio_") for t in threading.enumerate()),
         "fds": len(os.listdir("/proc/self/fd")),
         "rss": rss,
     }
