@@ -12,6 +12,7 @@ from batch import ROUTES as BATCH_ROUTES
 from batch import add_batch_routes
 from protocol.errors import error_middleware
 from protocol.trickle import TrickleServer, create_trickle_app
+from runtime.device import has_gpu
 from runtime.runtime import Runtime
 
 from .cors import add_cors
@@ -23,7 +24,7 @@ from .openapi import add_openapi_routes
 from .page import add_page_routes
 from .pipelines import LivePipeline, builtin_pipelines
 from .routes import add_live_routes
-from .sessions import SessionManager
+from .sessions import Availability, SessionManager
 from .settings import Settings
 from .webrtc import bound_udp_ports, frame_on_marker, restrict_host_addresses
 from .webrtc_routes import add_webrtc_routes
@@ -104,11 +105,31 @@ async def _stop_sessions(app: web.Application) -> None:
     await app[SESSIONS].close()
 
 
+class StartupError(Exception):
+    """The service cannot start for a reason the operator can fix; said in one line."""
+
+
+def check_default_pipeline(settings: Settings, known: Availability) -> None:
+    """Refuse a --default-pipeline made for a GPU that cannot run on this GPU-less host: every
+    session started without naming a pipeline would fail. (Missing weights on a GPU host only
+    warn: they may be pulled while the service runs.)"""
+    if settings.default_pipeline == "auto":
+        return
+    listed = next(p for p in known.pipelines if p["name"] == settings.default_pipeline)
+    if listed["unavailable"] and listed["requires_gpu"] and not has_gpu():
+        raise StartupError(
+            f"--default-pipeline {listed['name']} cannot run here: {listed['unavailable']}"
+        )
+
+
 async def _sessions_ctx(app: web.Application) -> AsyncIterator[None]:
     manager = app[SESSIONS]
     # Checked once at start-up, off the event loop; the routes that show it start warm.
     known = await manager.availability()
+    await asyncio.to_thread(check_default_pipeline, app[SETTINGS], known)
     for pipeline in known.pipelines:
+        if pipeline["note"]:
+            logger.warning("%s %s", pipeline["name"], pipeline["note"])
         if pipeline["name"] == "streamdiffusion" and pipeline["unavailable"]:
             # One clear line at start-up when the diffusion pipeline cannot run, and what to do.
             # Only the log names the folder: /pipelines, which is public, does not.

@@ -14,7 +14,7 @@ from pathlib import Path
 from aiohttp import web
 from pydantic import ValidationError
 
-from .app import create_app
+from .app import StartupError, create_app
 from .http_server import ServiceRunner, fitted_max_connections, quiet_accept_errors
 from .logs import configure_logging
 from .settings import Settings, add_arguments, load_settings
@@ -34,8 +34,18 @@ def build_parser() -> argparse.ArgumentParser:
     models = commands.add_parser("models", help="list, fetch or build models")
     model_commands = models.add_subparsers(dest="models_command", metavar="ACTION", required=True)
     listing = model_commands.add_parser("list", help="models present here, with their sizes")
-    pull = model_commands.add_parser("pull", help="download a model from the Hugging Face hub")
-    pull.add_argument("model_id", help="e.g. stabilityai/sd-turbo")
+    pull = model_commands.add_parser(
+        "pull",
+        help="download a model, or every model of a live pipeline, from the Hugging Face hub",
+    )
+    pull.add_argument(
+        "name", help="a model id (stabilityai/sd-turbo) or a live pipeline (streamdiffusion)"
+    )
+    pull.add_argument(
+        "--no-gpu-ok",
+        action="store_true",
+        help="download even on a host without a GPU (the models run far from real time there)",
+    )
     tiny = model_commands.add_parser(
         "tiny", help="write tiny random-weight models under the real ids (smoke tests)"
     )
@@ -63,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_models(args: argparse.Namespace) -> int:
-    from runtime.models import list_models, pull_model
+    from runtime.models import list_models
 
     command = args.models_command
     if command == "tiny":
@@ -84,13 +94,9 @@ def run_models(args: argparse.Namespace) -> int:
                 f"{info.path}"
             )
         return 0
-    try:
-        path = pull_model(args.model_id, settings.models_dir)
-    except ConnectionError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(f"downloaded {args.model_id} to {path}")
-    return 0
+    from .pull import run_pull
+
+    return run_pull(args, settings.models_dir)
 
 
 async def serve(settings: Settings) -> None:
@@ -111,7 +117,12 @@ async def serve(settings: Settings) -> None:
         shutdown_timeout=5.0,
         handler_cancellation=True,
     )
-    await runner.setup()
+    try:
+        await runner.setup()
+    except BaseException:
+        # A start-up check refused (StartupError): what did start (the runtime) closes.
+        await runner.cleanup()
+        raise
     restore_loop_errors = quiet_accept_errors(loop)
     try:
         site = web.TCPSite(runner, settings.host, settings.port)
@@ -133,10 +144,6 @@ async def serve(settings: Settings) -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
     logger.info("stopped")
-
-
-class StartupError(Exception):
-    """The service cannot start for a reason the operator can fix; said in one line."""
 
 
 def _one_line(exc: ValidationError) -> str:

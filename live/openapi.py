@@ -61,8 +61,16 @@ class PipelineInfo(BaseModel):
     description: str
     live_params: list[str] = Field(description="Params that change without a reload.")
     params: dict[str, Any] = Field(description="The JSON schema of the pipeline's params.")
+    requires_gpu: bool = Field(
+        description="Made for a GPU: real time only there (a CUDA GPU; Apple's MPS too)."
+    )
     unavailable: str | None = Field(
-        description="Why the pipeline cannot run here (weights missing, no GPU), or null."
+        description="Why the pipeline cannot run here, or null. On a host without the GPU it "
+        "requires, this says so first (and what runs here instead), then any missing weights."
+    )
+    note: str | None = Field(
+        description="How the pipeline runs here when that needs saying (on the CPU: not real "
+        "time), or null."
     )
 
 

@@ -130,11 +130,18 @@ class SessionManager:
 
     def unavailable_reason(self, cls: type[LivePipeline], params: PipelineParams) -> str | None:
         """Why `cls` cannot run here with `params` (missing weights, no GPU), or None."""
+        return self.check(cls, params)[0]
+
+    def check(
+        self, cls: type[LivePipeline], params: PipelineParams
+    ) -> tuple[str | None, str | None]:
+        """Why `cls` cannot run here with `params`, or None; and a remark on how it runs here
+        (not real time on the CPU), or None."""
         try:
-            cls.check_available(params, self.context)
+            note = cls.check_available(params, self.context)
         except (LookupError, RuntimeError, ValueError) as exc:
-            return str(exc).strip("'\"")
-        return None
+            return str(exc).strip("'\""), None
+        return None, note
 
     def default_pipeline(self) -> str:
         name = self.settings.default_pipeline
@@ -172,16 +179,20 @@ class SessionManager:
             return known
 
     def _check_availability(self) -> Availability:
-        listing = [
-            {
-                "name": name,
-                "description": cls.description,
-                "live_params": sorted(cls.live_params),
-                "params": cls.Params.model_json_schema(),
-                "unavailable": self.unavailable_reason(cls, cls.parse_params({})),
-            }
-            for name, cls in sorted(self.pipelines.items())
-        ]
+        listing = []
+        for name, cls in sorted(self.pipelines.items()):
+            unavailable, note = self.check(cls, cls.parse_params({}))
+            listing.append(
+                {
+                    "name": name,
+                    "description": cls.description,
+                    "live_params": sorted(cls.live_params),
+                    "params": cls.Params.model_json_schema(),
+                    "requires_gpu": cls.requires_gpu,
+                    "unavailable": unavailable,
+                    "note": note,
+                }
+            )
         return Availability(self.default_pipeline(), listing, time.monotonic())
 
     def session_config(self) -> SessionConfig:

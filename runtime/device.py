@@ -44,23 +44,39 @@ def cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def has_cuda() -> bool:
+    """Whether torch sees a CUDA GPU here: the one probe behind every "is there a GPU" answer
+    (device choice, `/hardware/*`, `/pipelines`, `models pull`, `serve`'s start-up check)."""
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+def has_mps() -> bool:
+    import torch
+
+    mps = getattr(torch.backends, "mps", None)
+    return bool(mps and mps.is_available())
+
+
+def has_gpu() -> bool:
+    """A GPU a pipeline can run on in real time: CUDA, or Apple's MPS."""
+    return has_cuda() or has_mps()
+
+
 def choose_device(device: DeviceName | str = "auto", dtype: DtypeName | str = "auto") -> DeviceSpec:
     """Resolve settings into a concrete device and dtype. Raises ValueError for a device that
     is not there (asking for CUDA on a machine without it is an error, not a silent CPU run)."""
-    import torch
-
     if device == "auto":
-        if torch.cuda.is_available():
+        if has_cuda():
             device = "cuda"
-        elif getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        elif has_mps():
             device = "mps"
         else:
             device = "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
+    if device.startswith("cuda") and not has_cuda():
         raise ValueError("device cuda was asked for, but torch sees no CUDA GPU")
-    if device == "mps" and not (
-        getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()
-    ):
+    if device == "mps" and not has_mps():
         raise ValueError("device mps was asked for, but it is not available")
     if dtype == "auto":
         dtype = "float16" if device != "cpu" else "float32"

@@ -10,13 +10,15 @@ import logging
 
 from protocol.api import GPUComputeInfo, GPUUtilizationInfo
 
+from .device import has_cuda
+
 logger = logging.getLogger(__name__)
 
 
 def _gpus() -> list[int]:
     import torch
 
-    return list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    return list(range(torch.cuda.device_count())) if has_cuda() else []
 
 
 def gpu_info() -> dict[str, GPUComputeInfo]:

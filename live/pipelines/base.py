@@ -63,16 +63,25 @@ class LivePipeline(ABC):
     """`process` returns its input untouched: sinks may encode the input's decoded frame."""
     uses_device: ClassVar[bool] = False
     """Runs on the device's shared inference worker rather than the session's own thread."""
+    requires_gpu: ClassVar[bool] = False
+    """Made for a GPU: real time only there (on the CPU it runs, slowly, when asked to)."""
 
     def __init__(self, params: PipelineParams, context: PipelineContext | None = None) -> None:
         self.params = params
         self.context = context or PipelineContext()
 
     @classmethod
-    def check_available(cls, params: PipelineParams, context: PipelineContext) -> None:
+    def check_available(cls, params: PipelineParams, context: PipelineContext) -> str | None:
         """Raise LookupError (or RuntimeError) with a user-facing reason when this pipeline
-        cannot run here (weights missing, no suitable device). Cheap: no loading."""
-        return
+        cannot run here (weights missing, no suitable device). Cheap: no loading. Returns a
+        remark on how it runs here when there is one to make (not real time), else None."""
+        return None
+
+    @classmethod
+    def model_ids(cls, params: PipelineParams) -> list[str]:
+        """The models a session with `params` loads (what `live-v2v models pull` fetches for
+        this pipeline), or none."""
+        return []
 
     @classmethod
     def model_memory(

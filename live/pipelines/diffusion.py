@@ -23,8 +23,8 @@ import numpy as np
 from pydantic import Field, field_validator, model_validator
 
 from protocol.model_ids import ModelId
-from runtime.device import choose_device, free_gpu_memory
-from runtime.models import folder_size, resolve_model
+from runtime.device import choose_device, free_gpu_memory, has_gpu
+from runtime.models import ModelNotFound, folder_size, resolve_model
 
 from .base import LivePipeline, PipelineContext, PipelineParams
 from .bounds import (
@@ -45,6 +45,17 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "stabilityai/sd-turbo"
 DEFAULT_VAE = "madebyollin/taesd"
+
+NEEDS_GPU = (
+    "streamdiffusion needs a CUDA GPU for real time, and this host has none; cartoon and noop "
+    "run here, and streamdiffusion too, not in real time"
+)
+WITH_CPU = "with --device cpu"
+ON_TINY_MODELS = (
+    "on the tiny random test models (`live-v2v models tiny DIR`, then "
+    "`live-v2v serve --models-dir DIR --device cpu`)"
+)
+ON_THE_CPU = "runs on the CPU here: not real time (it is made for a CUDA GPU)"
 
 
 class StreamDiffusionParams(PipelineParams):
@@ -206,6 +217,7 @@ class StreamDiffusionPipeline(LivePipeline):
     Params = StreamDiffusionParams
     live_params = LIVE_PARAMS
     uses_device = True
+    requires_gpu = True
 
     unet_calls: ClassVar[int] = 0  # counted across instances: tests read it
 
@@ -220,15 +232,32 @@ class StreamDiffusionPipeline(LivePipeline):
     # -- availability and loading ---------------------------------------------------------------
 
     @classmethod
-    def check_available(cls, params: PipelineParams, context: PipelineContext) -> None:
+    def check_available(cls, params: PipelineParams, context: PipelineContext) -> str | None:
         assert isinstance(params, StreamDiffusionParams)
-        resolve_model(params.model_id, context.models_dir)  # raises ModelNotFound
+        # The device first: on a host without a GPU, that is what the operator must hear
+        # before anything about weights (which would lead to a multi-GB download for nothing).
         spec = choose_device(context.device, context.dtype)
-        if not spec.is_gpu and context.device == "auto":
-            raise RuntimeError(
-                "streamdiffusion needs a GPU (CUDA or MPS) for real time and none was found; "
-                "start the service with --device cpu to run it on the CPU anyway"
-            )
+        missing: ModelNotFound | None = None
+        try:
+            resolve_model(params.model_id, context.models_dir)
+        except ModelNotFound as exc:
+            missing = exc
+        if spec.is_gpu:
+            if missing is not None:
+                raise missing
+            return None
+        if missing is None and context.device == "auto":
+            raise RuntimeError(f"{NEEDS_GPU}, {WITH_CPU}")
+        if missing is not None and not has_gpu():
+            raise RuntimeError(f"{NEEDS_GPU}, {ON_TINY_MODELS}; also, {missing}")
+        if missing is not None:
+            raise missing
+        return ON_THE_CPU
+
+    @classmethod
+    def model_ids(cls, params: PipelineParams) -> list[str]:
+        assert isinstance(params, StreamDiffusionParams)
+        return [params.model_id, *([params.vae_id] if params.vae_id else [])]
 
     @classmethod
     def model_memory(cls, params: PipelineParams, context: PipelineContext) -> tuple[str, int]:

@@ -99,7 +99,7 @@ def test_models_cli_tiny_then_list(tmp_path: Path) -> None:
     ]:
         assert model_id in out, model_id
     pulled = subprocess.run(
-        [*run, "pull", "someone/model", "--models-dir", str(tmp_path)],
+        [*run, "pull", "someone/model", "--no-gpu-ok", "--models-dir", str(tmp_path)],
         capture_output=True,
         text=True,
     )
