@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
+import logging
 import os
 import re
 import signal
@@ -16,6 +18,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from live.logs import NOISY, configure_logging
+from runtime.library_logs import LIBRARIES, route_library_logs
 from tests.waiting import wait_until
 
 from .streams import WAIT_S
@@ -146,3 +150,26 @@ async def test_a_tiny_streamdiffusion_load_logs_no_library_chatter(tiny_models_d
         found = LINE.match(line)
         assert found is not None, f"a line outside the service's log format:\n{service.text()}"
         assert found["level"] in ("DEBUG", "INFO"), f"{line}\n\nin:\n{service.text()}"
+
+
+@pytest.mark.parametrize(("level", "shown"), [("INFO", False), ("DEBUG", True)])
+def test_library_warnings_show_only_at_debug(level: str, shown: bool) -> None:
+    # In-process, with the service's logging set up as `--log-level LEVEL` sets it; logging is
+    # process-wide, so every logger touched is put back afterwards.
+    touched = [logging.getLogger(name) for name in ("", *NOISY, *LIBRARIES)]
+    saved = [(lg, lg.handlers[:], lg.level, lg.propagate) for lg in touched]
+    stream = io.StringIO()
+    try:
+        configure_logging(level, "text", stream)
+        route_library_logs()
+        logging.getLogger("diffusers.configuration_utils").warning("config key ignored")
+        logging.getLogger("transformers.modeling_utils").error("weights missing")
+    finally:
+        for lg, handlers, lvl, propagate in saved:
+            lg.handlers[:] = handlers
+            lg.setLevel(lvl)
+            lg.propagate = propagate
+    text = stream.getvalue()
+    assert ("DEBUG diffusers.configuration_utils [-]: config key ignored" in text) == shown, text
+    assert "WARNING" not in text
+    assert "ERROR transformers.modeling_utils [-]: weights missing" in text
