@@ -6,9 +6,10 @@ a normal load is chatter that reads like a fault ("config attributes ... will be
 "modules ... should be kept in float32: []", "requires torchvision"), so the service's handler
 lowers their warnings to DEBUG (`live.logs`); their errors stay errors.
 
-They set this up when first imported, which happens inside a model load, so `route_library_logs`
-runs before each load rather than at start (importing diffusers costs seconds that a service
-serving only `noop` or `cartoon` never pays).
+They set this up when first imported, which happens inside a model load, so the loaders call
+`route_library_logs` once they have imported them and before they load anything, rather than
+the service at start (importing diffusers costs seconds that a service serving only `noop` or
+`cartoon` never pays).
 """
 
 from __future__ import annotations

@@ -25,8 +25,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
-from .library_logs import route_library_logs
-
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -233,7 +231,6 @@ class ModelCache:
         logger.info("loading model %s", entry.key)
         started = time.monotonic()
         try:
-            route_library_logs()
             value = load()
             size = module_bytes(value)
         except BaseException as exc:
