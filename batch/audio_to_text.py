@@ -99,9 +99,9 @@ class Whisper:
 
 
 def load(path: Path, spec: DeviceSpec) -> Whisper:
+    quiet_loading()
     from transformers import WhisperForConditionalGeneration, WhisperProcessor
 
-    quiet_loading()
     model = WhisperForConditionalGeneration.from_pretrained(path, dtype=spec.dtype)
     processor = WhisperProcessor.from_pretrained(path)
     rate = processor.feature_extractor.sampling_rate

@@ -26,9 +26,9 @@ MIN_SIDE = 64
 
 
 def load(path: Path, spec: DeviceSpec) -> Any:
+    quiet_loading()
     from diffusers import AutoPipelineForImage2Image, StableDiffusionInstructPix2PixPipeline
 
-    quiet_loading()
     if "InstructPix2Pix" in pipeline_class_name(path):
         pipe = StableDiffusionInstructPix2PixPipeline.from_pretrained(path, dtype=spec.dtype)
     else:

@@ -47,9 +47,9 @@ class Captioner:
 
 
 def load(path: Path, spec: DeviceSpec) -> Captioner:
+    quiet_loading()
     from transformers import BlipForConditionalGeneration, BlipProcessor
 
-    quiet_loading()
     processor = BlipProcessor.from_pretrained(path)
     model = BlipForConditionalGeneration.from_pretrained(path, dtype=spec.dtype)
     return Captioner(model.to(spec.device).eval(), processor, spec)

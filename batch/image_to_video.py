@@ -28,9 +28,9 @@ DECODE_CHUNK = 8
 
 
 def load(path: Path, spec: DeviceSpec) -> Any:
+    quiet_loading()
     from diffusers import StableVideoDiffusionPipeline
 
-    quiet_loading()
     pipe = StableVideoDiffusionPipeline.from_pretrained(path, dtype=spec.dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(spec.device)

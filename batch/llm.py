@@ -85,9 +85,9 @@ class ChatModel:
 
 
 def load(path: Path, spec: DeviceSpec) -> ChatModel:
+    quiet_loading()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    quiet_loading()
     tokenizer = AutoTokenizer.from_pretrained(path)
     if not tokenizer.chat_template:
         # Refused at load, so the 503 says why and no request gets as far as a raw prompt.

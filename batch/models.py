@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 
 from protocol.errors import InvalidRequest, Unavailable
 from runtime.device import DeviceSpec
+from runtime.library_logs import route_library_logs
 from runtime.model_cache import Lease, OverBudget, StillLoading
 from runtime.models import BadModelId, ModelNotFound, folder_size, resolve_model
 from runtime.runtime import Runtime
@@ -33,12 +34,16 @@ def pipeline_class_name(path: Path) -> str:
 
 
 def quiet_loading() -> None:
-    """No progress bars from diffusers and transformers: the service logs its own lines."""
+    """No progress bars from diffusers and transformers, and their warnings routed into the
+    service's log: the service logs its own lines. Called before a loader imports the library's
+    classes, as importing some already warns (transformers' image processors without
+    torchvision)."""
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
     diffusers_logging.disable_progress_bar()
     transformers_logging.disable_progress_bar()
+    route_library_logs()
 
 
 def _lease(

@@ -124,9 +124,9 @@ def sam2_image_processor_class() -> type:
 
 
 def load(path: Path, spec: DeviceSpec) -> Segmenter:
+    quiet_loading()
     from transformers import AutoConfig, Sam2Config, Sam2Model, Sam2Processor
 
-    quiet_loading()
     config = AutoConfig.from_pretrained(path)
     if config.model_type == "sam2_video":
         # facebook/sam2-hiera-large's Transformers weights are the video model's checkpoint;

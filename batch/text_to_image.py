@@ -22,9 +22,9 @@ DEFAULT_MODEL = "SG161222/RealVisXL_V4.0_Lightning"
 
 
 def load(path: Path, spec: DeviceSpec) -> Any:
+    quiet_loading()
     from diffusers import AutoPipelineForText2Image
 
-    quiet_loading()
     pipe = AutoPipelineForText2Image.from_pretrained(path, dtype=spec.dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(spec.device)

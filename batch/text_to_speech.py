@@ -105,9 +105,9 @@ def load(path: Path, spec: DeviceSpec) -> Vits | Parler:
             f"{path.name} is a {kind or 'unknown'} model; text-to-speech runs VITS / MMS-TTS "
             f"models (such as {DEFAULT_MODEL}), and Parler-TTS where parler-tts is installed"
         )
+    quiet_loading()
     from transformers import VitsModel, VitsTokenizer
 
-    quiet_loading()
     model = VitsModel.from_pretrained(path, dtype=spec.dtype)
     tokenizer = VitsTokenizer.from_pretrained(path)
     return Vits(model.to(spec.device).eval(), tokenizer, spec)

@@ -23,9 +23,9 @@ MIN_SIDE = 8
 
 
 def load(path: Path, spec: DeviceSpec) -> Any:
+    quiet_loading()
     from diffusers import StableDiffusionUpscalePipeline
 
-    quiet_loading()
     pipe = StableDiffusionUpscalePipeline.from_pretrained(path, dtype=spec.dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(spec.device)

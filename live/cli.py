@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import logging
 import signal
 import sys
@@ -22,11 +23,25 @@ from .settings import Settings, add_arguments, load_settings
 logger = logging.getLogger("live")
 
 
+class CommandParser(argparse.ArgumentParser):
+    """A command's parser that refuses what it does not know itself. argparse hands a
+    subcommand's unknown arguments up to the top-level parser, whose error shows the top-level
+    usage (`live-v2v [-h] COMMAND ...`) instead of the options of the command that was typed."""
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        parsed, unknown = super().parse_known_args(args, namespace)
+        if unknown:
+            self.error(f"unrecognized arguments: {' '.join(unknown)}")
+        return parsed, unknown
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="live-v2v", description="Real-time AI video restyling service."
     )
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=CommandParser)
     serve = commands.add_parser(
         "serve", help="run the service", description="Run the service until SIGINT or SIGTERM."
     )
@@ -136,6 +151,14 @@ async def serve(settings: Settings) -> None:
         for sock in site._server.sockets if site._server else ():  # type: ignore[union-attr]
             host, port = sock.getsockname()[:2]
             logger.info("listening url=http://%s:%d", host, port)
+            if not settings.auth_token and not ipaddress.ip_address(host).is_loopback:
+                logger.warning(
+                    "listening on %s:%d, beyond loopback, with no token: anyone who reaches "
+                    "this port can start sessions and run models; set --auth-token (or "
+                    "AUTH_TOKEN)",
+                    host,
+                    port,
+                )
         await stop.wait()
         logger.info("shutting down")
     finally:

@@ -17,6 +17,7 @@ import sys
 from typing import Any, Literal
 
 from protocol.http_errors import quiet_client_errors
+from runtime.library_logs import is_library_record
 
 SESSION_ID: contextvars.ContextVar[str] = contextvars.ContextVar("session_id", default="-")
 PIPELINE: contextvars.ContextVar[str | None] = contextvars.ContextVar("pipeline", default=None)
@@ -39,6 +40,20 @@ class SessionFilter(logging.Filter):
             record.pipeline = PIPELINE.get()
         if not hasattr(record, "stage"):
             record.stage = STAGE.get()
+        return True
+
+
+class LibraryChatter(logging.Filter):
+    """Lowers diffusers' and transformers' warnings to DEBUG (see `runtime.library_logs`):
+    shown only under `--log-level DEBUG`. A handler filter, as it must see their child loggers'
+    records; their errors pass unchanged."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno != logging.WARNING or not is_library_record(record):
+            return True
+        if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
+            return False
+        record.levelno, record.levelname = logging.DEBUG, logging.getLevelName(logging.DEBUG)
         return True
 
 
@@ -74,6 +89,7 @@ def make_handler(log_format: LogFormat = "text", stream: Any = None) -> logging.
     """The service's log handler: context filter and formatter (stderr by default)."""
     handler = logging.StreamHandler(sys.stderr if stream is None else stream)
     handler.addFilter(SessionFilter())
+    handler.addFilter(LibraryChatter())
     if log_format == "json":
         handler.setFormatter(JsonFormatter())
     else:

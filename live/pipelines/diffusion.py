@@ -24,6 +24,7 @@ from pydantic import Field, field_validator, model_validator
 
 from protocol.model_ids import ModelId
 from runtime.device import choose_device, free_gpu_memory, has_gpu
+from runtime.library_logs import route_library_logs
 from runtime.models import ModelNotFound, folder_size, resolve_model
 
 from .base import LivePipeline, PipelineContext, PipelineParams
@@ -566,6 +567,7 @@ def load_components(
     path: Path, vae_path: Path | None, spec: Any, *, compile: bool = False
 ) -> dict[str, Any]:
     """The model's weights, on the device and ready to share between sessions."""
+    route_library_logs()  # before importing their classes: some warn as they are imported
     from diffusers import AutoencoderKL, AutoencoderTiny, LCMScheduler, UNet2DConditionModel
     from diffusers.utils import logging as diffusers_logging
     from transformers import CLIPTextModel, CLIPTokenizer

@@ -24,6 +24,8 @@ FFMPEG = Path("/usr/bin/ffmpeg")
 README = Path(__file__).resolve().parents[2] / "README.md"
 FRAMES = 60
 """Output frames that must come out while the publisher still runs (2 s at 30 fps)."""
+INPUT_TIMEOUT_S = 5.0
+"""Longer than the 2 s after which a session without input reports DEGRADED_INPUT."""
 
 pytestmark = pytest.mark.skipif(not FFMPEG.exists(), reason="needs Debian's ffmpeg")
 
@@ -41,16 +43,17 @@ def recipe(marker: str) -> str:
     return found[0]
 
 
-async def run(command: str, cwd: Path, **urls: str) -> asyncio.subprocess.Process:
-    env = {**os.environ, **urls}
+async def run(
+    command: str, cwd: Path, stdout: int = asyncio.subprocess.DEVNULL, **env: str
+) -> asyncio.subprocess.Process:
     return await asyncio.create_subprocess_exec(
         shutil.which("bash") or "/bin/bash",
         "-c",
         command,
         cwd=cwd,
-        env=env,
+        env={**os.environ, **env},
         stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.DEVNULL,
+        stdout=stdout,
         stderr=asyncio.subprocess.PIPE,
         start_new_session=True,  # its own process group: stopped as a whole, as Ctrl-C would
     )
@@ -67,20 +70,45 @@ async def stop(process: asyncio.subprocess.Process) -> None:
         await process.wait()
 
 
+async def start_by_recipe(service_url: str, cwd: Path) -> dict[str, str]:
+    """README's session start, run as written; then the variables it set, as the recipes after
+    it see them in the same shell."""
+    shown = 'printf "%s\\n" "$SESSION_ID" "$PUBLISH_URL" "$SUBSCRIBE_URL"'
+    shell = await run(
+        f"{recipe('field()')}\n{shown}", cwd, stdout=asyncio.subprocess.PIPE, SERVICE=service_url
+    )
+    out, err = await asyncio.wait_for(shell.communicate(), WAIT_S)
+    assert shell.returncode == 0, err.decode()
+    session_id, publish_url, subscribe_url = out.decode().split()
+    return {"SESSION_ID": session_id, "PUBLISH_URL": publish_url, "SUBSCRIBE_URL": subscribe_url}
+
+
+async def state(client, session_id: str) -> str | None:
+    response = await client.get(f"/live-video-to-video/{session_id}")
+    return (await response.json())["state"] if response.status == 200 else None
+
+
 def video_frames(path: Path) -> int:
     with av.open(str(path)) as container:
         return sum(1 for _ in container.decode(video=0))
 
 
-@pytest.mark.parametrize("marker", ["-f segment", "-method POST"], ids=["segment", "long-post"])
-async def test_readme_ffmpeg_recipe_feeds_a_session_and_the_reader_gets_its_output(
-    service, tmp_path, marker
+@pytest.mark.parametrize(
+    ("marker", "end"),
+    [("-f segment", "delete"), ("-method POST", "input timeout")],
+    ids=["segment-then-delete", "long-post-then-input-timeout"],
+)
+async def test_readme_ffmpeg_recipes_start_feed_read_and_end_a_session(
+    service, tmp_path, marker, end
 ) -> None:
-    client = await service()
-    info = await start_session(client, model_id="noop")
-    session = client.app[SESSIONS].sessions[info["session_id"]]
-    reader = await run(recipe("curl"), tmp_path, SUBSCRIBE_URL=info["subscribe_url"])
-    publisher = await run(recipe(marker), tmp_path, PUBLISH_URL=info["publish_url"])
+    client = await service(input_timeout_s=INPUT_TIMEOUT_S)
+    service_url = str(client.make_url("")).rstrip("/")
+    urls = await start_by_recipe(service_url, tmp_path)
+    session_id = urls["SESSION_ID"]
+    session = client.app[SESSIONS].sessions[session_id]
+    assert session.pipeline_cls.name == "cartoon"
+    reader = await run(recipe("while curl"), tmp_path, **urls)
+    publisher = await run(recipe(marker), tmp_path, **urls)
     try:
         # Frames come out of the session while the publisher is still at work (for the long
         # POST: while its one segment is still streaming).
@@ -93,9 +121,22 @@ async def test_readme_ffmpeg_recipe_feeds_a_session_and_the_reader_gets_its_outp
         assert session.stats.frames_out >= FRAMES
     finally:
         await stop(publisher)
-        # The reader's loop ends with the session (its output channel is gone).
-        await client.delete(f"/live-video-to-video/{info['session_id']}")
-        await asyncio.wait_for(reader.wait(), WAIT_S)
+    if end == "delete":
+        deleting = await run(recipe("-X DELETE"), tmp_path, SERVICE=service_url, **urls)
+        _, err = await asyncio.wait_for(deleting.communicate(), WAIT_S)
+        assert deleting.returncode == 0, err.decode()
+    else:
+        # The publisher is gone: the session waits for it in DEGRADED_INPUT, then ends alone.
+        async def degraded() -> bool:
+            return await state(client, session_id) == "DEGRADED_INPUT"
+
+        await wait_until(degraded, "the session to wait for its input in DEGRADED_INPUT")
+    await asyncio.wait_for(session.wait(), WAIT_S)
+    assert await state(client, session_id) is None
+    if end != "delete":
+        assert session.ended == "no input"
+    # The reader's loop ends with the session (its output channel is gone).
+    await asyncio.wait_for(reader.wait(), WAIT_S)
     output = tmp_path / "output.ts"
     assert output.exists(), (await reader.stderr.read()).decode()[-2000:]
     assert video_frames(output) >= FRAMES
