@@ -242,8 +242,12 @@ function renderParams() {
     : "";
   if (!pipeline) return;
   const properties = pipeline.params.properties ?? {};
-  // The prompt first: it is what people change most.
-  const names = [...pipeline.live_params].sort((a, b) => (b === "prompt") - (a === "prompt"));
+  // In the order the pipeline declares them (related ones together), the prompt first: it is
+  // what people change most.
+  const liveNames = new Set(pipeline.live_params);
+  const names = [...Object.keys(properties).filter((n) => liveNames.has(n)), ...liveNames]
+    .filter((name, i, all) => all.indexOf(name) === i)
+    .sort((a, b) => (b === "prompt") - (a === "prompt"));
   const advanced = [];
   for (const name of names) {
     const schema = properties[name] && editable(properties[name]);
