@@ -547,9 +547,9 @@ class LiveSession:
             self._tell_watchers(None)
 
     async def _report(self) -> None:
-        """Status events: one at once whenever the state changes (or a milestone such as the
-        first output frame asks for one), at least STATE_EVENT_GAP_S apart, and one every
-        `status_interval_s` after the last."""
+        """Status events: one at once whenever the state changes, at least STATE_EVENT_GAP_S
+        apart; one at the first output frame; and one every `status_interval_s` after the
+        last."""
         loop = asyncio.get_running_loop()
         interval = self.config.status_interval_s
         last_sent = -math.inf
@@ -560,7 +560,8 @@ class LiveSession:
             wait = last_sent + interval - now
             if changed or wait <= 0:
                 gap = last_sent + STATE_EVENT_GAP_S - now
-                if gap <= 0 or wait <= 0:
+                # The first output frame, once a session, goes out without waiting the gap.
+                if gap <= 0 or wait <= 0 or self._status_wanted:
                     status = self.status(for_event=True)
                     self._published_state = status.state
                     self._status_wanted = False

@@ -556,7 +556,10 @@ function onEvent(event) {
         setState("loading", `Loading the ${event.pipeline} pipeline…`);
         break;
       case "ONLINE":
-        setState("online", `${event.pipeline} is live.`);
+        // Ready and fed, but "live" only once restyled frames go out (the session sends a
+        // status with the first one).
+        if (event.frames_out) setState("online", `${event.pipeline} is live.`);
+        else setState("connecting", "Waiting for the first restyled frame…");
         break;
       case "DEGRADED_INPUT":
         setState("degraded", "Waiting for video from the camera…");

@@ -43,8 +43,8 @@ NOT_RUNNING = "No session is running: these apply when you start one."
 async def first_session(client: Any) -> Any:
     """The first session the service starts, as soon as it exists."""
     sessions = client.app[SESSIONS].sessions
-    while not sessions:
-        await asyncio.sleep(0.001)  # polled: the page starts it, nothing here to await
+    # Polled often: the page starts it, and nothing in the service announces a new session.
+    await wait_until(lambda: bool(sessions), "the page to start a session", within=30, poll=0.001)
     return next(iter(sessions.values()))
 
 
@@ -75,7 +75,7 @@ async def test_the_page_says_live_within_a_second_of_the_first_output_frame(
     # Watched from the moment the session exists, before any frame can reach it.
     session_task = asyncio.create_task(first_session(client))
     await page.click("#start")
-    session = await asyncio.wait_for(session_task, 30)
+    session = await session_task
     first_output = await asyncio.wait_for(first_output_ms(session), 30)
 
     await page.wait_for_selector("body[data-state='online']", state="attached")
