@@ -236,7 +236,7 @@ async def test_both_event_routes_carry_each_change_at_once(aiohttp_client) -> No
     # Loaded, nothing published yet: both say so without waiting for the period.
     await log.wait_event(lambda e: e["type"] == "status" and e["state"] == "DEGRADED_INPUT")
     await stream.wait_for(lambda s: any(e.get("state") == "DEGRADED_INPUT" for e in s.events()))
-    publishing = asyncio.create_task(publish_clip(info["publish_url"], make_clip(150), True))
+    publishing = asyncio.create_task(publish_clip(info["publish_url"], make_clip(60), True))
     online = await log.wait_event(lambda e: e["type"] == "status" and e["state"] == "ONLINE")
     assert online["end_reason"] is None
     await stream.wait_for(lambda s: any(e.get("state") == "ONLINE" for e in s.events()))
