@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -63,6 +64,10 @@ EVENTS_BACKLOG = 256
 STOP_GRACE_S = 5.0  # a stopped session drains its in-flight frames for at most this long
 INPUT_STALE_MS = 2000
 RESTART_DEGRADED_MS = 60_000
+STATE_EVENT_GAP_S = 0.25
+"""Status events for state changes come at least this far apart: a change right after another
+waits out the gap and goes out as one event with the state then, so a state that flaps (a
+pipeline failing every other frame) costs at most four status events a second."""
 
 NORMAL_ENDS = {"input ended", "no input", "stopped", "shutdown", "output closed"}
 
@@ -135,15 +140,19 @@ class LiveSession:
             on_first_input=lambda: self.emit(
                 TraceEvent(type="runner_receive_first_ingest_segment")
             ),
-            on_first_output=lambda: self.emit(
-                TraceEvent(type="runner_send_first_processed_segment")
-            ),
+            on_first_output=self._first_output,
         )
+        # Every frame in or out may change the state (input back, output after an error):
+        # the check is a few comparisons, the status event goes out from the reporter.
+        self.stats.on_frame = self._check_state
         # Bounded: an events channel slower than the session (a stalled runner-mode
         # events_url) costs its oldest events, counted, never unbounded memory.
         self._events: asyncio.Queue[Event | None] = asyncio.Queue(maxsize=EVENTS_BACKLOG)
         self.events_dropped = 0
         self._watchers: set[asyncio.Queue[dict[str, Any] | None]] = set()
+        self._published_state: State | None = None
+        self._status_wanted = False
+        self._status_poke = asyncio.Event()
         self._pipeline: LivePipeline | None = None
         self._reload = asyncio.Event()
         self._reload.set()  # the first load
@@ -499,6 +508,7 @@ class LiveSession:
         self.last_error_time = now_ms()
         self.log.warning("%s", message)
         self.emit(ErrorEvent(pipeline=self.pipeline_cls.name, message=message))
+        self._check_state()
 
     async def watch_events(self) -> AsyncIterator[dict[str, Any]]:
         """Every event from now on, as the events channel carries them (`{"event": ...,
@@ -537,14 +547,69 @@ class LiveSession:
             self._tell_watchers(None)
 
     async def _report(self) -> None:
+        """Status events: one at once whenever the state changes, at least STATE_EVENT_GAP_S
+        apart; one at the first output frame; and one every `status_interval_s` after the
+        last."""
+        loop = asyncio.get_running_loop()
+        interval = self.config.status_interval_s
+        last_sent = -math.inf
         while True:
-            self.emit(self.status(for_event=True))
-            await asyncio.sleep(self.config.status_interval_s)
+            self._status_poke.clear()  # before reading the state: a later change pokes again
+            now = loop.time()
+            changed = self._status_wanted or self.current_state() != self._published_state
+            wait = last_sent + interval - now
+            if changed or wait <= 0:
+                gap = last_sent + STATE_EVENT_GAP_S - now
+                # The first output frame, once a session, goes out without waiting the gap.
+                if gap <= 0 or wait <= 0 or self._status_wanted:
+                    status = self.status(for_event=True)
+                    self._published_state = status.state
+                    self._status_wanted = False
+                    self.emit(status)
+                    last_sent = now
+                    wait = interval
+                else:
+                    # The change goes out once the gap has passed, with the state then; what
+                    # changes meanwhile needs no wake-up.
+                    await asyncio.sleep(gap)
+                    continue
+            until = self._next_state_change_s()
+            if until is not None:
+                wait = min(wait, until)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait):
+                    await self._status_poke.wait()
+
+    def _next_state_change_s(self) -> float | None:
+        """Seconds until the state changes with no event to tell of it: the input goes stale,
+        or a restart stops counting as recent."""
+        if self.state != "ONLINE":
+            return None
+        now = now_ms()
+        deadlines = []
+        if self.stats.last_input_time is not None:
+            deadlines.append(self.stats.last_input_time + INPUT_STALE_MS)
+        if self.last_restart_time is not None:
+            deadlines.append(self.last_restart_time + RESTART_DEGRADED_MS)
+        ahead = [d - now for d in deadlines if d >= now]
+        # A millisecond past the deadline, so that the state read then has changed.
+        return (min(ahead) + 1) / 1000 if ahead else None
+
+    def _check_state(self) -> None:
+        if self.current_state() != self._published_state:
+            self._status_poke.set()
+
+    def _first_output(self) -> None:
+        self.emit(TraceEvent(type="runner_send_first_processed_segment"))
+        # The first output frame is news even when the state stays the same.
+        self._status_wanted = True
+        self._status_poke.set()
 
     def _set_state(self, state: State) -> None:
         if state != self.state:
             self.state = state
             self.state_time = now_ms()
+            self._check_state()
 
     def current_state(self) -> State:
         if self.state in ("LOADING", "ERROR", "OFFLINE"):

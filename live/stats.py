@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -73,6 +74,9 @@ class SessionStats:
     observer: StatsObserver | None = None
     """Sees every stage timing and ingest-to-output delay (the windows above keep only recent
     ones)."""
+    on_frame: Callable[[], None] | None = None
+    """Called after each frame in and out (on the event loop): the session checks there
+    whether its state changed. Must be cheap."""
     _in_times: collections.deque[float] = field(
         default_factory=lambda: collections.deque(maxlen=WINDOW)
     )
@@ -84,6 +88,8 @@ class SessionStats:
         self.frames_in += 1
         self.last_input_time = _now_ms()
         self._in_times.append(time.monotonic())
+        if self.on_frame is not None:
+            self.on_frame()
 
     def frame_out(self, arrived: float) -> None:
         now = time.monotonic()
@@ -93,6 +99,8 @@ class SessionStats:
         self.latencies.append(now - arrived)
         if self.observer is not None:
             self.observer.delay(now - arrived)
+        if self.on_frame is not None:
+            self.on_frame()
 
     def stage(self, name: str, seconds: float) -> None:
         self.stages[name].append(seconds)

@@ -13,6 +13,7 @@ const ui = {
   camera: $("camera"),
   pipeline: $("pipeline"),
   pipelineDescription: $("pipeline-description"),
+  pipelineUnavailable: $("pipeline-unavailable"),
   token: $("token"),
   tokenDetails: $("token-details"),
   start: $("start"),
@@ -170,11 +171,13 @@ async function loadPipelines() {
     pipelines = data.pipelines;
     ui.pipeline.replaceChildren(
       ...pipelines.map((p) => {
-        const option = new Option(p.unavailable ? `${p.name} (unavailable)` : p.name, p.name);
+        const why = p.requires_gpu ? "needs a GPU" : "unavailable";
+        const option = new Option(p.unavailable ? `${p.name} (${why})` : p.name, p.name);
         option.disabled = Boolean(p.unavailable);
         return option;
       }),
     );
+    showUnavailable();
     const usable = pipelines.filter((p) => !p.unavailable).map((p) => p.name);
     ui.pipeline.value = usable.includes(data.default) ? data.default : (usable[0] ?? "");
     renderParams();
@@ -185,22 +188,49 @@ async function loadPipelines() {
   setRunning(false);
 }
 
+// Why each pipeline that cannot run here cannot, under the list it is picked from: a disabled
+// option cannot be selected, so its reason would otherwise never show. Those that need a GPU
+// come first, since no download helps them.
+function showUnavailable() {
+  const unavailable = pipelines
+    .filter((p) => p.unavailable)
+    .sort((a, b) => Boolean(b.requires_gpu) - Boolean(a.requires_gpu));
+  ui.pipelineUnavailable.replaceChildren(
+    ...unavailable.map((p) => {
+      const item = document.createElement("li");
+      const name = document.createElement("strong");
+      name.textContent = p.name;
+      item.dataset.pipeline = p.name;
+      item.append(name, `${p.requires_gpu ? " needs a GPU" : " is unavailable"}: ${p.unavailable}`);
+      return item;
+    }),
+  );
+  ui.pipelineUnavailable.hidden = unavailable.length === 0;
+}
+
 function currentPipeline() {
   return pipelines.find((p) => p.name === ui.pipeline.value);
 }
 
 // A property's schema with pydantic's `anyOf: [{...}, {"type": "null"}]` (optional fields, or a
-// number-or-list) resolved to the first branch a form control can edit.
+// number-or-list) resolved to the first branch a form control can edit; a list of integers
+// (t_index_list) is edited as comma-separated numbers. What describes the field (its title,
+// description, default, `x-ui`) stays from the property itself.
 function editable(schema) {
   const branches = schema.anyOf ?? [schema];
-  const branch = branches.find((b) =>
-    ["number", "integer", "string", "boolean"].includes(b.type) || b.enum,
-  );
-  return branch ? { ...branch, default: schema.default, description: schema.description } : null;
+  const branch =
+    branches.find((b) => ["number", "integer", "string", "boolean"].includes(b.type) || b.enum) ??
+    branches.find((b) => b.type === "array" && b.items?.type === "integer");
+  if (!branch) return null;
+  const { title, description, default: fallback } = schema;
+  return { ...branch, title, description, default: fallback, ui: schema["x-ui"] };
 }
 
+// Labels come from the schema (sentence case there); a name without one reads the same way.
 function titleOf(name, schema) {
-  return schema.title || name.replaceAll("_", " ");
+  if (schema.title) return schema.title;
+  const words = name.replaceAll("_", " ");
+  return words.charAt(0).toUpperCase() + words.slice(1);
 }
 
 function renderParams() {
@@ -212,11 +242,29 @@ function renderParams() {
     : "";
   if (!pipeline) return;
   const properties = pipeline.params.properties ?? {};
-  // The prompt first: it is what people change most.
-  const names = [...pipeline.live_params].sort((a, b) => (b === "prompt") - (a === "prompt"));
+  // In the order the pipeline declares them (related ones together), the prompt first: it is
+  // what people change most.
+  const liveNames = new Set(pipeline.live_params);
+  const names = [...Object.keys(properties).filter((n) => liveNames.has(n)), ...liveNames]
+    .filter((name, i, all) => all.indexOf(name) === i)
+    .sort((a, b) => (b === "prompt") - (a === "prompt"));
+  const advanced = [];
   for (const name of names) {
     const schema = properties[name] && editable(properties[name]);
-    if (schema) ui.paramFields.append(paramField(name, schema));
+    // Hidden: accepted for Livepeer's gateways but not something this pipeline does.
+    if (!schema || schema.ui === "hidden") continue;
+    const field = paramField(name, schema);
+    if (schema.ui === "advanced") advanced.push(field);
+    else ui.paramFields.append(field);
+  }
+  if (advanced.length) {
+    const more = document.createElement("details");
+    more.className = "disclosure";
+    more.id = "advanced-params";
+    const summary = document.createElement("summary");
+    summary.textContent = `More parameters (${advanced.length})`;
+    more.append(summary, ...advanced);
+    ui.paramFields.append(more);
   }
   if (!ui.paramFields.children.length) {
     ui.paramsNote.textContent = "This pipeline has no live parameters.";
@@ -231,6 +279,7 @@ function paramField(name, schema) {
   label.htmlFor = id;
   label.textContent = titleOf(name, schema);
   let control;
+  let kind = schema.enum ? "enum" : schema.type;
   if (schema.enum) {
     control = document.createElement("select");
     for (const value of schema.enum) control.add(new Option(String(value), String(value)));
@@ -244,12 +293,19 @@ function paramField(name, schema) {
     control = document.createElement(name === "prompt" ? "textarea" : "input");
     if (name !== "prompt") control.type = "text";
     control.value = typeof schema.default === "string" ? schema.default : "";
+  } else if (schema.type === "array") {
+    kind = "integer-list";
+    control = document.createElement("input");
+    control.type = "text";
+    control.inputMode = "numeric";
+    control.spellcheck = false;
+    control.value = Array.isArray(schema.default) ? schema.default.join(", ") : "";
   } else {
     control = numberControl(schema);
   }
   control.id = id;
   control.name = name;
-  control.dataset.kind = schema.enum ? "enum" : schema.type;
+  control.dataset.kind = kind;
   if (schema.type === "boolean") field.append(control, " ", label);
   else field.append(label);
   if (control.type === "range") {
@@ -275,16 +331,22 @@ function paramField(name, schema) {
   return field;
 }
 
+// Integers with more values than this get a number box: a slider with a hundred stops (or
+// 2^64, for a seed) is no way to pick one exact value.
+const SLIDER_MAX_STOPS = 20;
+
 function numberControl(schema) {
   const control = document.createElement("input");
   const bounded = schema.minimum != null && schema.maximum != null;
-  control.type = bounded ? "range" : "number";
+  const stops = bounded ? (schema.maximum - schema.minimum) / (schema.multipleOf ?? 1) : Infinity;
+  const slider = bounded && (schema.type !== "integer" || stops <= SLIDER_MAX_STOPS);
+  control.type = slider ? "range" : "number";
   if (schema.minimum != null) control.min = schema.minimum;
   if (schema.maximum != null) control.max = schema.maximum;
   if (schema.type === "integer") control.step = schema.multipleOf ?? 1;
-  else control.step = bounded ? sliderStep(schema) : "any";
+  else control.step = slider ? sliderStep(schema) : "any";
   if (typeof schema.default === "number") control.value = schema.default;
-  else if (bounded) control.value = schema.minimum;
+  else if (slider) control.value = schema.minimum;
   return control;
 }
 
@@ -297,12 +359,20 @@ function sliderStep(schema) {
   return Math.abs(offset - Math.round(offset)) < 1e-9 ? step : "any";
 }
 
+// "12, 20, 32" -> [12, 20, 32]; anything else goes as typed, and the service's 422 says what
+// is wrong with it.
+function integerList(text) {
+  const parts = text.split(/[\s,]+/).filter(Boolean);
+  return parts.length && parts.every((p) => /^-?\d+$/.test(p)) ? parts.map(Number) : text;
+}
+
 // The full parameter set: control messages replace the whole set, so every control is sent.
 function paramValues() {
   const values = {};
   for (const control of ui.paramFields.querySelectorAll("[name]")) {
     const kind = control.dataset.kind;
     if (kind === "boolean") values[control.name] = control.checked;
+    else if (kind === "integer-list") values[control.name] = integerList(control.value);
     else if (kind === "number" || kind === "integer") {
       if (control.value === "") continue;
       values[control.name] = kind === "integer" ? parseInt(control.value, 10) : Number(control.value);
@@ -313,23 +383,44 @@ function paramValues() {
 
 let paramsTimer = null;
 
+function sessionRunning() {
+  return Boolean(live?.session && !live.stopping && !live.ended);
+}
+
+const NOT_RUNNING_NOTE = "No session is running: these apply when you start one.";
+
 function paramsChanged() {
-  if (!live?.session) return;
   clearTimeout(paramsTimer);
+  if (!sessionRunning()) {
+    // Before Start, or after Stop: nothing receives them now, and the start sends them all.
+    if (ui.paramFields.children.length) ui.paramsNote.textContent = NOT_RUNNING_NOTE;
+    return;
+  }
   paramsTimer = setTimeout(sendParams, PARAMS_DEBOUNCE_MS);
 }
 
 async function sendParams() {
-  const session = live?.session;
-  if (!session) return;
+  const current = live;
+  if (!sessionRunning()) {
+    ui.paramsNote.textContent = NOT_RUNNING_NOTE;
+    return;
+  }
+  const values = paramValues();
+  const sent = JSON.stringify(values);
+  // A text field fires "input" while typing and "change" when it loses focus: one set, once.
+  if (sent === current.paramsSent) return;
   try {
-    const answer = await api("POST", `/live-video-to-video/${session.session_id}/params`, paramValues());
+    const path = `/live-video-to-video/${current.session.session_id}/params`;
+    const answer = await api("POST", path, values);
+    if (live !== current || !sessionRunning()) return; // stopped meanwhile: its note is set
+    current.paramsSent = sent;
     ui.paramsNote.textContent = {
       live: "Applied live.",
       reload: "Applied: the pipeline reloads.",
-      unchanged: "Unchanged.",
+      unchanged: "Already applied.",
     }[answer.outcome] ?? "";
   } catch (error) {
+    if (live !== current || !sessionRunning()) return;
     ui.paramsNote.textContent = "";
     showError(`The parameters were not taken: ${error.message}`);
   }
@@ -465,7 +556,10 @@ function onEvent(event) {
         setState("loading", `Loading the ${event.pipeline} pipeline…`);
         break;
       case "ONLINE":
-        setState("online", `${event.pipeline} is live.`);
+        // Ready and fed, but "live" only once restyled frames go out (the session sends a
+        // status with the first one).
+        if (event.frames_out) setState("online", `${event.pipeline} is live.`);
+        else setState("connecting", "Waiting for the first restyled frame…");
         break;
       case "DEGRADED_INPUT":
         setState("degraded", "Waiting for video from the camera…");
@@ -511,10 +605,12 @@ async function start() {
     listCameras(); // the labels are known now
 
     setState("connecting", "Starting the session…");
+    const params = paramValues();
     current.session = await api("POST", "/live-video-to-video", {
       model_id: ui.pipeline.value,
-      params: paramValues(),
+      params,
     });
+    current.paramsSent = JSON.stringify(params);
     if (current.stopping) {
       // Stop came while the session was starting: end it here, nobody else knows of it.
       await api("DELETE", `/live-video-to-video/${current.session.session_id}`).catch(() => {});
@@ -567,6 +663,8 @@ async function teardown(state, detail) {
   if (!current) return;
   current.stopping = true;
   clearTimeout(paramsTimer);
+  // What the note said was about the session that ends here.
+  if (ui.paramsNote.textContent !== NOT_RUNNING_NOTE) ui.paramsNote.textContent = "";
   await releasePeers(current);
   for (const track of current.camera?.getTracks() ?? []) track.stop();
   ui.input.srcObject = null;

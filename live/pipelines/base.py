@@ -13,16 +13,35 @@ from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, JsonValue
 
 if TYPE_CHECKING:
     from runtime.runtime import Runtime
 
 
-class PipelineParams(BaseModel):
-    """Params every live pipeline accepts. Unknown fields are refused, as ai-runner does."""
+ADVANCED: dict[str, JsonValue] = {"x-ui": "advanced"}
+"""A param's `json_schema_extra` when a form should fold it away: it fine-tunes, it is not what
+people reach for first."""
 
-    model_config = ConfigDict(extra="forbid")
+HIDDEN: dict[str, JsonValue] = {"x-ui": "hidden"}
+"""A param's `json_schema_extra` when a form should not offer it: it is accepted so that a
+Livepeer gateway's full parameter sets validate, but it names a feature this runner refuses
+when enabled, or one only such a feature uses."""
+
+
+def _sentence_case(name: str, _info: object) -> str:
+    # One label style for every client that shows the schema: "edge_threshold" -> "Edge
+    # threshold" (pydantic's default would say "Edge Threshold").
+    return name.replace("_", " ").capitalize()
+
+
+class PipelineParams(BaseModel):
+    """Params every live pipeline accepts. Unknown fields are refused, as ai-runner does.
+
+    Their JSON schema is what `/pipelines` shows and the page builds its form from: titles in
+    sentence case, `x-ui` (ADVANCED, HIDDEN) saying how prominently a form offers each."""
+
+    model_config = ConfigDict(extra="forbid", field_title_generator=_sentence_case)
 
     width: int | None = Field(
         None,
@@ -38,7 +57,9 @@ class PipelineParams(BaseModel):
         multiple_of=2,
         description="output height, even (default: the input's); fixed per stream",
     )
-    show_reloading_frame: bool = Field(True, description="show the loading frame while reloading")
+    show_reloading_frame: bool = Field(
+        True, description="show the loading frame while reloading", json_schema_extra=ADVANCED
+    )
 
 
 @dataclass(frozen=True)

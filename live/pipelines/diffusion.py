@@ -17,7 +17,7 @@ import itertools
 import logging
 from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
 import numpy as np
 from pydantic import Field, field_validator, model_validator
@@ -27,7 +27,7 @@ from runtime.device import choose_device, free_gpu_memory, has_gpu
 from runtime.library_logs import route_library_logs
 from runtime.models import ModelNotFound, folder_size, resolve_model
 
-from .base import LivePipeline, PipelineContext, PipelineParams
+from .base import ADVANCED, HIDDEN, LivePipeline, PipelineContext, PipelineParams
 from .bounds import (
     OPTION_MAX_ENTRIES,
     OptionList,
@@ -69,42 +69,112 @@ class StreamDiffusionParams(PipelineParams):
     width: int | None = Field(512, ge=64, le=1024, multiple_of=8, description="output width")
     height: int | None = Field(512, ge=64, le=1024, multiple_of=8, description="output height")
     prompt: PromptText | WeightedPrompts = Field(
-        "flowers", description="prompt, or [prompt, weight] pairs (8 at most)"
+        "flowers", description="what the video becomes; over the API also [prompt, weight] pairs"
     )
-    prompt_interpolation_method: Literal["linear", "slerp"] = "slerp"
-    normalize_prompt_weights: bool = True
-    negative_prompt: PromptText = "blurry, low quality, flat, 2d"
-    guidance_scale: float = 1.0
-    delta: float = 0.7
-    num_inference_steps: int = Field(50, ge=1, le=100)
-    t_index_list: list[int] = Field(
-        default_factory=lambda: [12, 20, 32], min_length=1, max_length=4
+    prompt_interpolation_method: Literal["linear", "slerp"] = Field(
+        "slerp", description="how weighted prompts blend", json_schema_extra=ADVANCED
     )
-    seed: Seed | WeightedSeeds = Field(789, description="seed, or [seed, weight] pairs (8 at most)")
-    seed_interpolation_method: Literal["linear", "slerp"] = "linear"
-    normalize_seed_weights: bool = True
-    use_denoising_batch: bool = True
-    do_add_noise: bool = True
-    skip_diffusion: bool = False
-    enable_similar_image_filter: bool = False
-    similar_image_filter_threshold: float = Field(0.98, ge=0.0, le=1.0)
-    similar_image_filter_max_skip_frame: int = Field(10, ge=0)
-    acceleration: Literal["none", "xformers", "tensorrt", "compile"] = "none"
+    normalize_prompt_weights: bool = Field(
+        True, description="scale prompt weights to sum to 1", json_schema_extra=ADVANCED
+    )
+    negative_prompt: PromptText = Field(
+        "blurry, low quality, flat, 2d",
+        description="what to steer away from, when guidance scale is above 1",
+    )
+    guidance_scale: float = Field(1.0, description="above 1: follow the prompt more closely")
+    delta: float = Field(
+        0.7,
+        title="Self-guidance",
+        description="self-guidance strength, when guidance scale is above 1 and there is no "
+        "negative prompt",
+        json_schema_extra=ADVANCED,
+    )
+    num_inference_steps: int = Field(
+        50,
+        ge=1,
+        le=100,
+        title="Schedule length",
+        description="points of the noise schedule that denoising steps pick from; "
+        "not the steps run per frame",
+        json_schema_extra=ADVANCED,
+    )
+    t_index_list: list[Annotated[int, Field(ge=0, le=99)]] = Field(
+        # A value (pydantic copies it per instance), not a factory: the schema shows it.
+        default=[12, 20, 32],
+        min_length=1,
+        max_length=4,
+        title="Denoising steps",
+        description="1 to 4 schedule points, ascending, each below the schedule length: one "
+        "step each; lower points restyle more",
+    )
+    seed: Seed | WeightedSeeds = Field(
+        789, description="the noise pattern; over the API also [seed, weight] pairs"
+    )
+    seed_interpolation_method: Literal["linear", "slerp"] = Field(
+        "linear", description="how weighted seeds blend", json_schema_extra=ADVANCED
+    )
+    normalize_seed_weights: bool = Field(
+        True, description="scale seed weights to sum to 1", json_schema_extra=ADVANCED
+    )
+    use_denoising_batch: bool = Field(
+        True,
+        title="Stream batch",
+        description="all steps in one UNet call (the output trails by steps - 1 frames)",
+        json_schema_extra=ADVANCED,
+    )
+    do_add_noise: bool = Field(
+        True,
+        title="Fresh noise between steps",
+        description="fresh noise between steps when not batched (else the removed noise)",
+        json_schema_extra=ADVANCED,
+    )
+    skip_diffusion: bool = Field(
+        False, description="pass the camera through unchanged", json_schema_extra=ADVANCED
+    )
+    enable_similar_image_filter: bool = Field(
+        False,
+        title="Similar image filter",
+        description="repeat the last output while the camera image barely changes",
+        json_schema_extra=ADVANCED,
+    )
+    similar_image_filter_threshold: float = Field(
+        0.98,
+        title="Similar image threshold",
+        ge=0.0,
+        le=1.0,
+        description="similarity above which a frame is skipped",
+        json_schema_extra=ADVANCED,
+    )
+    similar_image_filter_max_skip_frame: int = Field(
+        10,
+        title="Similar images skipped in a row",
+        ge=0,
+        description="at most; then one frame is processed",
+        json_schema_extra=ADVANCED,
+    )
+    acceleration: Literal["none", "xformers", "tensorrt", "compile"] = Field(
+        "none",
+        description="compile: the UNet and decoder through torch.compile",
+        json_schema_extra=ADVANCED,
+    )
     # Accepted so that a Livepeer gateway's full parameter sets validate; refused when they ask
-    # for something this pipeline does not do (yet), rather than silently ignored.
-    use_lcm_lora: bool = True
-    lcm_lora_id: ModelId = "latent-consistency/lcm-lora-sdv1-5"
-    lora_dict: dict[ModelId, float] | None = Field(None, max_length=OPTION_MAX_ENTRIES)
-    use_safety_checker: bool = False
-    safety_checker_threshold: float = 0.5
-    controlnets: OptionList = Field(default_factory=list)
-    ip_adapter: Options | None = None
-    ip_adapter_style_image_url: Url | None = None
-    image_preprocessing: Options | None = None
-    image_postprocessing: Options | None = None
-    latent_preprocessing: Options | None = None
-    latent_postprocessing: Options | None = None
-    cached_attention: Options | None = None
+    # for something this pipeline does not do (yet), rather than silently ignored. Not offered
+    # (HIDDEN): a form shows what the pipeline does.
+    use_lcm_lora: bool = Field(True, json_schema_extra=HIDDEN)
+    lcm_lora_id: ModelId = Field("latent-consistency/lcm-lora-sdv1-5", json_schema_extra=HIDDEN)
+    lora_dict: dict[ModelId, float] | None = Field(
+        None, max_length=OPTION_MAX_ENTRIES, json_schema_extra=HIDDEN
+    )
+    use_safety_checker: bool = Field(False, json_schema_extra=HIDDEN)
+    safety_checker_threshold: float = Field(0.5, json_schema_extra=HIDDEN)
+    controlnets: OptionList = Field(default_factory=list, json_schema_extra=HIDDEN)
+    ip_adapter: Options | None = Field(None, json_schema_extra=HIDDEN)
+    ip_adapter_style_image_url: Url | None = Field(None, json_schema_extra=HIDDEN)
+    image_preprocessing: Options | None = Field(None, json_schema_extra=HIDDEN)
+    image_postprocessing: Options | None = Field(None, json_schema_extra=HIDDEN)
+    latent_preprocessing: Options | None = Field(None, json_schema_extra=HIDDEN)
+    latent_postprocessing: Options | None = Field(None, json_schema_extra=HIDDEN)
+    cached_attention: Options | None = Field(None, json_schema_extra=HIDDEN)
 
     @field_validator("t_index_list")
     @classmethod
@@ -124,6 +194,8 @@ class StreamDiffusionParams(PipelineParams):
             unsupported.append("ip_adapter")
         if self.lora_dict:
             unsupported.append("lora_dict")
+        if self.use_safety_checker:
+            unsupported.append("use_safety_checker")
         for name in (
             "image_preprocessing",
             "image_postprocessing",
