@@ -1,18 +1,19 @@
 """The worker process's side: runs the operations the service asks for, live calls first.
 
-A reader thread takes requests off the pipe into a priority queue; the main thread runs them
-one at a time, so every model call of the device happens on one thread. A batch operation lets
-waiting live calls in at its safe points with `yield_to_live()` (a stream does so between its
-items by itself). When the service's end of the pipe closes without a STOP, the service is
-gone: the process exits at once, whatever it was running.
+The main thread reads the requests that have arrived into a priority queue between calls and
+runs them one at a time, so every model call of the device happens on one thread. A batch
+operation lets waiting live calls in at its safe points with `yield_to_live()` (a stream does
+so between its items by itself). When the service's end of the pipe closes without a STOP, the
+service is gone: a watch thread ends the process at once, whatever it was running.
 """
 
 from __future__ import annotations
 
+import heapq
 import inspect
 import itertools
 import os
-import queue
+import select
 import signal
 import sys
 import threading
@@ -20,6 +21,8 @@ import types
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
+
+import numpy as np
 
 from . import worker_protocol as wp
 from .frame_ring import FrameRing
@@ -63,66 +66,77 @@ def serve(
         child.close()
 
 
+def _exit_when_closed(requests_fd: int) -> None:
+    """End the process when the service's end of the requests pipe closes without a STOP (the
+    service died), even while an operation holds the main thread."""
+    hangup = select.poll()
+    hangup.register(requests_fd, 0)  # no events asked for: only a hangup wakes it
+    while True:
+        for _, event in hangup.poll():
+            if event & (select.POLLHUP | select.POLLERR | select.POLLNVAL):
+                os._exit(0)
+
+
 class _Child:
     def __init__(self, requests_fd: int, replies_fd: int, ring_in: FrameRing, ring_out: FrameRing):
         self._requests_fd = requests_fd
         self._replies_fd = replies_fd
         self._ring_in = ring_in
         self._ring_out = ring_out
-        self._queue: queue.PriorityQueue[tuple[int, int, tuple[Any, ...]]] = queue.PriorityQueue()
+        # Requests are read on the main thread, between calls: a handoff from a reader thread
+        # would cost each call two thread switches.
+        self._waiting: list[tuple[int, int, tuple[Any, ...]]] = []
         self._order = itertools.count()
+        self._decoder = wp.Decoder()
+        self._readable = select.poll()
+        self._readable.register(requests_fd, select.POLLIN)
         self._cancelled: set[int] = set()
-        self._lock = threading.Lock()
-        self._send_lock = threading.Lock()
         self._functions: dict[str, Callable[..., Any]] = {}
         self._objects: dict[int, Any] = {}
 
     def run(self) -> None:
-        reader = threading.Thread(target=self._read, name="worker-requests", daemon=True)
-        reader.start()
+        watch = threading.Thread(
+            target=_exit_when_closed, args=(self._requests_fd,), name="worker-watch", daemon=True
+        )
+        watch.start()
         self._send((wp.READY, os.getpid()))
         while True:
-            _, _, message = self._queue.get()
+            self._take_requests(wait=True)
+            _, _, message = heapq.heappop(self._waiting)
             if message[0] == wp.STOP:
                 return
             self._execute(message)
 
-    def _read(self) -> None:
-        while True:
-            try:
-                message = wp.read_message(self._requests_fd)
-            except (OSError, ValueError, EOFError):
-                message = None
-            if message is None:
-                # The service is gone: nobody is left to answer.
-                os._exit(0)
-            kind = message[0]
-            if kind == wp.CALL:
-                self._queue.put((LIVE if message[2] else BATCH, next(self._order), message))
-            elif kind == wp.CANCEL:
-                with self._lock:
+    def _take_requests(self, wait: bool) -> None:
+        """Queue every request that has arrived; with `wait`, block until there is one."""
+        while self._readable.poll(-1 if wait and not self._waiting else 0):
+            data = os.read(self._requests_fd, 1 << 16)
+            if not data:
+                os._exit(0)  # the service is gone: nobody is left to answer
+            for message in self._decoder.feed(data):
+                kind = message[0]
+                if kind == wp.CANCEL:
                     self._cancelled.add(message[1])
-            elif kind == wp.RELEASE:
-                self._queue.put((LIVE, next(self._order), message))
-            elif kind == wp.STOP:
-                self._queue.put((LAST, next(self._order), message))
+                    continue
+                if kind == wp.CALL:
+                    priority = LIVE if message[2] else BATCH
+                else:
+                    priority = LIVE if kind == wp.RELEASE else LAST
+                heapq.heappush(self._waiting, (priority, next(self._order), message))
 
     def yield_to_live(self) -> int:
+        self._take_requests(wait=False)
         ran = 0
-        while True:
-            with self._queue.mutex:
-                waiting = self._queue.queue
-                if not waiting or waiting[0][0] != LIVE:
-                    return ran
-            self._execute(self._queue.get_nowait()[2])
+        while self._waiting and self._waiting[0][0] == LIVE:
+            self._execute(heapq.heappop(self._waiting)[2])
             ran += 1
+        return ran
 
     def _is_cancelled(self, call_id: int) -> bool:
-        with self._lock:
-            if call_id in self._cancelled:
-                self._cancelled.discard(call_id)
-                return True
-            return False
+        if call_id in self._cancelled:
+            self._cancelled.discard(call_id)
+            return True
+        return False
 
     def _execute(self, message: tuple[Any, ...]) -> None:
         if message[0] == wp.RELEASE:
@@ -165,8 +179,6 @@ class _Child:
         return function
 
     def _reply(self, call_id: int, result: Any, out_slot: int | None) -> None:
-        import numpy as np
-
         if out_slot is not None and isinstance(result, np.ndarray) and self._ring_out.fits(result):
             spec = self._ring_out.write(out_slot, result)
             self._send((wp.RESULT, call_id, None, spec))
@@ -179,6 +191,7 @@ class _Child:
         try:
             for item in items:
                 self._send((wp.ITEM, call_id, item))
+                self._take_requests(wait=False)
                 if self._is_cancelled(call_id):
                     break
                 self.yield_to_live()
@@ -198,11 +211,10 @@ class _Child:
             if message[0] not in (wp.RESULT, wp.ITEM):
                 raise
             raise ValueError(f"the result cannot be sent back: {exc}") from exc
-        with self._send_lock:
-            try:
-                wp.write_all(self._replies_fd, data)
-            except BrokenPipeError:
-                os._exit(0)  # the service is gone
+        try:
+            wp.write_all(self._replies_fd, data)
+        except BrokenPipeError:
+            os._exit(0)  # the service is gone
 
     def close(self) -> None:
         self._objects.clear()
