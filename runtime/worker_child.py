@@ -142,13 +142,14 @@ class _Child:
         if message[0] == wp.RELEASE:
             self._objects.pop(message[1], None)
             return
-        _, call_id, _, target, args, kwargs, frame_in, out_slot, keep, stream = message
+        _, call_id, _, target, arguments, frame_in, out_slot, keep, stream = message
         if self._is_cancelled(call_id):
             self._send((wp.SKIPPED, call_id))
             return
         self._send((wp.STARTED, call_id))
         try:
             function = self._function(target)
+            args, kwargs = wp.loads(arguments)
             if frame_in is not None:
                 args = (self._ring_in.view(frame_in), *args)
             result = function(*args, **kwargs)
@@ -159,7 +160,7 @@ class _Child:
                 result = list(result)
             if keep:
                 self._objects[call_id] = result
-                self._send((wp.RESULT, call_id, call_id, None))
+                self._send((wp.RESULT, call_id, wp.dumps(call_id), None))
             else:
                 self._reply(call_id, result, out_slot)
         except (SystemExit, KeyboardInterrupt):
@@ -183,14 +184,14 @@ class _Child:
             spec = self._ring_out.write(out_slot, result)
             self._send((wp.RESULT, call_id, None, spec))
         else:
-            self._send((wp.RESULT, call_id, result, None))
+            self._send((wp.RESULT, call_id, self._dumps(result), None))
 
     def _stream(self, call_id: int, items: Any) -> None:
         if not hasattr(items, "__next__") and not inspect.isgenerator(items):
             items = iter(items)
         try:
             for item in items:
-                self._send((wp.ITEM, call_id, item))
+                self._send((wp.ITEM, call_id, self._dumps(item)))
                 self._take_requests(wait=False)
                 if self._is_cancelled(call_id):
                     break
@@ -204,13 +205,15 @@ class _Child:
     def _send_error(self, call_id: int, exc: BaseException) -> None:
         self._send((wp.ERROR, call_id, type(exc).__name__, str(exc), poisons_device(exc)))
 
-    def _send(self, message: tuple[Any, ...]) -> None:
+    @staticmethod
+    def _dumps(value: Any) -> bytes:
         try:
-            data = wp.encode(message)
-        except Exception as exc:  # a result that does not pickle, or is over the size limit
-            if message[0] not in (wp.RESULT, wp.ITEM):
-                raise
+            return wp.dumps(value)
+        except Exception as exc:  # a result that does not pickle
             raise ValueError(f"the result cannot be sent back: {exc}") from exc
+
+    def _send(self, message: tuple[Any, ...]) -> None:
+        data = wp.encode(message)
         try:
             wp.write_all(self._replies_fd, data)
         except BrokenPipeError:

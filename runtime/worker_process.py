@@ -4,7 +4,7 @@ Why processes. A model call that hangs holds its thread for good, and some GPU f
 illegal memory access, a device-side assert) leave the CUDA context unusable for the rest of
 the process. With the calls in a child process, the service ends the child and starts a fresh
 one; every session, peer and channel of the service stays up. The child is started with
-`spawn` (or `forkserver`): the service's process has threads, an event loop and perhaps CUDA,
+`spawn`: the service's process has threads, an event loop and perhaps CUDA,
 none of which survive a `fork`.
 
 Protocol (worker_protocol.py). Two pipes: requests one way, replies the other, each message a
@@ -83,11 +83,10 @@ class ProcessWorkerConfig:
     failure_window_s: float = 300.0
     backoff_base_s: float = 0.5
     backoff_max_s: float = 30.0
-    stop_grace_s: float = 5.0
+    stop_grace_s: float = 3.0
     """At close, how long the child may take to finish the calls already queued."""
     kill_wait_s: float = 2.0
     """How long a terminated or killed child may take to end before it is given up on."""
-    start_method: Literal["spawn", "forkserver"] = "spawn"
     env: tuple[tuple[str, str], ...] = ()
     """Environment set in the child before any operation runs (e.g. CUDA_VISIBLE_DEVICES)."""
 
@@ -444,6 +443,8 @@ class ProcessWorker:
             )
         call_id = next(self._ids)
         timeout = self.config.call_timeout_s if timeout_s is None else timeout_s
+        if not timeout > 0:
+            raise ValueError(f"a call's timeout is a positive number of seconds, not {timeout}")
         call = _Call(call_id, what, live, timeout, keep)
         frame_in = None
         if frame is not None:
@@ -456,8 +457,10 @@ class ProcessWorker:
             if call.in_slot is not None:
                 assert frame is not None
                 frame_in = gen.ring_in.write(call.in_slot, frame)
-            message = (wp.CALL, call_id, live, wire, args, kwargs, frame_in, call.out_slot)
-            data = wp.encode((*message, keep, stream))
+            arguments = wp.dumps((args, kwargs))
+            data = wp.encode(
+                (wp.CALL, call_id, live, wire, arguments, frame_in, call.out_slot, keep, stream)
+            )
         except Exception as exc:
             self._free_slots(gen, call)
             raise TypeError(f"the call cannot be sent to the worker: {exc}") from exc
@@ -526,6 +529,13 @@ class ProcessWorker:
     def _on_message(self, gen: _Generation, message: tuple[Any, ...]) -> None:
         if gen.dead:
             return
+        try:
+            self._dispatch(gen, message)
+        except Exception as exc:
+            logger.exception("worker %s sent a message the service cannot use", self.config.name)
+            self._lose(gen, f"the worker process broke the protocol ({type(exc).__name__})")
+
+    def _dispatch(self, gen: _Generation, message: tuple[Any, ...]) -> None:
         kind = message[0]
         if kind == wp.READY:
             self._on_ready(gen)
@@ -539,16 +549,20 @@ class ProcessWorker:
                 assert self._loop is not None
                 call.timer = self._loop.call_later(call.timeout_s, self._timed_out, gen, call)
         elif kind == wp.RESULT:
-            value, spec = message[2], message[3]
-            if spec is not None:
-                value = gen.ring_out.read(spec)
-            if call.keep:
-                value = ObjectRef(value, gen.number, call.what)
+            try:
+                value = gen.ring_out.read(message[3]) if message[3] else wp.loads(message[2])
+            except Exception as exc:
+                self._finish(gen, call)
+                call.fail(_unreadable(exc))
+                return
             self._finish(gen, call)
-            call.resolve(value)
+            call.resolve(ObjectRef(value, gen.number, call.what) if call.keep else value)
         elif kind == wp.ITEM:
             assert call.items is not None
-            call.items.put_nowait(message[2])
+            try:
+                call.items.put_nowait(wp.loads(message[2]))
+            except Exception as exc:
+                call.items.put_nowait(_unreadable(exc))
         elif kind == wp.DONE:
             self._finish(gen, call)
             assert call.items is not None
@@ -786,7 +800,7 @@ class ProcessWorker:
 def _spawn(config: ProcessWorkerConfig, name: str) -> tuple[Any, list[FrameRing], int, int]:
     """Start a child with its two frame rings: the process, the rings, and the service's ends
     of the requests and replies pipes."""
-    context = multiprocessing.get_context(config.start_method)
+    context = multiprocessing.get_context("spawn")
     requests_r, requests_w = os.pipe()
     replies_r, replies_w = os.pipe()
     # Wrapped so multiprocessing hands these two descriptors to the child.
@@ -821,6 +835,10 @@ def _spawn(config: ProcessWorkerConfig, name: str) -> tuple[Any, list[FrameRing]
 def _close_rings(*rings: FrameRing) -> None:
     for ring in rings:
         ring.close()
+
+
+def _unreadable(exc: Exception) -> OperationFailed:
+    return OperationFailed(type(exc).__name__, f"the service cannot read the result: {exc}")
 
 
 def _kill(process: Any) -> None:

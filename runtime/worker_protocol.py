@@ -4,7 +4,8 @@ A message is a tuple, pickled, behind a 4-byte big-endian length. Frames never t
 a call names its shared-memory slots (`FrameSpec`), see frame_ring.py.
 
 Parent to child:
-    (CALL, id, live, target, args, kwargs, frame_in, out_slot, keep, stream)
+    (CALL, id, live, target, arguments, frame_in, out_slot, keep, stream)
+                      arguments: (args, kwargs), pickled on their own
     (CANCEL, id)      skip the call if it has not started; end a stream at its next item
     (RELEASE, obj)    forget an object made with `keep`
     (STOP,)           finish what is queued, then exit
@@ -12,11 +13,15 @@ Parent to child:
 Child to parent:
     (READY, pid)
     (STARTED, id)                         the call's timeout counts from here
-    (RESULT, id, value, frame_out)        frame_out: a FrameSpec when the result is a frame
-    (ITEM, id, value)                     one item of a stream
+    (RESULT, id, value, frame_out)        value pickled on its own; frame_out: a FrameSpec
+                                          when the result is a frame
+    (ITEM, id, value)                     one item of a stream, pickled on its own
     (DONE, id)                            the stream ended
     (ERROR, id, type_name, message, poisoned)
     (SKIPPED, id)                         cancelled before it started
+
+Arguments and results are pickled on their own inside the message: one the other side cannot
+unpickle (a class it cannot import) fails that call, not the pipe.
 
 A target is "package.module:attribute" (a function, or a class to build an object from with
 `keep`), or (object id, method name) for an object kept in the child.
@@ -49,8 +54,16 @@ MAX_MESSAGE_BYTES = 256 * 2**20
 Target = str | tuple[int, str]
 
 
+def dumps(value: Any) -> bytes:
+    return pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def loads(data: bytes) -> Any:
+    return pickle.loads(data)
+
+
 def encode(message: tuple[Any, ...]) -> bytes:
-    body = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    body = dumps(message)
     if len(body) > MAX_MESSAGE_BYTES:
         raise ValueError(f"a message of {len(body)} bytes is over the {MAX_MESSAGE_BYTES} limit")
     return HEADER.pack(len(body)) + body

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import threading
+import types
 from collections.abc import AsyncIterator
 from multiprocessing import resource_tracker
 from pathlib import Path
@@ -149,11 +150,32 @@ async def test_errors_come_back_as_type_and_message_and_the_worker_goes_on(
         worker.submit("not a path")
     with pytest.raises(TypeError, match="cannot be sent to the worker"):
         worker.submit(f"{OPS}:add", threading.Lock())
+    with pytest.raises(ValueError, match="positive number of seconds"):
+        worker.submit(f"{OPS}:add", 1, timeout_s=0)
+    # Values one side cannot unpickle fail their call, not the pipe.
+    with pytest.raises(OperationFailed, match="service cannot read the result"):
+        await worker.call(f"{OPS}:only_here")
+    with pytest.raises(OperationFailed) as unreadable:
+        await worker.call(f"{OPS}:add", _only_in_the_service())
+    assert unreadable.value.type_name == "ModuleNotFoundError"
     too_big = np.zeros((65, 64, 3), np.uint8)
     with pytest.raises(ValueError, match=f"larger than the worker's {SLOT}-byte frame slots"):
         worker.submit("runtime.worker_ops:noop", frame=too_big)
     assert await worker.call(f"{OPS}:add", 1) == 1
     assert worker.status().pid == pid and worker.status().generation == 1
+
+
+def _only_in_the_service() -> object:
+    """An object of a module that exists in this process alone."""
+    module = types.ModuleType("only_in_the_service")
+
+    class Thing:
+        pass
+
+    Thing.__module__, Thing.__qualname__ = module.__name__, "Thing"
+    module.Thing = Thing  # type: ignore[attr-defined]
+    sys.modules[module.__name__] = module
+    return Thing()
 
 
 async def test_live_calls_run_before_queued_batch_calls(

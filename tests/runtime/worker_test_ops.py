@@ -107,3 +107,18 @@ class Counter:
 def frame_after_file(frame: np.ndarray, path: str) -> np.ndarray:
     wait_for_file(path)
     return frame
+
+
+def only_here() -> object:
+    """An object of a module that exists in this worker process alone."""
+    import types
+
+    module = types.ModuleType("only_in_the_worker")
+
+    class Thing:
+        pass
+
+    Thing.__module__, Thing.__qualname__ = module.__name__, "Thing"
+    module.Thing = Thing  # type: ignore[attr-defined]
+    sys.modules[module.__name__] = module
+    return Thing()
