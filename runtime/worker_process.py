@@ -76,6 +76,8 @@ class ProcessWorkerConfig:
     """Frame slots each way: frames in flight at once (a call past them gets `WorkerBusy`)."""
     slot_bytes: int = 512 * 512 * 3
     """The largest frame, in bytes; a result frame larger than this comes back pickled."""
+    max_calls: int = 256
+    """Calls in flight at once (queued or running); past them a call gets `WorkerBusy`."""
     call_timeout_s: float = 60.0
     """A call's default limit, from when the child starts it (`math.inf`: none)."""
     start_timeout_s: float = 60.0
@@ -317,8 +319,10 @@ class ProcessWorker:
         **kwargs: Any,
     ) -> asyncio.Future[Any]:
         """A live call: `target(frame, *args, **kwargs)` in the child (without `frame` when
-        None). The future holds its result; a frame result comes back through shared memory.
-        Cancelling the future skips the call if the child has not started it."""
+        None). The operation gets the frame as a read-only view of its shared-memory slot,
+        valid during the call only (copy what it keeps). The future holds its result; a frame
+        result comes back through shared memory, as the caller's own array. Cancelling the
+        future skips the call if the child has not started it."""
         return self._future(True, target, args, kwargs, frame, timeout_s)
 
     def submit_batch(
@@ -434,6 +438,10 @@ class ProcessWorker:
         else:
             wp.check_path(target)
             wire, what = target, target
+        if len(gen.calls) >= self.config.max_calls:
+            raise WorkerBusy(
+                f"the worker of {self.config.name} has {len(gen.calls)} calls in flight"
+            )
         if frame is not None and not isinstance(frame, np.ndarray):
             raise TypeError("a frame is a NumPy array")
         if frame is not None and not gen.ring_in.fits(frame):

@@ -210,6 +210,17 @@ async def test_frames_past_the_slots_are_refused_and_slots_come_back(
         await worker.call("runtime.worker_ops:noop", frame=frame)
 
 
+async def test_calls_past_the_bound_are_refused(tmp_path: Path) -> None:
+    gate = tmp_path / "gate"
+    async with ProcessWorker(config(max_calls=2)) as worker:
+        calls = [worker.submit(f"{OPS}:wait_for_file", str(gate)), worker.submit(f"{OPS}:add", 1)]
+        with pytest.raises(WorkerBusy, match="2 calls in flight"):
+            worker.submit(f"{OPS}:add", 2)
+        gate.touch()
+        assert await asyncio.gather(*calls) == ["released", 1]
+        assert await worker.call(f"{OPS}:add", 3) == 3
+
+
 async def test_a_timeout_counts_from_when_the_call_started(worker: ProcessWorker) -> None:
     slow = worker.submit(f"{OPS}:sleep", 0.3)
     # Queued behind the slow call for longer than its own limit: not timed out.
