@@ -78,24 +78,30 @@ def segments(pid: int | None = None) -> set[str]:
     return {name for name in os.listdir("/dev/shm") if name.startswith(prefix)}
 
 
-def leftovers() -> dict[str, object]:
+def snapshot() -> dict[str, Any]:
     return {
         # The loop's default executor (which starts the processes) keeps its threads.
-        "threads": {t.name for t in threading.enumerate() if not t.name.startswith("asyncio_")},
-        "fds": len(os.listdir("/proc/self/fd")),
+        "threads": {t for t in threading.enumerate() if not t.name.startswith("asyncio_")},
+        "fds": set(os.listdir("/proc/self/fd")),
         "segments": segments(),
         "processes": children(),
     }
+
+
+def new_since(before: dict[str, Any]) -> dict[str, Any]:
+    """What exists now and did not before (what an earlier test left may end meanwhile)."""
+    now = snapshot()
+    return {key: now[key] - before[key] for key in now if now[key] - before[key]}
 
 
 @pytest.fixture(autouse=True)
 async def nothing_left_behind() -> AsyncIterator[None]:
     # The tracker and its pipe live as long as this process: started here, not counted.
     resource_tracker.ensure_running()
-    before = leftovers()
+    before = snapshot()
     yield
-    if not await poll_until(lambda: leftovers() == before):
-        pytest.fail(f"left behind: before {before}, after {leftovers()}")
+    if not await poll_until(lambda: not new_since(before)):
+        pytest.fail(f"left behind: {new_since(before)}")
 
 
 @pytest.fixture
@@ -222,10 +228,10 @@ async def test_calls_past_the_bound_are_refused(tmp_path: Path) -> None:
 
 
 async def test_a_timeout_counts_from_when_the_call_started(worker: ProcessWorker) -> None:
-    slow = worker.submit(f"{OPS}:sleep", 0.3)
+    slow = worker.submit(f"{OPS}:sleep", 0.5)
     # Queued behind the slow call for longer than its own limit: not timed out.
-    quick = worker.submit(f"{OPS}:add", 7, timeout_s=0.1)
-    assert await asyncio.gather(slow, quick) == [0.3, 7]
+    quick = worker.submit(f"{OPS}:add", 7, timeout_s=0.25)
+    assert await asyncio.gather(slow, quick) == [0.5, 7]
     assert worker.status().generation == 1
 
 
