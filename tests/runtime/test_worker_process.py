@@ -32,7 +32,7 @@ from runtime.worker_errors import (
     WorkerUnavailable,
 )
 from runtime.worker_process import ProcessWorker, ProcessWorkerConfig, RestartInfo
-from tests.waiting import poll_until, poll_until_blocking, wait_until
+from tests.waiting import WAIT_S, poll_until, poll_until_blocking, wait_until
 
 pytestmark = pytest.mark.blockbuster
 
@@ -197,6 +197,22 @@ async def test_live_calls_run_before_queued_batch_calls(
     assert await blocker == "released"
     assert await asyncio.gather(*live) == [0, 1]
     assert await asyncio.gather(*batch) == [2, 3, 4]
+
+
+async def test_a_batch_job_lets_live_calls_in_between_its_steps(
+    worker: ProcessWorker, tmp_path: Path
+) -> None:
+    gate = tmp_path / "gate"
+    job = worker.submit_batch(f"{OPS}:steps_until_file", str(gate))
+    await running(worker)
+    # Answered while the job still runs: it would otherwise wait for the gate, which only
+    # opens after it.
+    async with asyncio.timeout(WAIT_S):
+        assert await worker.call(f"{OPS}:add", 1) == 1
+        assert await worker.call(f"{OPS}:add", 2) == 2
+    assert not job.done()
+    gate.touch()
+    assert await job == 2
 
 
 async def test_frames_past_the_slots_are_refused_and_slots_come_back(
