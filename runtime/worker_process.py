@@ -577,13 +577,13 @@ class ProcessWorker:
             call.items.put_nowait(_END)
         elif kind == wp.ERROR:
             _, _, type_name, text, poisoned = message
-            self._finish(gen, call)
             if poisoned:
-                reason = f"the worker's device failed ({type_name}: {text})"
-                call.fail(WorkerLost(reason, self._retry_after()))
-                self._lose(gen, reason)
-            else:
-                call.fail(OperationFailed(type_name, text))
+                # This call fails with the others the child held: the device, not the call,
+                # is at fault, and a retry on the fresh child can succeed.
+                self._lose(gen, f"the worker's device failed ({type_name}: {text})")
+                return
+            self._finish(gen, call)
+            call.fail(OperationFailed(type_name, text))
         elif kind == wp.SKIPPED:
             self._finish(gen, call)
 
