@@ -1,0 +1,136 @@
+"""Operations the worker-process tests run in the child: ones that work, and ones that hang,
+abort, exit, raise or poison the device. Imported by path in the worker process."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from runtime.worker_errors import DevicePoisoned
+
+_ticks = itertools.count()
+
+
+def invert(frame: np.ndarray) -> np.ndarray:
+    return 255 - frame
+
+
+def crop(frame: np.ndarray, size: int) -> np.ndarray:
+    return np.ascontiguousarray(frame[:size, :size])
+
+
+def add(a: int, b: int = 0) -> int:
+    return a + b
+
+
+def tick(_tag: str) -> int:
+    """The order calls ran in, in this worker process."""
+    return next(_ticks)
+
+
+def wait_for_file(path: str) -> str:
+    """Hold the worker until the test creates `path`: a call the test knows is running."""
+    while not Path(path).exists():
+        time.sleep(0.005)
+    return "released"
+
+
+def sleep(seconds: float) -> float:
+    time.sleep(seconds)
+    return seconds
+
+
+def hang() -> None:
+    threading.Event().wait()
+
+
+def hang_ignoring_sigterm() -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    threading.Event().wait()
+
+
+def abort() -> None:
+    os.abort()
+
+
+def exit_with(code: int) -> None:
+    sys.exit(code)
+
+
+def fail(message: str) -> None:
+    raise ValueError(message)
+
+
+def poison() -> None:
+    raise DevicePoisoned("the test says the device is gone")
+
+
+def cuda_fault() -> None:
+    raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+
+def unpicklable() -> object:
+    return lambda: None
+
+
+def tokens(count: int) -> Iterator[str]:
+    for i in range(count):
+        yield f"t{i}"
+
+
+def endless() -> Iterator[int]:
+    yield from itertools.count()
+
+
+def tokens_then_fail() -> Iterator[str]:
+    yield "a"
+    raise ValueError("the model ran out of words")
+
+
+class Counter:
+    def __init__(self, start: int) -> None:
+        self.total = start
+
+    def add(self, n: int) -> int:
+        self.total += n
+        return self.total
+
+
+def frame_after_file(frame: np.ndarray, path: str) -> np.ndarray:
+    wait_for_file(path)
+    return frame
+
+
+def only_here() -> object:
+    """An object of a module that exists in this worker process alone."""
+    import types
+
+    module = types.ModuleType("only_in_the_worker")
+
+    class Thing:
+        pass
+
+    Thing.__module__, Thing.__qualname__ = module.__name__, "Thing"
+    module.Thing = Thing  # type: ignore[attr-defined]
+    sys.modules[module.__name__] = module
+    return Thing()
+
+
+def steps_until_file(path: str) -> int:
+    """A batch job's steps, letting waiting live calls in between them, until `path` exists:
+    how many live calls ran inside it."""
+    from runtime.worker_child import yield_to_live
+
+    ran = 0
+    while not Path(path).exists():
+        time.sleep(0.005)  # one step of work
+        ran += yield_to_live()
+    return ran
