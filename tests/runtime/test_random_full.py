@@ -1,0 +1,58 @@
+"""The full-size random models: the published architectures at their real sizes (checked by
+parameter count on the meta device, which holds nothing), written as a folder the service's own
+loader reads, and marked as random weights."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from live.pipelines.diffusion import load_components
+from runtime.device import choose_device
+from runtime.random_full import (
+    CLIP_VOCAB,
+    SD_TURBO_DRY_SPEC,
+    has_random_weights,
+    parameter_counts,
+    synthetic_clip_tokenizer,
+    write_random_sd,
+)
+
+
+def test_full_size_configs_have_the_published_parameter_counts() -> None:
+    # sd-turbo's UNet (SD 2.1), its OpenCLIP-H text encoder, the SD 2.x VAE and TAESD.
+    assert parameter_counts() == {
+        "unet": 865_910_724,
+        "text_encoder": 340_387_840,
+        "vae": 83_653_863,
+        "taesd": 2_445_063,
+    }
+
+
+def test_synthetic_tokenizer_has_clips_vocabulary_size(tmp_path: Path) -> None:
+    tokenizer = synthetic_clip_tokenizer(tmp_path)
+    assert len(tokenizer) == CLIP_VOCAB
+    ids = tokenizer("a lighthouse at dusk", padding="max_length", max_length=77).input_ids
+    assert len(ids) == 77
+    assert ids[0] == tokenizer.bos_token_id == CLIP_VOCAB - 2
+    assert max(ids) < CLIP_VOCAB
+
+
+def test_random_folder_loads_with_the_live_pipelines_loader_and_is_listed_as_random(
+    tmp_path: Path,
+) -> None:
+    sd, taesd = write_random_sd(tmp_path, SD_TURBO_DRY_SPEC, "random/sd-dry", "random/taesd-dry")
+    assert has_random_weights(sd) and has_random_weights(taesd)
+    parts = load_components(sd, taesd, choose_device("cpu"))
+    assert type(parts["vae"]).__name__ == "AutoencoderTiny"
+    assert parts["text_encoder"].config.vocab_size == SD_TURBO_DRY_SPEC.vocab_size
+    out = subprocess.run(
+        [sys.executable, "-m", "live", "models", "list", "--models-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    lines = {line.split()[0]: line for line in out.splitlines()}
+    assert "random weights" in lines["random/sd-dry"]
+    assert "random weights" in lines["random/taesd-dry"]
