@@ -46,8 +46,16 @@ def one_line(exc: BaseException) -> str:
 class Report:
     """Figures by section, what could not run and why, written to `path` as it goes."""
 
-    def __init__(self, path: Path | None, budget_s: float, started: float, header: Figures) -> None:
+    def __init__(
+        self,
+        path: Path | None,
+        budget_s: float,
+        started: float,
+        header: Figures,
+        grace_s: float = GRACE_S,
+    ) -> None:
         self.path = path
+        self.grace_s = grace_s
         self.budget_s = budget_s
         self.started = started
         self.data: Figures = {
@@ -81,11 +89,11 @@ class Report:
         started = time.monotonic()
         entry: Figures
         try:
-            figures = await asyncio.wait_for(run(budget), budget + GRACE_S)
+            figures = await asyncio.wait_for(run(budget), budget + self.grace_s)
             entry = {"status": "ok", **figures}
         except TimeoutError:
             entry = {"status": "timed out"}
-            self.not_run(name, f"still running {budget + GRACE_S:.0f} s after it began")
+            self.not_run(name, f"still running {budget + self.grace_s:.0f} s after it began")
         except Exception as exc:
             entry = {"status": "failed", "error": one_line(exc)}
             self.say(f"  FAILED: {one_line(exc)}")

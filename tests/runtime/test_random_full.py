@@ -56,3 +56,15 @@ def test_random_folder_loads_with_the_live_pipelines_loader_and_is_listed_as_ran
     lines = {line.split()[0]: line for line in out.splitlines()}
     assert "random weights" in lines["random/sd-dry"]
     assert "random weights" in lines["random/taesd-dry"]
+
+
+def test_batch_routes_full_size_configs_have_the_published_parameter_counts() -> None:
+    from runtime.random_batch import SDXL_LIGHTNING, SVD_XT
+    from runtime.random_batch import parameter_counts as counts
+
+    # SDXL's UNet and its two text encoders (CLIP ViT-L, OpenCLIP bigG with projection).
+    sdxl = counts(SDXL_LIGHTNING)
+    assert sdxl["unet"] == 2_567_463_684
+    assert sdxl["text_encoder"] == 123_060_480
+    assert sdxl["text_encoder_2"] == 694_659_840
+    assert counts(SVD_XT)["unet"] == 1_524_623_082
