@@ -23,10 +23,10 @@ caught and reported, the JSON rewritten after every one:
    preemption of batch steps by live frames;
 7. one session with torch.compile (mode reduce-overhead: CUDA graphs), in a child process that
    is killed at its deadline: compile time, fps, latency, memory;
-8. every batch route once at its default size, over HTTP: the diffusion routes on full-size
+8. hardware: `/hardware/info` and `/hardware/stats` (NVML) as the service reports them;
+9. every batch route once at its default size, over HTTP: the diffusion routes on full-size
    random models (SDXL Lightning, instruct-pix2pix, x4 upscaler, SVD-XT), the others on the
-   tiny models (said so in the output);
-9. hardware: `/hardware/info` and `/hardware/stats` (NVML) as the service reports them.
+   tiny models (said so in the output); the longest, image-to-video, last.
 
 Without CUDA, or with `--dry`, the same sections run on the CPU with toy-sized models and tiny
 frames (torch.compile with dynamo's eager backend): a dry run, said so, whose figures mean
@@ -224,8 +224,9 @@ async def run(args: argparse.Namespace) -> int:
                 ("concurrent", section_concurrent),
                 ("live_beside_batch", section_live_beside_batch),
                 ("compiled", section_compiled),
-                ("batch_routes", section_batch_routes),
+                # Cheap, and must not be crowded out by the batch routes' long last job.
                 ("hardware", section_hardware),
+                ("batch_routes", section_batch_routes),
             ]
             for name, section in sections:
                 planned = plan.budgets[name]

@@ -80,11 +80,12 @@ class Report:
         """Run one section within min(planned_s, time left); record its figures or why it
         failed or did not run. True when it ran to the end."""
         left = self.left()
-        if left < min_s:
-            self.data["sections"][name] = {"status": "not run"}
-            self.not_run(name, f"out of time ({max(0.0, left):.0f} s of the budget left)")
-            return False
         budget = min(planned_s, left)
+        if budget < min_s:
+            kept = " for the sections after it" if planned_s < left else ""
+            self.data["sections"][name] = {"status": "not run"}
+            self.not_run(name, f"out of time ({max(0.0, left):.0f} s of the budget left{kept})")
+            return False
         self.say(f"== {name} (up to {budget:.0f} s)")
         started = time.monotonic()
         entry: Figures

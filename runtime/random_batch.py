@@ -450,14 +450,16 @@ def _modules(spec: PipelineSpec, device: str, dtype: Any, dry: bool) -> dict[str
     import torch
 
     parts: dict[str, Any] = {}
-    with torch.device(device):
-        for name, (library, class_name, config) in spec.modules.items():
-            if dry:
-                config = config | spec.dry.get(name, {})
+    for name, (library, class_name, config) in spec.modules.items():
+        if dry:
+            config = config | spec.dry.get(name, {})
+        if class_name.endswith("Scheduler"):
+            # Schedulers keep their tables on the CPU (the pipelines move what they need).
+            parts[name] = _module(library, class_name, config)
+            continue
+        with torch.device(device):
             module = _module(library, class_name, config)
-            if isinstance(module, torch.nn.Module):
-                module = module.to(dtype).eval().requires_grad_(False)
-            parts[name] = module
+        parts[name] = module.to(dtype).eval().requires_grad_(False)
     return parts
 
 

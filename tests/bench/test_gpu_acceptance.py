@@ -26,8 +26,8 @@ SECTIONS = (
     "concurrent",
     "live_beside_batch",
     "compiled",
-    "batch_routes",
     "hardware",
+    "batch_routes",
 )
 
 

@@ -58,13 +58,25 @@ def test_random_folder_loads_with_the_live_pipelines_loader_and_is_listed_as_ran
     assert "random weights" in lines["random/taesd-dry"]
 
 
-def test_batch_routes_full_size_configs_have_the_published_parameter_counts() -> None:
-    from runtime.random_batch import SDXL_LIGHTNING, SVD_XT
-    from runtime.random_batch import parameter_counts as counts
+def test_batch_routes_full_size_pipelines_assemble_with_the_published_sizes() -> None:
+    """Each batch route's full-size pipeline, built as the GPU run builds it, on the meta
+    device (no memory): the route's pipeline class, half precision, the published sizes."""
+    import torch
 
+    from runtime.random_batch import SDXL_LIGHTNING, SPECS, SVD_XT, build_pipeline
+
+    def count(module: torch.nn.Module) -> int:
+        return sum(p.numel() for p in module.parameters())
+
+    built = {spec.route: build_pipeline(spec, "meta", torch.float16) for spec in SPECS}
+    assert {route: type(p).__name__ for route, p in built.items()} == {
+        spec.route: spec.pipeline for spec in SPECS
+    }
+    assert all(p.unet.dtype == torch.float16 for p in built.values())
+    sdxl = built[SDXL_LIGHTNING.route]
     # SDXL's UNet and its two text encoders (CLIP ViT-L, OpenCLIP bigG with projection).
-    sdxl = counts(SDXL_LIGHTNING)
-    assert sdxl["unet"] == 2_567_463_684
-    assert sdxl["text_encoder"] == 123_060_480
-    assert sdxl["text_encoder_2"] == 694_659_840
-    assert counts(SVD_XT)["unet"] == 1_524_623_082
+    assert count(sdxl.unet) == 2_567_463_684
+    assert count(sdxl.text_encoder) == 123_060_480
+    assert count(sdxl.text_encoder_2) == 694_659_840
+    assert len(sdxl.tokenizer) == len(sdxl.tokenizer_2) == CLIP_VOCAB
+    assert count(built[SVD_XT.route].unet) == 1_524_623_082
