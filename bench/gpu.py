@@ -28,9 +28,10 @@ caught and reported, the JSON rewritten after every one:
    random models (SDXL Lightning, instruct-pix2pix, x4 upscaler, SVD-XT), the others on the
    tiny models (said so in the output); the longest, image-to-video, last.
 
-Without CUDA, or with `--dry`, the same sections run on the CPU with toy-sized models and tiny
-frames (torch.compile with dynamo's eager backend): a dry run, said so, whose figures mean
-nothing; it proves the code paths, not the speed.
+Without CUDA, or with `--dry`, the same sections run on the CPU with toy-sized models of the
+same layouts and tiny frames, and nothing is compiled (the compile section's child runs as
+usual, uncompiled): a dry run, said so, whose figures mean nothing; it proves the code paths,
+not the speed.
 """
 
 from __future__ import annotations
@@ -210,7 +211,8 @@ async def run(args: argparse.Namespace) -> int:
         f"# GPU acceptance run: torch {env['torch']} (CUDA {env['torch_cuda']}), "
         f"device {plan.device}"
         + (f", {gpu['name']} {gpu['memory_gib']} GiB" if gpu else "")
-        + f", budget {budget_s:.0f} s, start-up {time.monotonic() - START:.1f} s so far"
+        + f", budget {budget_s:.0f} s, start-up {time.monotonic() - START:.1f} s so far, "
+        f"load average {env['load_average']} on {env['cpus']} CPUs"
     )
     report.data["sections"]["environment"] = {"status": "ok", **env}
     with tempfile.TemporaryDirectory(prefix="gpu-acceptance-") as scratch:
