@@ -64,7 +64,7 @@ from bench.gpu_live import (  # noqa: E402 - after START: start-up counts agains
     section_concurrent,
     section_single,
 )
-from bench.gpu_report import Figures, Report  # noqa: E402
+from bench.gpu_report import Figures, Report, one_line  # noqa: E402
 
 
 def environment(plan: Plan, reason: str) -> Figures:
@@ -137,6 +137,7 @@ async def section_models(state: State, budget: float) -> Figures:
 async def section_hardware(state: State, budget: float) -> Figures:
     import aiohttp
 
+    state.need_service()
     async with aiohttp.ClientSession() as client:
         info = await (await client.get(state.base + "/hardware/info")).json()
         stats = await (await client.get(state.base + "/hardware/stats")).json()
@@ -217,7 +218,15 @@ async def run(args: argparse.Namespace) -> int:
     report.data["sections"]["environment"] = {"status": "ok", **env}
     with tempfile.TemporaryDirectory(prefix="gpu-acceptance-") as scratch:
         state = State(plan, report, Path(scratch), DRY_SD if plan.dry else RANDOM_SD)
-        await start_service(state)
+        try:
+            await start_service(state)
+        except Exception as exc:
+            # The live sections need only the runtime: they still run, on one of their own.
+            from runtime.runtime import Runtime, RuntimeConfig
+
+            report.data["sections"]["service"] = {"status": "failed", "error": one_line(exc)}
+            report.not_run("service (HTTP sections)", f"the service did not start: {one_line(exc)}")
+            state.runtime = Runtime(RuntimeConfig(models_dir=state.models_dir, device=plan.device))
         try:
             sections = [
                 ("models", section_models),
@@ -240,7 +249,10 @@ async def run(args: argparse.Namespace) -> int:
         finally:
             for session in state.sessions:
                 await asyncio.to_thread(session.unload)
-            await state.runner.cleanup()
+            if state.runner is not None:
+                await state.runner.cleanup()
+            else:
+                await state.runtime.close()
         report.finish()
     return 0
 

@@ -15,7 +15,7 @@ from typing import Any
 import aiohttp
 import numpy as np
 
-from bench.gpu_live import State, ensure_sessions, frames
+from bench.gpu_live import State, ensure_sessions, frames, gradient
 from bench.gpu_report import Figures, latency_ms, one_line, pct
 
 LIVE_FPS = 30.0
@@ -65,10 +65,8 @@ async def put_in_cache(state: State, spec: Any) -> float:
 def png(width: int, height: int) -> bytes:
     from PIL import Image
 
-    from protocol.clips import numbered_frame
-
     buffer = io.BytesIO()
-    Image.fromarray(numbered_frame(3, width, height)).save(buffer, format="PNG")
+    Image.fromarray(gradient(3, width, height)).save(buffer, format="PNG")
     return buffer.getvalue()
 
 
@@ -220,6 +218,7 @@ async def post(client: aiohttp.ClientSession, base: str, call: Call) -> tuple[in
 
 
 async def section_batch_routes(state: State, budget: float) -> Figures:
+    state.need_service()
     deadline = time.monotonic() + budget
     routes: dict[str, Figures] = {}
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None)) as client:
@@ -312,6 +311,7 @@ async def paced_stream(state: State, session: Any, stop: asyncio.Event) -> int:
 async def section_live_beside_batch(state: State, budget: float) -> Figures:
     from runtime.random_batch import SDXL_LIGHTNING
 
+    state.need_service()
     deadline = time.monotonic() + budget
     plan = state.plan
     build_s = await put_in_cache(state, SDXL_LIGHTNING)

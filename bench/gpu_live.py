@@ -142,10 +142,17 @@ def live_params(plan: Plan, ids: tuple[str, str], compiled: bool = False) -> Any
     )
 
 
-def frames(plan: Plan, count: int = 8) -> list[np.ndarray]:
-    from protocol.clips import numbered_frame
+def gradient(index: int, width: int, height: int) -> np.ndarray:
+    """A moving colour gradient, frame `index` of it. Made here rather than with
+    protocol.clips, which needs PyAV: the live sections run without the codecs."""
+    y, x = np.mgrid[0:height, 0:width]
+    return np.stack(
+        [(x * 2 + index * 3) % 256, (y * 2 + index) % 256, (x + y + index * 5) % 256], axis=-1
+    ).astype(np.uint8)
 
-    return [numbered_frame(i, plan.size, plan.size) for i in range(count)]
+
+def frames(plan: Plan, count: int = 8) -> list[np.ndarray]:
+    return [gradient(i, plan.size, plan.size) for i in range(count)]
 
 
 async def load_session(
@@ -222,6 +229,10 @@ class State:
     runtime: Any = None
     sessions: list[Any] = field(default_factory=list)
     eager: Figures | None = None
+
+    def need_service(self) -> None:
+        if not self.base:
+            raise RuntimeError("the service did not start (see the service entry)")
 
 
 async def section_cold_start(state: State, budget: float) -> Figures:
