@@ -67,10 +67,19 @@ from bench.gpu_live import (  # noqa: E402 - after START: start-up counts agains
 from bench.gpu_report import Figures, Report, one_line  # noqa: E402
 
 
+def version(package: str) -> str | None:
+    """An installed package's version, None when it is missing (said, not fatal: the
+    sections that need it fail one by one, saying why)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
 def environment(plan: Plan, reason: str) -> Figures:
-    import diffusers
     import torch
-    import transformers
 
     figures: Figures = {
         "dry": plan.dry,
@@ -78,8 +87,7 @@ def environment(plan: Plan, reason: str) -> Figures:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,
-        "diffusers": diffusers.__version__,
-        "transformers": transformers.__version__,
+        **{name: version(name) for name in ("diffusers", "transformers", "aiohttp", "av")},
         "cpus": os.cpu_count(),
         "load_average": round(os.getloadavg()[0], 2),
         "device": plan.device,
@@ -287,7 +295,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     args = parse_args(argv)
-    quiet_libraries()
+    try:
+        quiet_libraries()
+    except ImportError as exc:
+        print(f"# {one_line(exc)}: the sections that need it will fail", flush=True)
     if args.child_compiled:
         return asyncio.run(child_compiled(args, START))
     return asyncio.run(run(args))
