@@ -65,6 +65,16 @@ def build_parser() -> argparse.ArgumentParser:
         "tiny", help="write tiny random-weight models under the real ids (smoke tests)"
     )
     tiny.add_argument("dir", type=Path, help="models directory to write into")
+    full = model_commands.add_parser(
+        "random-full",
+        help="write sd-turbo and TAESD at full size with random weights, as random/... "
+        "(GPU timing without downloads)",
+        description="Write sd-turbo's UNet, text encoder and VAE and TAESD at their real sizes "
+        "with random weights, as random/sd-turbo-full and random/taesd-full (about 5 GB): they "
+        "run as fast as the real weights and output noise. Use them with the streamdiffusion "
+        'params {"model_id": "random/sd-turbo-full", "vae_id": "random/taesd-full"}.',
+    )
+    full.add_argument("dir", type=Path, help="models directory to write into")
     replay = commands.add_parser(
         "replay",
         help="run a session recording through a pipeline offline",
@@ -98,15 +108,22 @@ def run_models(args: argparse.Namespace) -> int:
             print(f"wrote {path}")
         print(f"use them with: live-v2v serve --models-dir {args.dir} --device cpu")
         return 0
+    if command == "random-full":
+        from runtime.random_full import write_random_sd
+
+        for path in write_random_sd(args.dir):
+            print(f"wrote {path} (random weights)")
+        return 0
     settings = load_settings(args)
     if command == "list":
         found = list_models(settings.models_dir)
         if not found:
             print(f"no models in {settings.models_dir} or the Hugging Face cache")
         for info in found:
+            weights = "  random weights" if info.random_weights else ""
             print(
-                f"{info.model_id:40s} {info.size_bytes / 2**20:10.1f} MiB  {info.source}  "
-                f"{info.path}"
+                f"{info.model_id:40s} {info.size_bytes / 2**20:10.1f} MiB  {info.source}"
+                f"{weights}  {info.path}"
             )
         return 0
     from .pull import run_pull

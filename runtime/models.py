@@ -15,6 +15,8 @@ from pathlib import Path
 
 from protocol.model_ids import BadModelId, check_model_id
 
+from .random_full import has_random_weights
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["BadModelId", "ModelNotFound", "check_model_id", "resolve_model"]
@@ -44,6 +46,8 @@ class ModelInfo:
     path: Path
     size_bytes: int
     source: str  # "models dir" or "hf cache"
+    random_weights: bool = False
+    """A test model (`live-v2v models tiny` or `random-full`): its outputs are noise."""
 
 
 def _is_model_dir(path: Path) -> bool:
@@ -123,7 +127,15 @@ def list_models(models_dir: Path) -> list[ModelInfo]:
         for candidate in sorted(models_dir.glob("*")) + sorted(models_dir.glob("*/*")):
             if _is_model_dir(candidate):
                 model_id = candidate.relative_to(models_dir).as_posix()
-                found.append(ModelInfo(model_id, candidate, folder_size(candidate), "models dir"))
+                found.append(
+                    ModelInfo(
+                        model_id,
+                        candidate,
+                        folder_size(candidate),
+                        "models dir",
+                        has_random_weights(candidate),
+                    )
+                )
     try:
         from huggingface_hub import scan_cache_dir
 

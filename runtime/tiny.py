@@ -12,6 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from .random_full import mark_random
 from .tiny_audio import MMS_TTS, WHISPER, build_tiny_vits, build_tiny_whisper
 from .tiny_llm import LLAMA_31_8B_INSTRUCT, build_tiny_llama3
 from .tiny_vision import BLIP_LARGE, SAM2_LARGE, build_tiny_blip, build_tiny_sam2
@@ -456,8 +457,9 @@ def build_tiny_x4_upscaler(folder: Path, seed: int = 0) -> Path:
 
 
 def write_tiny_models(models_dir: Path) -> list[Path]:
-    """Tiny models under the real ids in `models_dir`: what `live-v2v models tiny` writes."""
-    return [
+    """Tiny models under the real ids in `models_dir`: what `live-v2v models tiny` writes,
+    each folder marked as random weights (`live-v2v models list` says so)."""
+    folders = [
         build_tiny_sd(models_dir / SD_TURBO),
         build_tiny_taesd(models_dir / TAESD),
         build_tiny_sdxl(models_dir / SDXL_LIGHTNING),
@@ -470,3 +472,6 @@ def write_tiny_models(models_dir: Path) -> list[Path]:
         build_tiny_blip(models_dir / BLIP_LARGE),
         build_tiny_sam2(models_dir / SAM2_LARGE),
     ]
+    for folder in folders:
+        mark_random(folder, f"tiny {folder.relative_to(models_dir).as_posix()}")
+    return folders

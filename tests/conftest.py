@@ -99,6 +99,24 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if item.path.relative_to(root).as_posix() in WATCHED_MODULES:
             item.add_marker(pytest.mark.blockbuster)
+    skip_gpu_tests_without_cuda(items)
+
+
+def skip_gpu_tests_without_cuda(items: list[pytest.Item]) -> None:
+    """Tests marked `gpu` run the CUDA branches; where torch sees no CUDA GPU they are skipped,
+    saying so (torch is imported only when such a test is collected)."""
+    gpu_tests = [item for item in items if item.get_closest_marker("gpu") is not None]
+    if not gpu_tests:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(
+        reason="needs a CUDA GPU: torch sees none here (torch.cuda.is_available() is False)"
+    )
+    for item in gpu_tests:
+        item.add_marker(skip)
 
 
 @pytest.fixture(autouse=True)

@@ -11,6 +11,7 @@ import pytest
 
 from runtime.device import choose_device
 from runtime.models import ModelNotFound, list_models, resolve_model
+from runtime.tiny import build_tiny_taesd
 from runtime.worker import InferenceWorker
 
 
@@ -94,10 +95,21 @@ def test_models_cli_tiny_then_list(tmp_path: Path) -> None:
     # Every batch route's default model is there too, under its real id.
     from batch import ROUTES
 
+    lines = {line.split()[0]: line for line in out.splitlines()}
     for model_id in ["stabilityai/sd-turbo", "madebyollin/taesd"] + [
         route.default_model for route in ROUTES
     ]:
-        assert model_id in out, model_id
+        assert model_id in lines, model_id
+        # Under the real ids, but not the real weights: the listing says so.
+        assert "random weights" in lines[model_id], lines[model_id]
+    # A folder with real weights (here: any folder not written as a test model) is not marked.
+    real = build_tiny_taesd(tmp_path / "someone" / "own-model")
+    assert not (real / "RANDOM_WEIGHTS").exists()
+    out = subprocess.run(
+        [*run, "list", "--models-dir", str(tmp_path)], capture_output=True, text=True, check=True
+    ).stdout
+    (own,) = [line for line in out.splitlines() if line.startswith("someone/own-model")]
+    assert "random weights" not in own
     pulled = subprocess.run(
         [*run, "pull", "someone/model", "--no-gpu-ok", "--models-dir", str(tmp_path)],
         capture_output=True,
