@@ -23,6 +23,11 @@ from .edges import FrameSink, FrameSource, MediaContext, OutputClosed, OutputFra
 from .logs import STAGE
 from .slot import LatestSlot
 
+
+class StreamEnded(RuntimeError):
+    """A sink offered to a stream that is ending or has ended: it would never be fed or closed."""
+
+
 AUDIO_BACKLOG = 500  # packets a sink keeps waiting for video (about 10 s): bounded if video stalls
 
 Process = Callable[[VideoFrame], Awaitable[OutputFrame | None]]
@@ -145,15 +150,26 @@ class FrameLoop:
         self._ingest: asyncio.Task[None] | None = None
         self._seen_input = False
         self._seen_output = False
+        self._ended = False
 
     def add_sink(self, sink: FrameSink) -> None:
-        """A new receiver (a viewer joining late starts at the live edge: the next frame)."""
+        """A new receiver (a viewer joining late starts at the live edge: the next frame).
+
+        Raises `StreamEnded` once the stream is stopping or over: the caller still owns the
+        sink and must close it (a viewer negotiating while the session stops)."""
+        if self.reason is not None or self._ended:
+            raise StreamEnded(f"the stream has ended ({self.reason or 'input ended'})")
         if self._group is None:
             self._pending_sinks.append(sink)
             return
         runner = _SinkRunner(sink, self)
+        coroutine = runner.run()
+        try:
+            runner.task = self._group.create_task(coroutine, name=f"sink-{sink.name}")
+        except RuntimeError as exc:  # the task group is shutting down: the input ended
+            coroutine.close()
+            raise StreamEnded("the stream has ended") from exc
         self.runners.add(runner)
-        runner.task = self._group.create_task(runner.run(), name=f"sink-{sink.name}")
 
     def stop(self, reason: str) -> None:
         """End the stream: input reading stops, what is in flight drains to the sinks."""
@@ -173,6 +189,7 @@ class FrameLoop:
                 self._ingest.cancel()
             group.create_task(self._infer(), name="infer")
         self._group = None
+        self._ended = True
         return self.reason or "input ended"
 
     async def _read(self) -> None:

@@ -39,6 +39,7 @@ from av.video.frame import PictureType
 from protocol.media import CLOCK, TIME_BASE, AudioPacket, VideoFrame, to_rgb
 
 from .edges import FrameSink, FrameSource, MediaContext, MediaItem, OutputClosed, OutputFrame
+from .frame_loop import StreamEnded
 from .ice import IceSettings
 from .rtc_receive import FreshDecodeQueue, bound_decode_wait
 from .sdpfrag import Fragment
@@ -708,8 +709,13 @@ class Peers:
                 else:
                     pc.addTrack(sink.track)
 
-        answer = await self._answer(peer, offer, add_tracks)
-        add_sink(sink)
+        try:
+            answer = await self._answer(peer, offer, add_tracks)
+            add_sink(sink)
+        except StreamEnded as exc:  # the session stopped while this viewer negotiated
+            await self.close(peer.id)
+            await sink.close()
+            raise ClosedWhileAnswering("the session ended during this answer") from exc
         return peer, answer
 
     def _shared_sink(
@@ -717,8 +723,9 @@ class Peers:
     ) -> SharedVideoSink:
         found = self._shared.get((session_id, mime))
         if found is None or found.closed:
-            found = self._shared[(session_id, mime)] = SharedVideoSink(mime)
-            add_sink(found)
+            found = SharedVideoSink(mime)
+            add_sink(found)  # first: a stream that has ended refuses it (`StreamEnded`)
+            self._shared[(session_id, mime)] = found
         return found
 
     def _add(self, kind: str, session_id: str, pc: RTCPeerConnection) -> Peer:

@@ -7,8 +7,9 @@ import statistics
 import time
 
 import numpy as np
+import pytest
 
-from live.frame_loop import Pacer
+from live.frame_loop import Pacer, StreamEnded
 from live.memory_io import MemorySink, MemorySource
 from live.pipelines.passthrough import NoopPipeline
 from live.session import LiveSession, SessionConfig
@@ -185,6 +186,21 @@ async def test_a_sink_added_mid_stream_starts_at_the_live_edge() -> None:
     got = indices(late)
     assert got and got[0] >= 30 and got == sorted(got) and got[-1] == 89
     assert late.closed
+
+
+async def test_a_sink_offered_to_an_ending_stream_is_refused_not_left_unfed() -> None:
+    """A WHEP viewer negotiating while its session stops: the stream refuses its sink, so the
+    caller closes the viewer's connection, instead of the sink waiting forever unopened."""
+    source = MemorySource()
+    session = session_with(source, [MemorySink(primary=True)])
+    session.start()
+    await asyncio.wait_for(session.wait_ready(), WAIT_S)
+    session.loop.stop("stopped by the test")  # draining now, not yet ended
+    with pytest.raises(StreamEnded, match="stopped by the test"):
+        session.add_sink(MemorySink(name="while-stopping"))
+    await asyncio.wait_for(session.stop(), WAIT_S)
+    with pytest.raises(StreamEnded):
+        session.add_sink(MemorySink(name="after-the-end"))
 
 
 async def test_stats_reads_change_nothing() -> None:
