@@ -19,6 +19,7 @@ import aiohttp
 import pytest
 
 from live.logs import NOISY, configure_logging
+from protocol.http_errors import AIOHTTP_SERVER_LOGGER
 from runtime.library_logs import LIBRARIES, route_library_logs
 from tests.waiting import wait_until
 
@@ -164,15 +165,19 @@ async def test_a_tiny_model_load_logs_no_library_chatter(tiny_models_dir, first:
     for line in service.lines:
         found = LINE.match(line)
         assert found is not None, f"a line outside the service's log format:\n{service.text()}"
-        assert found["level"] in ("DEBUG", "INFO"), f"{line}\n\nin:\n{service.text()}"
+        # The service's own warnings may stand (streamdiffusion on a CPU says it is not real
+        # time); a library's may not.
+        ours = found["logger"].split(".")[0] in ("live", "runtime", "batch", "protocol")
+        assert ours or found["level"] in ("DEBUG", "INFO"), f"{line}\n\nin:\n{service.text()}"
 
 
 @pytest.mark.parametrize(("level", "shown"), [("INFO", False), ("DEBUG", True)])
 def test_library_warnings_show_only_at_debug(level: str, shown: bool) -> None:
     # In-process, with the service's logging set up as `--log-level LEVEL` sets it; logging is
     # process-wide, so every logger touched is put back afterwards.
-    touched = [logging.getLogger(name) for name in ("", *NOISY, *LIBRARIES)]
-    saved = [(lg, lg.handlers[:], lg.level, lg.propagate) for lg in touched]
+    # (aiohttp's server logger gets a filter that other tests check the absence of.)
+    touched = [logging.getLogger(name) for name in ("", *NOISY, *LIBRARIES, AIOHTTP_SERVER_LOGGER)]
+    saved = [(lg, lg.handlers[:], lg.filters[:], lg.level, lg.propagate) for lg in touched]
     stream = io.StringIO()
     try:
         configure_logging(level, "text", stream)
@@ -180,8 +185,8 @@ def test_library_warnings_show_only_at_debug(level: str, shown: bool) -> None:
         logging.getLogger("diffusers.configuration_utils").warning("config key ignored")
         logging.getLogger("transformers.modeling_utils").error("weights missing")
     finally:
-        for lg, handlers, lvl, propagate in saved:
-            lg.handlers[:] = handlers
+        for lg, handlers, filters, lvl, propagate in saved:
+            lg.handlers[:], lg.filters[:] = handlers, filters
             lg.setLevel(lvl)
             lg.propagate = propagate
     text = stream.getvalue()
