@@ -70,7 +70,7 @@ class PipelineCalls(ABC, Generic[H]):
         """Release what `pipeline` holds, after any frame it is still processing."""
 
     @abstractmethod
-    def keeps_serving(self, pipeline: H, new: PipelineParams) -> bool:
+    async def keeps_serving(self, pipeline: H, new: PipelineParams) -> bool:
         """Whether `pipeline` may go on processing while one with `new` loads beside it."""
 
     @abstractmethod
@@ -132,7 +132,9 @@ class ThreadCalls(PipelineCalls[LivePipeline]):
     async def unload(self, pipeline: LivePipeline) -> None:
         await run_in(self._infer, pipeline.unload)
 
-    def keeps_serving(self, pipeline: LivePipeline, new: PipelineParams) -> bool:
+    async def keeps_serving(self, pipeline: LivePipeline, new: PipelineParams) -> bool:
+        # Cheap (a free-memory reading): asked here, with no thread hop, so the reload is
+        # requested before any other control message is taken.
         return pipeline.keeps_serving_during_reload(new)
 
     async def close(self, pipeline: LivePipeline | None) -> None:
@@ -297,7 +299,7 @@ class PipelineHost(Generic[H]):
             serve_old = (
                 not self.config.wait_for_load
                 and self.pipeline is not None
-                and self.calls.keeps_serving(self.pipeline, new)
+                and await self.calls.keeps_serving(self.pipeline, new)
             )
             self._request_load(serve_old=serve_old)
             self.log.info("params need a reload serve_old=%s", serve_old)

@@ -11,16 +11,18 @@ from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
+import pytest
 
 from live.app import create_app
 from live.edges import MediaContext
-from live.pipelines.base import PipelineParams
+from live.pipelines.base import PipelineContext, PipelineParams
 from live.pipelines.passthrough import NoopPipeline
 from live.recording import CONTROL, INPUT, ReplaySource, TsFile, replay
 from live.settings import Settings
 from live.stats import SessionStats
 from protocol.clips import make_clip, numbered_frame, read_index
 from protocol.media import SegmentEncoder, VideoFrame
+from runtime.runtime import Runtime, RuntimeConfig
 from tests.live.conftest import PIPELINES
 from tests.live.streams import run_stream
 
@@ -177,3 +179,19 @@ async def test_a_replay_whose_pipeline_cannot_load_stops_saying_so(tmp_path) -> 
     result = await replay(directory, FailsToLoad)
     assert result.ended == "pipeline failed to load" and result.frames_out == 0
     assert any("the weights are not there" in problem for problem in result.errors)
+
+
+def test_a_pipeline_context_reads_its_settings_from_the_runtime(tmp_path) -> None:
+    """One source of truth: what a pipeline is told of the models folder, device, dtype and
+    compile is the runtime's, and so is the device choice; a bench without a runtime has a
+    config of its own, never both."""
+    config = RuntimeConfig(models_dir=tmp_path, device="cpu", dtype="float32", compile=True)
+    runtime = Runtime(config)
+    context = PipelineContext(runtime)
+    told = (context.models_dir, context.device, context.dtype, context.compile)
+    assert told == (tmp_path, "cpu", "float32", True)
+    assert context.spec is runtime.spec
+    private = PipelineContext.private(models_dir=tmp_path, device="cpu")
+    assert private.runtime is None and (private.models_dir, private.device) == (tmp_path, "cpu")
+    with pytest.raises(ValueError, match="not both"):
+        PipelineContext(runtime, config=config)
