@@ -43,7 +43,7 @@ from protocol.trickle.interface import Publisher, SubscribedSegment, Subscriber
 from .edges import FrameSink, FrameSource, InputFailed, MediaContext
 from .frame_loop import FrameLoop
 from .logs import PIPELINE, SESSION_ID
-from .pipeline_host import HostConfig, HostHooks, PipelineHost, ThreadCalls
+from .pipeline_host import HostConfig, HostHooks, Log, PipelineCalls, PipelineHost, ThreadCalls
 from .pipelines.base import LivePipeline, PipelineContext, PipelineParams
 from .slot import put_dropping_oldest
 from .stats import SessionStats, percentiles
@@ -82,6 +82,9 @@ class SessionConfig:
     encoder: EncoderSettings = field(default_factory=EncoderSettings)
     context: PipelineContext = field(default_factory=PipelineContext)
     device_worker: Executor | None = None
+    calls: Callable[[type[LivePipeline], Log], PipelineCalls[Any]] | None = None
+    """Where the session's pipeline runs (a worker process, later); None: in this process,
+    on the session's threads and `device_worker` (`ThreadCalls`)."""
     """The device's shared inference worker, for pipelines that declare `uses_device`."""
 
 
@@ -125,10 +128,15 @@ class LiveSession:
         self.ended: str | None = None
 
         config = self.config
-        self.host: PipelineHost[LivePipeline] = PipelineHost(
+        calls: PipelineCalls[Any] = (
+            config.calls(pipeline_cls, self.log)
+            if config.calls is not None
+            else ThreadCalls(pipeline_cls, config.context, self.log, config.device_worker)
+        )
+        self.host: PipelineHost[Any] = PipelineHost(
             pipeline_cls,
             params,
-            ThreadCalls(pipeline_cls, config.context, self.log, config.device_worker),
+            calls,
             HostHooks(
                 error=self.error,
                 stop=lambda reason: self.loop.stop(reason),
