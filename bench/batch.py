@@ -86,7 +86,7 @@ async def live_beside_batch(app: web.Application, url: str, models: Path, steps:
     """A live stream's frames on the worker while one long batch job runs."""
     runtime = app[RUNTIME]
     worker = runtime.worker()
-    context = PipelineContext(models_dir=models, device="cpu", runtime=runtime)
+    context = PipelineContext(runtime)
     params = StreamDiffusionParams(width=64, height=64, t_index_list=[20], prompt="a cat")
     live = StreamDiffusionPipeline(params, context)
     await asyncio.to_thread(live.load)

@@ -80,7 +80,7 @@ def run(args: argparse.Namespace, steps: int, components: dict[str, object]) -> 
         acceleration="compile" if args.compile else "none",
     )
     pipeline = StreamDiffusionPipeline(
-        params, PipelineContext(device=args.device, dtype=args.dtype, compile=args.compile)
+        params, PipelineContext.private(device=args.device, dtype=args.dtype, compile=args.compile)
     )
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()

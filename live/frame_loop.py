@@ -121,6 +121,8 @@ class FrameLoop:
 
     `process` turns an input frame into an output frame (the session's pipeline, or a loading
     frame); None skips the frame. `on_first_input` and `on_first_output` fire once each.
+    `lossless` (offline replay): no frame is dropped; each stage waits for the next one to
+    take its frame instead, so the stream goes at the pace of the slowest.
     """
 
     def __init__(
@@ -134,6 +136,7 @@ class FrameLoop:
         pace: bool = True,
         on_first_input: Callable[[], None] = lambda: None,
         on_first_output: Callable[[], None] = lambda: None,
+        lossless: bool = False,
     ) -> None:
         self.source = source
         self.process = process
@@ -142,6 +145,7 @@ class FrameLoop:
         self.pacer = Pacer() if pace else None
         self.on_first_input = on_first_input
         self.on_first_output = on_first_output
+        self.lossless = lossless
         self.reason: str | None = None
         self.runners: set[_SinkRunner] = set()
         self._pending_sinks = list(sinks)
@@ -223,6 +227,8 @@ class FrameLoop:
                         await asyncio.sleep(wait)
                         now = time.monotonic()
                     stats.stage("pace", wait)
+                if self.lossless:
+                    await self._frames.taken()
                 if self._frames.put(_Released(item, now)):
                     stats.input_dropped += 1
         finally:
@@ -242,6 +248,9 @@ class FrameLoop:
                     continue
                 for runner in list(self.runners):
                     runner.offer(out)
+                if self.lossless:
+                    for runner in list(self.runners):
+                        await runner.slot.taken()
         finally:
             for runner in list(self.runners):
                 runner.slot.close()

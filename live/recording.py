@@ -28,6 +28,7 @@ import collections
 import contextlib
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -51,6 +52,8 @@ from protocol.media import (
 from protocol.messages import now_ms
 
 from .edges import FrameSink, FrameSource, MediaContext, MediaItem, OutputFrame
+from .frame_loop import FrameLoop
+from .pipeline_host import HostConfig, HostHooks, PipelineHost, ThreadCalls
 from .pipelines.base import LivePipeline, PipelineContext, PipelineParams
 from .stats import SessionStats
 from .threads import run_in
@@ -65,6 +68,7 @@ READ_CHUNK = 64 * 1024
 TAP_BACKLOG = 30  # input frames waiting for the recorder's encoder before ingest waits on it
 PRIVATE_DIR = 0o700
 PRIVATE_FILE = 0o600
+REPLAY_INPUT_TIMEOUT_S = 3600.0  # a recorded file's next segment decodes in far less
 
 
 def _private(path: str, flags: int) -> int:
@@ -258,17 +262,22 @@ class RecordingSource(FrameSource):
             await self._recorder.close()
 
 
-class RecordingSink(FrameSink):
-    """Writes the session's output frames, with their pts and audio, to `output.ts`."""
+class FileSink(FrameSink):
+    """Writes the frames it is sent, with their pts and audio, to an MPEG-TS file (and its
+    index), encoding on a thread of its own."""
 
-    name = "record"
-    primary = False
+    name = "file"
 
-    def __init__(self, recording: SessionRecording) -> None:
-        self._recording = recording
-        self._recorder = _Recorder(recording.directory / OUTPUT, recording.settings)
+    def __init__(self, path: Path, settings: EncoderSettings, *, primary: bool = False) -> None:
+        self.primary = primary
+        self._recorder = _Recorder(path, settings)
         self._context: MediaContext | None = None
         self._reported = False
+
+    @property
+    def frames(self) -> int:
+        """Frames written so far."""
+        return self._recorder.frames
 
     async def open(self, context: MediaContext) -> None:
         self._context = context
@@ -278,12 +287,33 @@ class RecordingSink(FrameSink):
         await run_in(self._recorder.thread, self._recorder.encode, frame.image, frame.pts, audio)
         if self._recorder.problem and not self._reported and self._context is not None:
             self._reported = True
-            self._context.error(f"recording the output stopped: {self._recorder.problem}")
+            self._context.error(f"{self.what} stopped: {self._recorder.problem}")
         return self._recorder.frames > before
+
+    @property
+    def what(self) -> str:
+        return f"writing {self._recorder.file.path.name}"
+
+    async def close(self) -> None:
+        await self._recorder.close()
+
+
+class RecordingSink(FileSink):
+    """Writes the session's output frames, with their pts and audio, to `output.ts`."""
+
+    name = "record"
+
+    def __init__(self, recording: SessionRecording) -> None:
+        super().__init__(recording.directory / OUTPUT, recording.settings)
+        self._recording = recording
+
+    @property
+    def what(self) -> str:
+        return "recording the output"
 
     async def close(self) -> None:
         try:
-            await self._recorder.close()
+            await super().close()
         finally:
             # The sink is the recording's last part to close: the session has ended.
             await self._recording.close()
@@ -388,6 +418,8 @@ class ReplayResult:
     output: Path
     params_changes: int
     errors: list[str]
+    ended: str = "input ended"
+    """Why it ended: "input ended" when every frame went through."""
 
 
 async def replay(
@@ -404,6 +436,8 @@ async def replay(
 
     With `params` those params hold throughout; without, the recorded params are used: the
     first at the start, each later one from the first frame at or after its recorded pts.
+    The pipeline runs in a `PipelineHost` in a lossless `FrameLoop`, as in a session: a
+    reload waits for the new pipeline, failures restart it, every problem is in `errors`.
     """
     source_path = directory / INPUT
     # The recording is read from disk off the loop, which may be serving meanwhile.
@@ -418,61 +452,55 @@ async def replay(
         current = pipeline_cls.parse_params(recorded[0]["params"] if recorded else {})
         changes = [(e.get("pts"), pipeline_cls.parse_params(e["params"])) for e in recorded[1:]]
     errors: list[str] = []
-    work = ThreadPoolExecutor(1, thread_name_prefix="replay-infer")
-    file = TsFile(output)
-    encode = SegmentEncoder(file, encoder or EncoderSettings())
-    pipeline = pipeline_cls(current, context or PipelineContext())
+    stats = SessionStats()
+    sink = FileSink(output, encoder or EncoderSettings(), primary=True)
+
+    def stop(reason: str) -> None:
+        loop.stop(reason)
+
+    def state(state: str) -> None:
+        if state == "ERROR":  # offline, nobody is there to send params that would load
+            loop.stop("pipeline failed to load")
+
+    host: PipelineHost[LivePipeline] = PipelineHost(
+        pipeline_cls,
+        current,
+        ThreadCalls(pipeline_cls, context or PipelineContext(), logger),
+        HostHooks(error=errors.append, stop=stop, state=state),
+        stats,
+        logger,
+        HostConfig(frame_timeout_s=math.inf, wait_for_load=True),
+    )
+    applied = 0
+
+    async def process(frame: VideoFrame) -> OutputFrame | None:
+        nonlocal applied
+        while changes and (changes[0][0] is None or changes[0][0] <= frame.pts):
+            new = changes.pop(0)[1]
+            applied += 1
+            if new != host.params:
+                await host.update(new)
+        return await host.process(frame)
+
+    media = MediaContext(error=errors.append, stats=stats, log=logger)
     source = ReplaySource(source_path)
-    media = MediaContext(error=errors.append, stats=SessionStats(), log=logger)
-    frames_in = frames_out = applied = 0
-    audio: list[AudioPacket] = []
+    loop = FrameLoop(
+        source,
+        [sink],
+        process,
+        media,
+        input_timeout_s=REPLAY_INPUT_TIMEOUT_S,
+        pace=False,
+        lossless=True,
+    )
     try:
-        await run_in(work, pipeline.load)
-        async for item in source.items(media):
-            if isinstance(item, AudioPacket):
-                audio.append(item)
-                continue
-            frames_in += 1
-            while changes and (changes[0][0] is None or changes[0][0] <= item.pts):
-                new = changes.pop(0)[1]
-                pipeline, current = await _switch(
-                    work, pipeline, pipeline_cls, current, new, context
-                )
-                applied += 1
-            image = await run_in(work, pipeline.process, item.image)
-            packets, audio = audio, []
-            if await run_in(work, encode.encode, image, item.pts, packets):
-                frames_out += 1
+        async with asyncio.TaskGroup() as group:
+            loader = group.create_task(host.run(), name="replay-loader")
+            ended = await loop.run()
+            loader.cancel()
     finally:
-        await source.close()
-        with contextlib.suppress(Exception):
-            await run_in(work, pipeline.unload)
-        try:
-            await run_in(work, encode.close)
-        finally:
-            file.close()
-            work.shutdown(wait=False)
-    return ReplayResult(frames_in, frames_out, output, applied, errors)
-
-
-async def _switch(
-    work: ThreadPoolExecutor,
-    pipeline: LivePipeline,
-    cls: type[LivePipeline],
-    old: PipelineParams,
-    new: PipelineParams,
-    context: PipelineContext | None,
-) -> tuple[LivePipeline, PipelineParams]:
-    """Apply a recorded params change as the session did: live, or by reloading."""
-    if new == old:
-        return pipeline, old
-    if cls.needs_reload(old, new):
-        await run_in(work, pipeline.unload)
-        pipeline = cls(new, context or PipelineContext())
-        await run_in(work, pipeline.load)
-    else:
-        await run_in(work, pipeline.apply, new)
-    return pipeline, new
+        await host.close()
+    return ReplayResult(stats.frames_in, sink.frames, output, applied, errors, ended)
 
 
 def run_replay(args: argparse.Namespace) -> int:
@@ -498,10 +526,7 @@ def run_replay(args: argparse.Namespace) -> int:
         if not isinstance(params, dict):
             print("error: --params must be a JSON object", file=sys.stderr)
             return 2
-    settings = load_settings(args)
-    context = PipelineContext(
-        models_dir=settings.models_dir, device=settings.device, dtype=settings.dtype
-    )
+    context = PipelineContext(config=load_settings(args).runtime())
     try:
         result = asyncio.run(replay(args.dir, cls, params, context=context, output=args.output))
     except (FileNotFoundError, ValidationError) as exc:
@@ -509,8 +534,10 @@ def run_replay(args: argparse.Namespace) -> int:
         return 2
     for problem in result.errors:
         print(f"warning: {problem}", file=sys.stderr)
+    if result.ended != "input ended":
+        print(f"error: the replay stopped early: {result.ended}", file=sys.stderr)
     print(
         f"frames in {result.frames_in} out {result.frames_out} "
         f"params changes {result.params_changes} -> {result.output}"
     )
-    return 0
+    return 0 if result.ended == "input ended" else 1

@@ -1,9 +1,9 @@
-"""One live session: lifecycle, params, pipeline, control and events around a `FrameLoop`.
+"""One live session: lifecycle, params, control, events and status around a `FrameLoop`.
 
-The session owns one TaskGroup: the frame loop (source -> slot -> pipeline -> sinks), the loader
-(loads and reloads, newest params win), the control reader, the status reporter and the events
-publisher. It knows its transports only as a `FrameSource`, `FrameSink`s, and the trickle
-interfaces of its control and events channels.
+The session owns one TaskGroup: the frame loop (source -> slot -> pipeline -> sinks), the
+pipeline host's loader (pipeline_host.py: loads, reloads, failures, restarts, hangs), the
+control reader, the status reporter and the events publisher. It knows its transports only as
+a `FrameSource`, `FrameSink`s, and the trickle interfaces of its control and events channels.
 """
 
 from __future__ import annotations
@@ -14,18 +14,15 @@ import hashlib
 import json
 import logging
 import math
-import sys
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from concurrent.futures import Executor, ThreadPoolExecutor
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 from pydantic import ValidationError
 
 from protocol.errors import InvalidFields, in_words
-from protocol.media import EncoderSettings, VideoFrame
+from protocol.media import EncoderSettings
 from protocol.messages import (
     ErrorEvent,
     Event,
@@ -43,14 +40,13 @@ from protocol.messages import (
 from protocol.trickle import EndOfStream, StreamNotFound, TrickleError
 from protocol.trickle.interface import Publisher, SubscribedSegment, Subscriber
 
-from .edges import FrameSink, FrameSource, InputFailed, MediaContext, OutputFrame
+from .edges import FrameSink, FrameSource, InputFailed, MediaContext
 from .frame_loop import FrameLoop
-from .loading import LoadingFrames
 from .logs import PIPELINE, SESSION_ID
+from .pipeline_host import HostConfig, HostHooks, Log, PipelineCalls, PipelineHost, ThreadCalls
 from .pipelines.base import LivePipeline, PipelineContext, PipelineParams
 from .slot import put_dropping_oldest
 from .stats import SessionStats, percentiles
-from .threads import run_in
 
 if TYPE_CHECKING:
     from .webrtc import WhipSource
@@ -86,6 +82,9 @@ class SessionConfig:
     encoder: EncoderSettings = field(default_factory=EncoderSettings)
     context: PipelineContext = field(default_factory=PipelineContext)
     device_worker: Executor | None = None
+    calls: Callable[[type[LivePipeline], Log], PipelineCalls[Any]] | None = None
+    """Where the session's pipeline runs (a worker process, later); None: in this process,
+    on the session's threads and `device_worker` (`ThreadCalls`)."""
     """The device's shared inference worker, for pipelines that declare `uses_device`."""
 
 
@@ -107,7 +106,6 @@ class LiveSession:
     ) -> None:
         self.id = session_id
         self.pipeline_cls = pipeline_cls
-        self.params = params
         self.config = config or SessionConfig()
         self.control = control
         self.events = events
@@ -129,11 +127,35 @@ class LiveSession:
         self.params_time = self.start_time
         self.ended: str | None = None
 
+        config = self.config
+        calls: PipelineCalls[Any] = (
+            config.calls(pipeline_cls, self.log)
+            if config.calls is not None
+            else ThreadCalls(pipeline_cls, config.context, self.log, config.device_worker)
+        )
+        self.host: PipelineHost[Any] = PipelineHost(
+            pipeline_cls,
+            params,
+            calls,
+            HostHooks(
+                error=self.error,
+                stop=lambda reason: self.loop.stop(reason),
+                state=self._set_state,
+                restarted=self._restarted,
+            ),
+            self.stats,
+            self.log,
+            HostConfig(
+                max_consecutive_failures=config.max_consecutive_failures,
+                max_restarts=config.max_restarts,
+                frame_timeout_s=config.frame_timeout_s,
+            ),
+        )
         context = MediaContext(error=self.error, stats=self.stats, log=self.log)
         self.loop = FrameLoop(
             source,
             sinks,
-            self._process,
+            self.host.process,
             context,
             input_timeout_s=self.config.input_timeout_s,
             pace=self.config.pace,
@@ -153,29 +175,15 @@ class LiveSession:
         self._published_state: State | None = None
         self._status_wanted = False
         self._status_poke = asyncio.Event()
-        self._pipeline: LivePipeline | None = None
-        self._reload = asyncio.Event()
-        self._reload.set()  # the first load
-        self._ready = asyncio.Event()
-        self._loading = True
-        self._serve_old = False
-        self._loading_frames = LoadingFrames()
-        self._last_output: np.ndarray | None = None
-        self._input_size: tuple[int, int] | None = None
-        self._failures = 0
-        self._restarts_in_a_row = 0
-        self._in_process = False  # a frame is on the inference thread (it may be stuck there)
         self._params_sent = False
         self._restart_logs: list[str] | None = None
         self._task: asyncio.Task[None] | None = None
         self.params_listeners: list[Callable[[PipelineParams, str], None]] = []
         """Told of each params change that took (a recording logs them)."""
 
-        self._infer_thread = ThreadPoolExecutor(1, thread_name_prefix="infer")
-        self._load_thread = ThreadPoolExecutor(1, thread_name_prefix="load")
-        self._infer_pool: Executor = self._infer_thread
-        if pipeline_cls.uses_device and self.config.device_worker is not None:
-            self._infer_pool = self.config.device_worker
+    @property
+    def params(self) -> PipelineParams:
+        return self.host.params
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -200,7 +208,7 @@ class LiveSession:
 
     async def wait_ready(self) -> None:
         """Until the pipeline has loaded for the first time."""
-        await self._ready.wait()
+        await self.host.ready.wait()
 
     async def wait(self) -> None:
         """Until the session has ended and released everything."""
@@ -228,7 +236,7 @@ class LiveSession:
                 events = group.create_task(self._publish_events(), name="events")
                 side = [
                     group.create_task(self._report(), name="status"),
-                    group.create_task(self._loader(), name="loader"),
+                    group.create_task(self.host.run(), name="loader"),
                 ]
                 if self.control is not None:
                     side.append(group.create_task(self._read_control(), name="control"))
@@ -264,18 +272,7 @@ class LiveSession:
             if closing is not None:
                 with contextlib.suppress(Exception):
                     await closing.close()
-        pipeline, self._pipeline = self._pipeline, None
-        # A frame still on the inference thread never came back (a hung pipeline): unloading
-        # under it or waiting for its thread would hang the release too, so both are left.
-        stuck = self._in_process
-        if pipeline is not None and not stuck:
-            with contextlib.suppress(Exception):
-                await run_in(self._load_thread, pipeline.unload)
-        loop = asyncio.get_running_loop()
-        if stuck:
-            self._infer_thread.shutdown(wait=False)
-        for pool in (self._load_thread,) if stuck else (self._infer_thread, self._load_thread):
-            await loop.run_in_executor(None, pool.shutdown, True)
+        await self.host.close()
         if self._on_close is not None:
             await self._on_close()
         self.log.info(
@@ -286,133 +283,20 @@ class LiveSession:
             self.stats.frames_dropped,
         )
 
-    # -- frames ---------------------------------------------------------------------------------
-
-    async def _process(self, frame: VideoFrame) -> OutputFrame | None:
-        height, width = frame.image.shape[:2]
-        self._input_size = (width, height)
-        if self._in_process:
-            return None  # the previous frame never came back (hung): the session is ending
-        pipeline = self._pipeline
-        if pipeline is None or (self._loading and not self._serve_old):
-            return OutputFrame(self._loading_frame(frame), frame.pts, frame.arrived, True)
-        started = time.perf_counter()
-        timeout = self.config.frame_timeout_s
-        self._in_process = True
-        try:
-            async with asyncio.timeout(timeout):
-                image = await run_in(self._infer_pool, pipeline.process, frame.image)
-        except TimeoutError:
-            self.error(
-                f"pipeline {self.pipeline_cls.name} took over {timeout:g} s on one frame: "
-                "taken as hung, the session ends"
+    def _restarted(self, logs: list[str]) -> None:
+        self._restart_logs = logs
+        self.restart_count += 1
+        self.last_restart_time = now_ms()
+        self.emit(
+            RestartEvent(
+                pipeline=self.pipeline_cls.name,
+                restart_count=self.restart_count,
+                restart_logs=logs,
             )
-            self.loop.stop("pipeline hung")
-            return None
-        except Exception as exc:
-            self._in_process = False
-            self._failed(exc)
-            return None
-        self._in_process = False
-        self.stats.stage("inference", time.perf_counter() - started)
-        self._failures = 0
-        self._restarts_in_a_row = 0
-        self._last_output = image
-        unchanged = pipeline.passes_through and image is frame.image
-        decoded = frame.decoded if unchanged else None
-        return OutputFrame(image, frame.pts, frame.arrived, False, decoded=decoded)
+        )
+        self.log.warning("pipeline restart count=%d", self.restart_count)
 
-    def _loading_frame(self, frame: VideoFrame) -> np.ndarray:
-        height, width = frame.image.shape[:2]
-        if self._last_output is not None:
-            height, width = self._last_output.shape[:2]
-            if not self.params.show_reloading_frame:
-                return self._last_output
-        return self._loading_frames.render(self._last_output, (width, height))
-
-    def _failed(self, exc: Exception) -> None:
-        self._failures += 1
-        self.error(f"pipeline failed on a frame: {in_words(exc)}")
-        # Out of memory: the pipeline's state is suspect and the next frames would fail the
-        # same way, so restart now; the reload unloads first, which gives the memory back.
-        out_of_memory = _out_of_memory(exc)
-        if out_of_memory:
-            self._failures = max(self._failures, self.config.max_consecutive_failures)
-        if self._failures >= self.config.max_consecutive_failures and not self._loading:
-            self._restart_logs = [
-                f"out of memory: {in_words(exc)}"
-                if out_of_memory
-                else f"{self._failures} consecutive failures, last: {in_words(exc)}"
-            ]
-            self._failures = 0
-            if self._restarts_in_a_row >= self.config.max_restarts:
-                self.error(
-                    f"pipeline {self.pipeline_cls.name} failed again after "
-                    f"{self._restarts_in_a_row} restarts without a good frame: the session ends"
-                )
-                self.loop.stop("pipeline failed")
-                return
-            self._restarts_in_a_row += 1
-            self.restart_count += 1
-            self.last_restart_time = now_ms()
-            self.emit(
-                RestartEvent(
-                    pipeline=self.pipeline_cls.name,
-                    restart_count=self.restart_count,
-                    restart_logs=self._restart_logs,
-                )
-            )
-            self.log.warning("pipeline restart count=%d", self.restart_count)
-            self._request_load(serve_old=False)
-
-    # -- params, loads and reloads --------------------------------------------------------------
-
-    def _request_load(self, *, serve_old: bool) -> None:
-        self._serve_old = serve_old
-        self._loading = True
-        self._reload.set()
-
-    async def _loader(self) -> None:
-        """Loads the pipeline when asked; the newest params win over a load in progress."""
-        while True:
-            await self._reload.wait()
-            self._reload.clear()
-            await self._load(self.params)
-
-    async def _load(self, params: PipelineParams) -> None:
-        self._set_state("LOADING")
-        pipeline = self.pipeline_cls(params, self.config.context)
-        try:
-            await run_in(self._load_thread, pipeline.load)
-        except asyncio.CancelledError:
-            # The load goes on on its thread: whatever it takes is given back after it, on
-            # the same thread (the session's close waits for that thread).
-            with contextlib.suppress(RuntimeError):  # already shut down: nothing runs on it
-                self._load_thread.submit(_unload_quietly, pipeline, self.log)
-            raise
-        except Exception as exc:
-            # What the failed load took before failing (a leased model) is given back.
-            await run_in(self._load_thread, _unload_quietly, pipeline, self.log)
-            self.error(f"pipeline {self.pipeline_cls.name} failed to load: {in_words(exc)}")
-            self._set_state("ERROR")
-            self._loading = False
-            return
-        if self._reload.is_set():
-            # Params that need another load came in meanwhile: this one is already stale.
-            await run_in(self._load_thread, pipeline.unload)
-            return
-        if self.params != params:
-            # Only live params changed during the load: apply them before the first frame.
-            await run_in(self._load_thread, pipeline.apply, self.params)
-        old, self._pipeline = self._pipeline, pipeline
-        self._serve_old = False
-        self._loading = False
-        if old is not None:
-            # Unloaded on the inference side, after any frame it is still processing.
-            await run_in(self._infer_pool, old.unload)
-        self._set_state("ONLINE")
-        self._ready.set()
-        self.log.info("pipeline ready name=%s", self.pipeline_cls.name)
+    # -- params and control ---------------------------------------------------------------------
 
     async def update_params(self, raw: dict[str, Any]) -> str:
         """Apply a complete parameter set: "unchanged", "live" or "reload".
@@ -430,29 +314,18 @@ class LiveSession:
             )
         old = self.params
         if (new.width, new.height) != (old.width, old.height):
-            current = (old.width, old.height) if old.width and old.height else self._input_size
+            current = (old.width, old.height) if old.width and old.height else self.host.input_size
             if (new.width, new.height) != current:
                 raise ValueError("width and height cannot change during a stream")
             new = new.model_copy(update={"width": old.width, "height": old.height})
         if new == old:
             return "unchanged"
-        self.params = new
         self.params_time = now_ms()
         self._params_sent = False
         reload = self.pipeline_cls.needs_reload(old, new)
         for listener in self.params_listeners:
             listener(new, "reload" if reload else "live")
-        if reload:
-            serve_old = self._pipeline is not None and self._pipeline.keeps_serving_during_reload(
-                new
-            )
-            self._request_load(serve_old=serve_old)
-            self.log.info("params need a reload serve_old=%s", serve_old)
-            return "reload"
-        pipeline = self._pipeline
-        if pipeline is not None and not self._loading:
-            await run_in(self._infer_pool, pipeline.apply, new)
-        return "live"
+        return await self.host.update(new)
 
     async def _read_control(self) -> None:
         control = self.control
@@ -678,17 +551,10 @@ class LiveSession:
         """The pipeline's output size: its params', else the last output's, else the input's."""
         if self.params.width and self.params.height:
             return self.params.width, self.params.height
-        if self._last_output is not None:
-            height, width = self._last_output.shape[:2]
+        if self.host.last_output is not None:
+            height, width = self.host.last_output.shape[:2]
             return width, height
-        return self._input_size
-
-
-def _unload_quietly(pipeline: LivePipeline, log: logging.LoggerAdapter[logging.Logger]) -> None:
-    try:
-        pipeline.unload()
-    except Exception:
-        log.warning("unloading a pipeline that failed to load failed", exc_info=True)
+        return self.host.input_size
 
 
 def _summary(exc: ValidationError) -> str:
@@ -706,10 +572,3 @@ def _summary(exc: ValidationError) -> str:
 
 def _is_type(error: dict[str, object]) -> bool:
     return str(error.get("type", "")).endswith("_type")
-
-
-def _out_of_memory(exc: BaseException) -> bool:
-    if isinstance(exc, MemoryError):
-        return True
-    torch = sys.modules.get("torch")  # only a pipeline that imported torch can raise its OOM
-    return torch is not None and isinstance(exc, torch.OutOfMemoryError)

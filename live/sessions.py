@@ -119,14 +119,7 @@ class SessionManager:
 
     @property
     def context(self) -> PipelineContext:
-        s = self.settings
-        return PipelineContext(
-            models_dir=s.models_dir,
-            device=s.device,
-            dtype=s.dtype,
-            compile=s.compile,
-            runtime=self.runtime,
-        )
+        return PipelineContext(self.runtime)
 
     def unavailable_reason(self, cls: type[LivePipeline], params: PipelineParams) -> str | None:
         """Why `cls` cannot run here with `params` (missing weights, no GPU), or None."""

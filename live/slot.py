@@ -18,6 +18,8 @@ class LatestSlot(Generic[T]):
     def __init__(self) -> None:
         self._item: T | None = None
         self._full = asyncio.Event()
+        self._empty = asyncio.Event()
+        self._empty.set()
         self._closed = False
         self.replaced = 0
 
@@ -30,6 +32,7 @@ class LatestSlot(Generic[T]):
             self.replaced += 1
         self._item = item
         self._full.set()
+        self._empty.clear()
         return replaced
 
     async def get(self) -> T | None:
@@ -39,6 +42,7 @@ class LatestSlot(Generic[T]):
                 return None
             await self._full.wait()
         self._full.clear()
+        self._empty.set()
         item, self._item = self._item, None
         if item is None and self._closed:
             return None
@@ -48,6 +52,12 @@ class LatestSlot(Generic[T]):
         """No more items: `get` returns what is held, then None."""
         self._closed = True
         self._full.set()  # wakes a waiting get(); with no item held it returns None
+        self._empty.set()
+
+    async def taken(self) -> None:
+        """Until the item held, if any, has been taken (or the slot closed): a producer that
+        must lose nothing waits on it before each `put`."""
+        await self._empty.wait()
 
 
 def put_dropping_oldest(queue: asyncio.Queue[T], item: T) -> None:

@@ -8,12 +8,14 @@ inference side. Each declares which of its params apply live; any other change r
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, JsonValue
+
+from runtime.device import DeviceSpec, choose_device
+from runtime.runtime import RuntimeConfig
 
 if TYPE_CHECKING:
     from runtime.runtime import Runtime
@@ -62,16 +64,53 @@ class PipelineParams(BaseModel):
     )
 
 
-@dataclass(frozen=True)
 class PipelineContext:
-    """What a pipeline needs from the service: where models are and which device to use."""
+    """What a pipeline needs from the service: the runtime, which holds the shared weights and
+    says where models are and which device and dtype they run on. Nothing here restates its
+    settings: a context reads them from the runtime it holds.
 
-    models_dir: Path = Path("models")
-    device: str = "auto"
-    dtype: str = "auto"
-    compile: bool = False
-    runtime: Runtime | None = None
-    """Where shared weights come from; None: the pipeline loads a private copy (benches)."""
+    Without a runtime (a bench, an offline replay) the pipeline loads a private copy of its
+    weights, on the device and dtype of a `RuntimeConfig` of its own (`PipelineContext.private`).
+    """
+
+    def __init__(self, runtime: Runtime | None = None, *, config: RuntimeConfig | None = None):
+        if runtime is not None and config is not None:
+            raise ValueError("a context takes its settings from the runtime or a config, not both")
+        self.runtime = runtime
+        self._config = config or RuntimeConfig()
+
+    @classmethod
+    def private(cls, **settings: Any) -> PipelineContext:
+        """A context without a runtime: `settings` are RuntimeConfig's (models_dir, device...)."""
+        return cls(config=RuntimeConfig(**settings))
+
+    @property
+    def config(self) -> RuntimeConfig:
+        return self.runtime.config if self.runtime is not None else self._config
+
+    @property
+    def models_dir(self) -> Path:
+        return self.config.models_dir
+
+    @property
+    def device(self) -> str:
+        return self.config.device
+
+    @property
+    def dtype(self) -> str:
+        return self.config.dtype
+
+    @property
+    def compile(self) -> bool:
+        return self.config.compile
+
+    @property
+    def spec(self) -> DeviceSpec:
+        """The device and dtype models run on: the runtime's choice, made once (imports
+        torch: call it off the event loop)."""
+        if self.runtime is not None:
+            return self.runtime.spec
+        return choose_device(self._config.device, self._config.dtype)
 
 
 class LivePipeline(ABC):

@@ -23,7 +23,7 @@ import numpy as np
 from pydantic import Field, field_validator, model_validator
 
 from protocol.model_ids import ModelId
-from runtime.device import choose_device, free_gpu_memory, has_gpu
+from runtime.device import free_gpu_memory, has_gpu
 from runtime.library_logs import route_library_logs
 from runtime.models import ModelNotFound, folder_size, resolve_model
 
@@ -309,7 +309,7 @@ class StreamDiffusionPipeline(LivePipeline):
         assert isinstance(params, StreamDiffusionParams)
         # The device first: on a host without a GPU, that is what the operator must hear
         # before anything about weights (which would lead to a multi-GB download for nothing).
-        spec = choose_device(context.device, context.dtype)
+        spec = context.spec
         missing: ModelNotFound | None = None
         try:
             resolve_model(params.model_id, context.models_dir)
@@ -353,7 +353,7 @@ class StreamDiffusionPipeline(LivePipeline):
 
     def load(self) -> None:
         p = self.params
-        self._spec = spec = choose_device(self.context.device, self.context.dtype)
+        self._spec = spec = self.context.spec
         path = resolve_model(p.model_id, self.context.models_dir)
         vae_path = self._vae_path()
         self._weights_bytes = folder_size(path)
@@ -399,7 +399,7 @@ class StreamDiffusionPipeline(LivePipeline):
         session's own copy."""
         p = self.params
         if not hasattr(self, "_spec"):
-            self._spec = choose_device(self.context.device, self.context.dtype)
+            self._spec = self.context.spec
             self._weights_bytes = 0
         spec = self._spec
         ready = prepare_components(

@@ -152,7 +152,7 @@ async def test_a_shared_model_needs_no_more_memory_another_does(
     _, needed = await asyncio.to_thread(  # sizes a folder: off the loop the test watches
         StreamDiffusionPipeline.model_memory,
         StreamDiffusionParams(**params),
-        PipelineContext(models_dir=tiny_models_dir),
+        PipelineContext.private(models_dir=tiny_models_dir),
     )
     settings = Settings(
         models_dir=tiny_models_dir, device="cpu", model_memory_gb=needed * 1.5 / GIB

@@ -25,7 +25,7 @@ def tiny_params(**overrides) -> StreamDiffusionParams:
 
 @pytest.fixture
 def context(tiny_models_dir) -> PipelineContext:
-    return PipelineContext(models_dir=tiny_models_dir, device="cpu")
+    return PipelineContext.private(models_dir=tiny_models_dir, device="cpu")
 
 
 def loaded(context, **overrides) -> StreamDiffusionPipeline:
@@ -189,7 +189,7 @@ async def test_two_sessions_of_one_model_share_its_weights(diffusion_service) ->
         started.append(sessions.get((await response.json())["session_id"]))
     for session in started:
         await asyncio.wait_for(session.wait_ready(), 60)
-    a, b = (session._pipeline for session in started)
+    a, b = (session.host.pipeline for session in started)
 
     def storages(pipeline) -> set[int]:
         modules = (pipeline.unet, pipeline.text_encoder, pipeline.vae)
