@@ -532,6 +532,7 @@ class SharedVideoSink(FrameSink):
     def __init__(self, mime: str) -> None:
         self.name = f"whep-{mime.split('/')[1].lower()}"
         self.primary = False
+        self.realtime = True
         self.encoder = _SharedEncoder(mime)
         self.viewers: set[_PacketTrack] = set()
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="encode-whep")
