@@ -205,12 +205,18 @@ function gathered(pc) {
   });
 }
 
-window.runFloor = async (codec, seconds, warmup) => {
+function hint(receiver, target) {
+  if (target !== null && target !== undefined) receiver.jitterBufferTarget = target;
+}
+
+window.runFloor = async (codec, seconds, warmup, target) => {
   const sender = new RTCPeerConnection(), receiver = new RTCPeerConnection();
   sender.onicecandidate = (e) => e.candidate && receiver.addIceCandidate(e.candidate);
   receiver.onicecandidate = (e) => e.candidate && sender.addIceCandidate(e.candidate);
   prefer(sender.addTransceiver(track, { direction: "sendonly" }), codec);
-  const arrived = new Promise((resolve) => { receiver.ontrack = (e) => resolve(e.track); });
+  const arrived = new Promise((resolve) => {
+    receiver.ontrack = (e) => { hint(e.receiver, target); resolve(e.track); };
+  });
   await sender.setLocalDescription(await sender.createOffer());
   await receiver.setRemoteDescription(sender.localDescription);
   await receiver.setLocalDescription(await receiver.createAnswer());
@@ -241,7 +247,7 @@ async function exchange(pc, url, token) {
   return response;
 }
 
-window.runNoop = async (service, token, codec, seconds, warmup) => {
+window.runNoop = async (service, token, codec, seconds, warmup, target) => {
   const publisher = new RTCPeerConnection(), viewer = new RTCPeerConnection();
   const leave = [];
   let video = null, session = null;
@@ -252,7 +258,9 @@ window.runNoop = async (service, token, codec, seconds, warmup) => {
     leave.push(new URL(published.headers.get("Location"), service).href);
     session = published.headers.get("X-Session-Id");
     const whep = /<([^>]+)>;\\s*rel="urn:ietf:params:whep"/.exec(published.headers.get("Link"))[1];
-    prefer(viewer.addTransceiver("video", { direction: "recvonly" }), codec);
+    const watching = viewer.addTransceiver("video", { direction: "recvonly" });
+    prefer(watching, codec);
+    hint(watching.receiver, target);
     const arrived = new Promise((resolve) => { viewer.ontrack = (e) => resolve(e.track); });
     const watched = await exchange(viewer, whep, token);
     leave.push(new URL(watched.headers.get("Location"), service).href);
@@ -299,11 +307,14 @@ async def page_server() -> AsyncIterator[str]:
         await runner.cleanup()
 
 
-def service_process(page_origin: str) -> Process:
+def service_process(page_origin: str, tree: str | None = None) -> Process:
+    """`python -m live serve` of this checkout, or of the one at `tree` (run from there)."""
     port = _free_port()
     command = [sys.executable, "-m", "live", "serve", "--port", str(port)]
-    command += ["--ice-host-addresses", "127.0.0.1", "--log-level", "WARNING"]
+    command += ["--ice-host-addresses", "127.0.0.1", "--log-level", "ERROR"]
     command += ["--auth-token", TOKEN, "--cors-origins", page_origin]
+    if tree is not None:
+        command = ["/bin/sh", "-c", 'cd "$0" && exec "$@"', tree, *command]
     return Process(command, port)
 
 
@@ -358,6 +369,21 @@ def _line(case: str, s: dict[str, Any], extra: str = "") -> str:
     )
 
 
+def _load() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def _stage_medians(runs: list[dict[str, Any]]) -> str:
+    """The median over runs of each in-service stage's p50 (per frame, so less sensitive to
+    load than the page's figures)."""
+    names: dict[str, list[float]] = {}
+    for run in runs:
+        for name, p in (run["status"].get("stages") or {}).items():
+            if p.get("p50_ms") is not None:
+                names.setdefault(name, []).append(p["p50_ms"])
+    return " ".join(f"{n} {sorted(v)[len(v) // 2]:.1f}" for n, v in names.items())
+
+
 async def main(args: argparse.Namespace) -> dict[str, Any]:
     from playwright.async_api import async_playwright
 
@@ -365,73 +391,80 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
 
     print(
         f"# browser_latency python={platform.python_version()} cpus={os.cpu_count()} "
-        f"load={' '.join(f'{x:.2f}' for x in os.getloadavg())} size={args.size} fps=30 "
-        f"codec={args.codec} runs={args.runs}x{args.seconds:g}s warmup={WARMUP_S:g}s",
+        f"load={_load()} size={args.size} fps=30 codec={args.codec} "
+        f"runs={args.runs}x{args.seconds:g}s warmup={WARMUP_S:g}s "
+        f"jitter_target={args.jitter_target}"
+        + (f" baseline={args.baseline_tree}" if args.baseline_tree else ""),
         flush=True,
     )
-    results: dict[str, list[dict[str, Any]]] = {"floor": [], "noop": []}
-    service_cpu = 0.0
-    noop_wall = 0.0
-    async with page_server() as origin, service_process(origin) as service:
-        async with async_playwright() as playwright:
-            browser = await playwright.chromium.launch(
-                executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS
+    cases = ["floor", "noop"] + (["base"] if args.baseline_tree else [])
+    results: dict[str, list[dict[str, Any]]] = {case: [] for case in cases}
+    cpu_share: dict[str, list[float]] = {"noop": [], "base": []}
+    timing = [args.codec, args.seconds * 1000, WARMUP_S * 1000, args.jitter_target]
+    async with contextlib.AsyncExitStack() as stack:
+        origin = await stack.enter_async_context(page_server())
+        services = {"noop": await stack.enter_async_context(service_process(origin))}
+        if args.baseline_tree:
+            services["base"] = await stack.enter_async_context(
+                service_process(origin, args.baseline_tree)
             )
-            try:
-                page = await browser.new_page()
-                await page.goto(origin + "/")
-                await page.evaluate("(size) => window.startClock(size)", args.size)
-                for _ in range(args.runs):
-                    floor = await asyncio.wait_for(
-                        page.evaluate(
-                            "([c, s, w]) => window.runFloor(c, s, w)",
-                            [args.codec, args.seconds * 1000, WARMUP_S * 1000],
-                        ),
-                        RUN_TIMEOUT_S,
+        playwright = await stack.enter_async_context(async_playwright())
+        browser = await playwright.chromium.launch(
+            executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS
+        )
+        stack.push_async_callback(browser.close)
+        page = await browser.new_page()
+        await page.goto(origin + "/")
+        await page.evaluate("(size) => window.startClock(size)", args.size)
+        for _ in range(args.runs):
+            lines = []
+            for case in cases:
+                if case == "floor":
+                    run = await asyncio.wait_for(
+                        page.evaluate("(a) => window.runFloor(...a)", timing), RUN_TIMEOUT_S
                     )
-                    results["floor"].append(floor)
+                    lines.append(f"  floor p50 {_p50s(run)}; {_rtc(run['rtc'])}")
+                else:
+                    service = services[case]
                     cpu = _cpu_seconds(service.pid)
                     wall = asyncio.get_running_loop().time()
-                    noop = await asyncio.wait_for(
+                    run = await asyncio.wait_for(
                         page.evaluate(
-                            "([b, t, c, s, w]) => window.runNoop(b, t, c, s, w)",
-                            [service.base, TOKEN, args.codec, args.seconds * 1000, WARMUP_S * 1000],
+                            "(a) => window.runNoop(...a)", [service.base, TOKEN, *timing]
                         ),
                         RUN_TIMEOUT_S,
                     )
-                    service_cpu += _cpu_seconds(service.pid) - cpu
-                    noop_wall += asyncio.get_running_loop().time() - wall
-                    results["noop"].append(noop)
-                    print(
-                        f"  floor p50 {_p50s(floor)}; {_rtc(floor['rtc'])}\n"
-                        f"  noop  p50 {_p50s(noop)}; {_rtc(noop['rtc'])}\n"
-                        f"        {_session(noop['status'])}\n"
-                        f"        load {' '.join(f'{x:.2f}' for x in os.getloadavg())}",
-                        flush=True,
+                    wall = asyncio.get_running_loop().time() - wall
+                    cpu_share[case].append((_cpu_seconds(service.pid) - cpu) / wall)
+                    lines.append(
+                        f"  {case:5s} p50 {_p50s(run)}; {_rtc(run['rtc'])}\n"
+                        f"        {_session(run['status'])}"
                     )
-            finally:
-                await browser.close()
-    floor_s, noop_s = summary(results["floor"]), summary(results["noop"])
-    print(_line("floor", floor_s), flush=True)
-    share = service_cpu / noop_wall if noop_wall else 0.0
-    print(_line("noop", noop_s, f"  service cpu {share:.2f} core"), flush=True)
-    added = noop_s["p50_ms"] - floor_s["p50_ms"]
-    pairs = [n - f for n, f in zip(noop_s["run_p50_ms"], floor_s["run_p50_ms"], strict=True)]
-    at_arrival = noop_s["arrival_p50_ms"] - floor_s["arrival_p50_ms"]
-    print(
-        f"noop - floor: p50 {added:+.1f} ms (goal <= 5 ms: {'met' if added <= 5 else 'not met'}), "
-        f"p90 {noop_s['p90_ms'] - floor_s['p90_ms']:+.1f} ms; per run pair "
-        f"[{' '.join(f'{p:+.0f}' for p in pairs)}]; at the viewer's last packet p50 "
-        f"{at_arrival:+.1f} ms; load after {' '.join(f'{x:.2f}' for x in os.getloadavg())}",
-        flush=True,
-    )
-    outcome = {
-        "floor": floor_s,
-        "noop": noop_s,
-        "added_p50_ms": added,
-        "added_at_arrival_p50_ms": at_arrival,
-        "service_cpu": share,
-    }
+                results[case].append(run)
+            print("\n".join(lines) + f"\n        load {_load()}", flush=True)
+    sums = {case: summary(runs) for case, runs in results.items()}
+    outcome: dict[str, Any] = dict(sums)
+    print(_line("floor", sums["floor"]), flush=True)
+    for case in cases[1:]:
+        s, floor_s = sums[case], sums["floor"]
+        share = sum(cpu_share[case]) / len(cpu_share[case])
+        print(_line(case, s, f"  service cpu {share:.2f} core"), flush=True)
+        added = s["p50_ms"] - floor_s["p50_ms"]
+        pairs = [n - f for n, f in zip(s["run_p50_ms"], floor_s["run_p50_ms"], strict=True)]
+        at_arrival = s["arrival_p50_ms"] - floor_s["arrival_p50_ms"]
+        print(
+            f"{case} - floor: p50 {added:+.1f} ms "
+            f"(goal <= 5 ms: {'met' if added <= 5 else 'not met'}), "
+            f"p90 {s['p90_ms'] - floor_s['p90_ms']:+.1f} ms; per run pair "
+            f"[{' '.join(f'{p:+.0f}' for p in pairs)}]; at the viewer's last packet p50 "
+            f"{at_arrival:+.1f} ms; in-service stage p50s (median of runs): "
+            f"{_stage_medians(results[case])}",
+            flush=True,
+        )
+        outcome[f"{case}_added_p50_ms"] = added
+        outcome[f"{case}_added_at_arrival_p50_ms"] = at_arrival
+        outcome[f"{case}_service_cpu"] = share
+    print(f"load after {_load()}", flush=True)
     if args.json:
         print(json.dumps(outcome))
     return outcome
@@ -445,6 +478,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seconds", type=float, default=10.0, help="measured window per run")
     parser.add_argument("--size", type=int, default=512, help="canvas width and height")
     parser.add_argument("--codec", choices=("vp8", "h264"), default="vp8")
+    parser.add_argument(
+        "--jitter-target",
+        type=float,
+        default=None,
+        help="set jitterBufferTarget (ms) on every receiver, floor and viewer alike",
+    )
+    parser.add_argument(
+        "--baseline-tree",
+        default=None,
+        help="another checkout of this repository: its service runs as a third case, `base`, "
+        "interleaved with the others (before/after figures under the same load)",
+    )
     parser.add_argument("--json", action="store_true", help="also print the figures as JSON")
     args = parser.parse_args(argv)
     if args.size % 8:
