@@ -2,7 +2,7 @@
 browser's own floor.
 
     python -m bench.browser_latency [--runs 3] [--seconds 10] [--size 512] [--codec vp8|h264]
-        [--json]
+        [--jitter-target MS] [--baseline-tree PATH] [--json]
 
 Headless Chromium (Debian's, the flags of tests/live/test_web.py) opens a page that this script
 serves on its own origin (http://localhost:PORT; the service is http://127.0.0.1:PORT2, so every
@@ -22,10 +22,19 @@ the callback's time minus the painted time, on the page's one clock. Two cases, 
   (a fresh session per run, `python -m live serve` in its own process) and watches the session's
   WHEP URL: two hops (the service decodes, runs the frame loop, encodes again).
 
+- base (with `--baseline-tree PATH`): the noop case again against the service of another
+  checkout (run from PATH), interleaved with the others: before/after under the same load.
+
 Each run drops its first WARMUP_S seconds after the first frame read (keyframes, the bitrate
 ramp) and measures `--seconds`. Printed per case over all its runs: p50, p90, max, received fps,
 the frames read and those whose clock did not check out, the size the receiver got (Chromium
 scales its encoder down under CPU load), and the service's CPU share during the noop runs.
+Beside the delay to the frame callback, two from the callback's metadata: to the arrival of
+the frame's last packet at the viewer (`receiveTime`: no jitter buffer, decode or wait for the
+page's next animation frame, so less noisy) and to its hand-off to the compositor. The
+service's own figures come from its status: per stage, from the WHIP frame's last RTP packet
+in to the WHEP frame's last RTP packet out (`whep_delay`), the median of each run's p50.
+`--jitter-target` sets `jitterBufferTarget` on every receiver (floor and viewer alike).
 """
 
 from __future__ import annotations
@@ -452,17 +461,19 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         added = s["p50_ms"] - floor_s["p50_ms"]
         pairs = [n - f for n, f in zip(s["run_p50_ms"], floor_s["run_p50_ms"], strict=True)]
         at_arrival = s["arrival_p50_ms"] - floor_s["arrival_p50_ms"]
+        presented = s["presented_p50_ms"] - floor_s["presented_p50_ms"]
         print(
             f"{case} - floor: p50 {added:+.1f} ms "
             f"(goal <= 5 ms: {'met' if added <= 5 else 'not met'}), "
             f"p90 {s['p90_ms'] - floor_s['p90_ms']:+.1f} ms; per run pair "
-            f"[{' '.join(f'{p:+.0f}' for p in pairs)}]; at the viewer's last packet p50 "
-            f"{at_arrival:+.1f} ms; in-service stage p50s (median of runs): "
-            f"{_stage_medians(results[case])}",
+            f"[{' '.join(f'{p:+.0f}' for p in pairs)}]; presented p50 {presented:+.1f} ms; at the "
+            f"viewer's last packet p50 {at_arrival:+.1f} ms; in-service stage p50s (median of "
+            f"runs): {_stage_medians(results[case])}",
             flush=True,
         )
         outcome[f"{case}_added_p50_ms"] = added
         outcome[f"{case}_added_at_arrival_p50_ms"] = at_arrival
+        outcome[f"{case}_added_presented_p50_ms"] = presented
         outcome[f"{case}_service_cpu"] = share
     print(f"load after {_load()}", flush=True)
     if args.json:
