@@ -2,7 +2,7 @@
 browser's own floor.
 
     python -m bench.browser_latency [--runs 3] [--seconds 10] [--size 512] [--codec vp8|h264]
-        [--json]
+        [--jitter-target MS] [--baseline-tree PATH] [--json]
 
 Headless Chromium (Debian's, the flags of tests/live/test_web.py) opens a page that this script
 serves on its own origin (http://localhost:PORT; the service is http://127.0.0.1:PORT2, so every
@@ -22,10 +22,19 @@ the callback's time minus the painted time, on the page's one clock. Two cases, 
   (a fresh session per run, `python -m live serve` in its own process) and watches the session's
   WHEP URL: two hops (the service decodes, runs the frame loop, encodes again).
 
+- base (with `--baseline-tree PATH`): the noop case again against the service of another
+  checkout (run from PATH), interleaved with the others: before/after under the same load.
+
 Each run drops its first WARMUP_S seconds after the first frame read (keyframes, the bitrate
 ramp) and measures `--seconds`. Printed per case over all its runs: p50, p90, max, received fps,
 the frames read and those whose clock did not check out, the size the receiver got (Chromium
 scales its encoder down under CPU load), and the service's CPU share during the noop runs.
+Beside the delay to the frame callback, two from the callback's metadata: to the arrival of
+the frame's last packet at the viewer (`receiveTime`: no jitter buffer, decode or wait for the
+page's next animation frame, so less noisy) and to its hand-off to the compositor. The
+service's own figures come from its status: per stage, from the WHIP frame's last RTP packet
+in to the WHEP frame's last RTP packet out (`whep_delay`), the median of each run's p50.
+`--jitter-target` sets `jitterBufferTarget` on every receiver (floor and viewer alike).
 """
 
 from __future__ import annotations
@@ -113,10 +122,11 @@ function reader(video, size) {
 function measure(video, size, seconds, warmup) {
   return new Promise((resolve, reject) => {
     const read = reader(video, size);
-    const delays = [];
+    const delays = [], arrivals = [], presented = [];
     let start = null, bad = 0, frames = 0;
     const timeout = setTimeout(() => reject(new Error("no frame played")), 30000);
-    const onFrame = (now) => {
+    const since = (t, painted) => ((Math.round(t) - painted) % MOD + MOD) % MOD;
+    const onFrame = (now, meta) => {
       const received = performance.now();
       const painted = read();
       if (start === null) {
@@ -127,10 +137,17 @@ function measure(video, size, seconds, warmup) {
       if (t >= warmup) {
         frames++;
         if (painted === null) bad++;
-        else delays.push(((Math.round(received) - painted) % MOD + MOD) % MOD);
+        else {
+          delays.push(since(received, painted));
+          // When the frame's last packet reached the viewer, and when it was handed to the
+          // compositor: the same path without the viewer's buffering, and without the wait
+          // for the page's next animation frame.
+          if (meta.receiveTime) arrivals.push(since(meta.receiveTime, painted));
+          if (meta.presentationTime) presented.push(since(meta.presentationTime, painted));
+        }
       }
       if (t >= warmup + seconds) {
-        resolve({ delays, frames, bad, seconds: t - warmup,
+        resolve({ delays, arrivals, presented, frames, bad, seconds: t - warmup,
                   width: video.videoWidth, height: video.videoHeight });
         return;
       }
@@ -197,12 +214,18 @@ function gathered(pc) {
   });
 }
 
-window.runFloor = async (codec, seconds, warmup) => {
+function hint(receiver, target) {
+  if (target !== null && target !== undefined) receiver.jitterBufferTarget = target;
+}
+
+window.runFloor = async (codec, seconds, warmup, target) => {
   const sender = new RTCPeerConnection(), receiver = new RTCPeerConnection();
   sender.onicecandidate = (e) => e.candidate && receiver.addIceCandidate(e.candidate);
   receiver.onicecandidate = (e) => e.candidate && sender.addIceCandidate(e.candidate);
   prefer(sender.addTransceiver(track, { direction: "sendonly" }), codec);
-  const arrived = new Promise((resolve) => { receiver.ontrack = (e) => resolve(e.track); });
+  const arrived = new Promise((resolve) => {
+    receiver.ontrack = (e) => { hint(e.receiver, target); resolve(e.track); };
+  });
   await sender.setLocalDescription(await sender.createOffer());
   await receiver.setRemoteDescription(sender.localDescription);
   await receiver.setLocalDescription(await receiver.createAnswer());
@@ -233,7 +256,7 @@ async function exchange(pc, url, token) {
   return response;
 }
 
-window.runNoop = async (service, token, codec, seconds, warmup) => {
+window.runNoop = async (service, token, codec, seconds, warmup, target) => {
   const publisher = new RTCPeerConnection(), viewer = new RTCPeerConnection();
   const leave = [];
   let video = null, session = null;
@@ -244,7 +267,9 @@ window.runNoop = async (service, token, codec, seconds, warmup) => {
     leave.push(new URL(published.headers.get("Location"), service).href);
     session = published.headers.get("X-Session-Id");
     const whep = /<([^>]+)>;\\s*rel="urn:ietf:params:whep"/.exec(published.headers.get("Link"))[1];
-    prefer(viewer.addTransceiver("video", { direction: "recvonly" }), codec);
+    const watching = viewer.addTransceiver("video", { direction: "recvonly" });
+    prefer(watching, codec);
+    hint(watching.receiver, target);
     const arrived = new Promise((resolve) => { viewer.ontrack = (e) => resolve(e.track); });
     const watched = await exchange(viewer, whep, token);
     leave.push(new URL(watched.headers.get("Location"), service).href);
@@ -291,11 +316,14 @@ async def page_server() -> AsyncIterator[str]:
         await runner.cleanup()
 
 
-def service_process(page_origin: str) -> Process:
+def service_process(page_origin: str, tree: str | None = None) -> Process:
+    """`python -m live serve` of this checkout, or of the one at `tree` (run from there)."""
     port = _free_port()
     command = [sys.executable, "-m", "live", "serve", "--port", str(port)]
-    command += ["--ice-host-addresses", "127.0.0.1", "--log-level", "WARNING"]
+    command += ["--ice-host-addresses", "127.0.0.1", "--log-level", "ERROR"]
     command += ["--auth-token", TOKEN, "--cors-origins", page_origin]
+    if tree is not None:
+        command = ["/bin/sh", "-c", 'cd "$0" && exec "$@"', tree, *command]
     return Process(command, port)
 
 
@@ -310,9 +338,19 @@ def summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "fps": round(frames / seconds, 1) if seconds else 0.0,
         "frames": frames,
         "unreadable": sum(run["bad"] for run in runs),
+        "arrival_p50_ms": pct([d for run in runs for d in run.get("arrivals", [])], 0.5),
+        "presented_p50_ms": pct([d for run in runs for d in run.get("presented", [])], 0.5),
         "run_p50_ms": [pct(run["delays"], 0.5) for run in runs],
+        "run_arrival_p50_ms": [pct(run.get("arrivals", []), 0.5) for run in runs],
         "sizes": sorted({f"{run['width']}x{run['height']}" for run in runs}),
     }
+
+
+def _p50s(run: dict[str, Any]) -> str:
+    return (
+        f"{pct(run['delays'], 0.5):.1f} ms (at its last packet {pct(run['arrivals'], 0.5):.1f}, "
+        f"presented {pct(run['presented'], 0.5):.1f})"
+    )
 
 
 def _rtc(rtc: dict[str, Any]) -> str:
@@ -340,6 +378,21 @@ def _line(case: str, s: dict[str, Any], extra: str = "") -> str:
     )
 
 
+def _load() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def _stage_medians(runs: list[dict[str, Any]]) -> str:
+    """The median over runs of each in-service stage's p50 (per frame, so less sensitive to
+    load than the page's figures)."""
+    names: dict[str, list[float]] = {}
+    for run in runs:
+        for name, p in (run["status"].get("stages") or {}).items():
+            if p.get("p50_ms") is not None:
+                names.setdefault(name, []).append(p["p50_ms"])
+    return " ".join(f"{n} {sorted(v)[len(v) // 2]:.1f}" for n, v in names.items())
+
+
 async def main(args: argparse.Namespace) -> dict[str, Any]:
     from playwright.async_api import async_playwright
 
@@ -347,63 +400,82 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
 
     print(
         f"# browser_latency python={platform.python_version()} cpus={os.cpu_count()} "
-        f"load={' '.join(f'{x:.2f}' for x in os.getloadavg())} size={args.size} fps=30 "
-        f"codec={args.codec} runs={args.runs}x{args.seconds:g}s warmup={WARMUP_S:g}s",
+        f"load={_load()} size={args.size} fps=30 codec={args.codec} "
+        f"runs={args.runs}x{args.seconds:g}s warmup={WARMUP_S:g}s "
+        f"jitter_target={args.jitter_target}"
+        + (f" baseline={args.baseline_tree}" if args.baseline_tree else ""),
         flush=True,
     )
-    results: dict[str, list[dict[str, Any]]] = {"floor": [], "noop": []}
-    service_cpu = 0.0
-    noop_wall = 0.0
-    async with page_server() as origin, service_process(origin) as service:
-        async with async_playwright() as playwright:
-            browser = await playwright.chromium.launch(
-                executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS
+    cases = ["floor", "noop"] + (["base"] if args.baseline_tree else [])
+    results: dict[str, list[dict[str, Any]]] = {case: [] for case in cases}
+    cpu_share: dict[str, list[float]] = {"noop": [], "base": []}
+    timing = [args.codec, args.seconds * 1000, WARMUP_S * 1000, args.jitter_target]
+    async with contextlib.AsyncExitStack() as stack:
+        origin = await stack.enter_async_context(page_server())
+        services = {"noop": await stack.enter_async_context(service_process(origin))}
+        if args.baseline_tree:
+            services["base"] = await stack.enter_async_context(
+                service_process(origin, args.baseline_tree)
             )
-            try:
-                page = await browser.new_page()
-                await page.goto(origin + "/")
-                await page.evaluate("(size) => window.startClock(size)", args.size)
-                for _ in range(args.runs):
-                    floor = await asyncio.wait_for(
-                        page.evaluate(
-                            "([c, s, w]) => window.runFloor(c, s, w)",
-                            [args.codec, args.seconds * 1000, WARMUP_S * 1000],
-                        ),
-                        RUN_TIMEOUT_S,
+        playwright = await stack.enter_async_context(async_playwright())
+        browser = await playwright.chromium.launch(
+            executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS
+        )
+        stack.push_async_callback(browser.close)
+        page = await browser.new_page()
+        await page.goto(origin + "/")
+        await page.evaluate("(size) => window.startClock(size)", args.size)
+        for _ in range(args.runs):
+            lines = []
+            for case in cases:
+                if case == "floor":
+                    run = await asyncio.wait_for(
+                        page.evaluate("(a) => window.runFloor(...a)", timing), RUN_TIMEOUT_S
                     )
-                    results["floor"].append(floor)
+                    lines.append(f"  floor p50 {_p50s(run)}; {_rtc(run['rtc'])}")
+                else:
+                    service = services[case]
                     cpu = _cpu_seconds(service.pid)
                     wall = asyncio.get_running_loop().time()
-                    noop = await asyncio.wait_for(
+                    run = await asyncio.wait_for(
                         page.evaluate(
-                            "([b, t, c, s, w]) => window.runNoop(b, t, c, s, w)",
-                            [service.base, TOKEN, args.codec, args.seconds * 1000, WARMUP_S * 1000],
+                            "(a) => window.runNoop(...a)", [service.base, TOKEN, *timing]
                         ),
                         RUN_TIMEOUT_S,
                     )
-                    service_cpu += _cpu_seconds(service.pid) - cpu
-                    noop_wall += asyncio.get_running_loop().time() - wall
-                    results["noop"].append(noop)
-                    print(
-                        f"  floor p50 {pct(floor['delays'], 0.5):.1f} ms; {_rtc(floor['rtc'])}\n"
-                        f"  noop  p50 {pct(noop['delays'], 0.5):.1f} ms; {_rtc(noop['rtc'])}\n"
-                        f"        {_session(noop['status'])}",
-                        flush=True,
+                    wall = asyncio.get_running_loop().time() - wall
+                    cpu_share[case].append((_cpu_seconds(service.pid) - cpu) / wall)
+                    lines.append(
+                        f"  {case:5s} p50 {_p50s(run)}; {_rtc(run['rtc'])}\n"
+                        f"        {_session(run['status'])}"
                     )
-            finally:
-                await browser.close()
-    floor_s, noop_s = summary(results["floor"]), summary(results["noop"])
-    print(_line("floor", floor_s), flush=True)
-    share = service_cpu / noop_wall if noop_wall else 0.0
-    print(_line("noop", noop_s, f"  service cpu {share:.2f} core"), flush=True)
-    added = noop_s["p50_ms"] - floor_s["p50_ms"]
-    print(
-        f"noop - floor: p50 {added:+.1f} ms (goal <= 5 ms: {'met' if added <= 5 else 'not met'}), "
-        f"p90 {noop_s['p90_ms'] - floor_s['p90_ms']:+.1f} ms; "
-        f"load after {' '.join(f'{x:.2f}' for x in os.getloadavg())}",
-        flush=True,
-    )
-    outcome = {"floor": floor_s, "noop": noop_s, "added_p50_ms": added, "service_cpu": share}
+                results[case].append(run)
+            print("\n".join(lines) + f"\n        load {_load()}", flush=True)
+    sums = {case: summary(runs) for case, runs in results.items()}
+    outcome: dict[str, Any] = dict(sums)
+    print(_line("floor", sums["floor"]), flush=True)
+    for case in cases[1:]:
+        s, floor_s = sums[case], sums["floor"]
+        share = sum(cpu_share[case]) / len(cpu_share[case])
+        print(_line(case, s, f"  service cpu {share:.2f} core"), flush=True)
+        added = s["p50_ms"] - floor_s["p50_ms"]
+        pairs = [n - f for n, f in zip(s["run_p50_ms"], floor_s["run_p50_ms"], strict=True)]
+        at_arrival = s["arrival_p50_ms"] - floor_s["arrival_p50_ms"]
+        presented = s["presented_p50_ms"] - floor_s["presented_p50_ms"]
+        print(
+            f"{case} - floor: p50 {added:+.1f} ms "
+            f"(goal <= 5 ms: {'met' if added <= 5 else 'not met'}), "
+            f"p90 {s['p90_ms'] - floor_s['p90_ms']:+.1f} ms; per run pair "
+            f"[{' '.join(f'{p:+.0f}' for p in pairs)}]; presented p50 {presented:+.1f} ms; at the "
+            f"viewer's last packet p50 {at_arrival:+.1f} ms; in-service stage p50s (median of "
+            f"runs): {_stage_medians(results[case])}",
+            flush=True,
+        )
+        outcome[f"{case}_added_p50_ms"] = added
+        outcome[f"{case}_added_at_arrival_p50_ms"] = at_arrival
+        outcome[f"{case}_added_presented_p50_ms"] = presented
+        outcome[f"{case}_service_cpu"] = share
+    print(f"load after {_load()}", flush=True)
     if args.json:
         print(json.dumps(outcome))
     return outcome
@@ -417,6 +489,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seconds", type=float, default=10.0, help="measured window per run")
     parser.add_argument("--size", type=int, default=512, help="canvas width and height")
     parser.add_argument("--codec", choices=("vp8", "h264"), default="vp8")
+    parser.add_argument(
+        "--jitter-target",
+        type=float,
+        default=None,
+        help="set jitterBufferTarget (ms) on every receiver, floor and viewer alike",
+    )
+    parser.add_argument(
+        "--baseline-tree",
+        default=None,
+        help="another checkout of this repository: its service runs as a third case, `base`, "
+        "interleaved with the others (before/after figures under the same load)",
+    )
     parser.add_argument("--json", action="store_true", help="also print the figures as JSON")
     args = parser.parse_args(argv)
     if args.size % 8:

@@ -26,7 +26,7 @@ from .pipelines import LivePipeline, builtin_pipelines
 from .routes import add_live_routes
 from .sessions import Availability, SessionManager
 from .settings import Settings
-from .webrtc import bound_udp_ports, frame_on_marker, restrict_host_addresses
+from .webrtc import bound_udp_ports, restrict_host_addresses
 from .webrtc_routes import add_webrtc_routes
 
 logger = logging.getLogger(__name__)
@@ -70,7 +70,6 @@ def create_app(
     add_live_routes(app)
     add_batch_routes(app, runtime, settings.batch())
     add_webrtc_routes(app)
-    frame_on_marker()
     settings.udp_port_range()  # refuses a bad range now, not at the first peer
     app.cleanup_ctx.append(_udp_ports_ctx)
     if settings.ice_host_addresses:

@@ -78,6 +78,11 @@ class FrameSink(ABC):
     primary: bool = False
     """The session's own output: when it closes for good the session ends ("output closed"),
     and its deliveries are the session's `frames_out`."""
+    realtime: bool = False
+    """Watched as it happens (a WebRTC viewer's encoder): a frame goes to the other sinks only
+    once a real-time sink has sent it, so their encoders (trickle segments, recordings, which
+    buffer anyway) do not compete with it for the machine's cores. `send` must not wait for
+    the network."""
 
     async def open(self, context: MediaContext) -> None:  # noqa: B027 - optional hook
         """Called once before the first frame."""

@@ -5,6 +5,7 @@ their presentation times unless they arrive live, passes audio on), infer (takes
 frame from the slot and processes it), and one runner per sink (takes the newest processed
 frame when its sink is ready). The only buffers are slots holding one item, so when a stage
 is slower than the one before it, frames are dropped there and counted, and delay never grows.
+Real-time sinks (WebRTC viewers) get each frame first; the others once one of them sent it.
 """
 
 from __future__ import annotations
@@ -95,7 +96,10 @@ class _SinkRunner:
                 audio = []
                 while self.audio and self.audio[0].pts <= frame.pts + AUDIO_LEAD:
                     audio.append(self.audio.popleft())
-                if await self.sink.send(frame, audio):
+                sent = await self.sink.send(frame, audio)
+                if self.sink.realtime:
+                    self.loop.release_held(frame)
+                if sent:
                     self.stats.sent += 1
                     if self.sink.primary and not frame.loading:
                         self.loop.delivered(frame)
@@ -113,6 +117,8 @@ class _SinkRunner:
         finally:
             self.slot.close()
             self.loop.runners.discard(self)
+            if self.sink.realtime:
+                self.loop.release_held()  # nobody left to send the held frame
             await self.sink.close()
 
 
@@ -155,6 +161,7 @@ class FrameLoop:
         self._seen_input = False
         self._seen_output = False
         self._ended = False
+        self._held: OutputFrame | None = None  # for the other sinks, until a real-time one sent it
 
     def add_sink(self, sink: FrameSink) -> None:
         """A new receiver (a viewer joining late starts at the live edge: the next frame).
@@ -246,14 +253,32 @@ class FrameLoop:
                 out = await self.process(released.frame)
                 if out is None:
                     continue
-                for runner in list(self.runners):
+                self.release_held()  # the frame before, if no real-time sink sent it yet
+                realtime = [r for r in self.runners if r.sink.realtime]
+                if realtime:
+                    self._held = out
+                offered = realtime or list(self.runners)
+                for runner in offered:
                     runner.offer(out)
                 if self.lossless:
-                    for runner in list(self.runners):
+                    for runner in offered:
                         await runner.slot.taken()
         finally:
+            self.release_held()
             for runner in list(self.runners):
                 runner.slot.close()
+
+    def release_held(self, frame: OutputFrame | None = None) -> None:
+        """Offer the frame held for the non-real-time sinks to them (with `frame`: only if it
+        is the one held). One held frame at most: the next processed one releases it, so a
+        slow real-time sink delays the others by a frame, never more."""
+        held = self._held
+        if held is None or (frame is not None and frame is not held):
+            return
+        self._held = None
+        for runner in list(self.runners):
+            if not runner.sink.realtime:
+                runner.offer(held)
 
     def delivered(self, frame: OutputFrame) -> None:
         self.context.stats.frame_out(frame.arrived)

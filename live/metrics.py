@@ -36,7 +36,7 @@ from runtime.runtime import Runtime
 from .keys import METRICS, SETTINGS
 from .session import LiveSession
 from .sessions import SessionManager
-from .stats import STAGES
+from .stats import ALL_STAGES
 
 NAMESPACE = "live_v2v"
 
@@ -59,7 +59,7 @@ class SessionObserver:
     so that an observation is one call (the stats call it on every frame)."""
 
     def __init__(self, metrics: ServiceMetrics, pipeline: str) -> None:
-        self._stages = {name: metrics.stage_seconds.labels(pipeline, name) for name in STAGES}
+        self._stages = {name: metrics.stage_seconds.labels(pipeline, name) for name in ALL_STAGES}
         self._delay = metrics.delay_seconds.labels(pipeline)
 
     def stage(self, name: str, seconds: float) -> None:

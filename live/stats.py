@@ -20,8 +20,17 @@ WINDOW = 300  # frames kept per timing window: 10 s at 30 fps
 FPS_WINDOW_S = 2.0
 
 STAGES = ("decode", "pace", "slot", "inference", "encode", "egress")
-"""decode: bytes to RGB; pace: held until the frame's presentation time; slot: waiting for the
-pipeline; inference: the pipeline; encode: RGB to bytes (per sink); egress: handing the bytes on."""
+"""decode: bytes to RGB (WHIP: from the frame's last RTP packet); pace: held until the frame's
+presentation time; slot: waiting for the pipeline; inference: the pipeline; encode: RGB to bytes
+(the trickle output); egress: handing the bytes on."""
+
+WEBRTC_STAGES = ("receive", "whep_encode", "whep_send", "whep_delay")
+"""receive: a WHIP frame's first RTP packet to its last (the publisher's pacing); whep_encode:
+the WHEP encoder, shared by the session's viewers; whep_send: encoded to its RTP packets handed
+to the socket; whep_delay: the input frame's last RTP packet to the output's, the service's
+whole share of a WHIP-to-WHEP trip."""
+
+ALL_STAGES = STAGES + WEBRTC_STAGES
 
 
 def percentiles(values: collections.deque[float] | list[float]) -> StagePercentiles:
@@ -62,7 +71,7 @@ class SessionStats:
     last_input_time: int | None = None  # ms since the epoch, as Livepeer's status has them
     last_output_time: int | None = None
     stages: dict[str, collections.deque[float]] = field(
-        default_factory=lambda: {name: collections.deque(maxlen=WINDOW) for name in STAGES}
+        default_factory=lambda: {name: collections.deque(maxlen=WINDOW) for name in ALL_STAGES}
     )
     latencies: collections.deque[float] = field(
         default_factory=lambda: collections.deque(maxlen=WINDOW)

@@ -41,7 +41,7 @@ from protocol.media import CLOCK, TIME_BASE, AudioPacket, VideoFrame, to_rgb
 from .edges import FrameSink, FrameSource, MediaContext, MediaItem, OutputClosed, OutputFrame
 from .frame_loop import StreamEnded
 from .ice import IceSettings
-from .rtc_receive import FreshDecodeQueue, bound_decode_wait
+from .rtc_receive import FreshDecodeQueue, bound_decode_wait, end_frames_on_marker
 from .sdpfrag import Fragment
 from .slot import LatestSlot, put_dropping_oldest
 from .threads import run_in
@@ -74,39 +74,6 @@ def restrict_host_addresses(addresses: list[str]) -> None:
     import aioice.ice
 
     aioice.ice.get_host_addresses = lambda use_ipv4, use_ipv6: list(addresses)
-
-
-def frame_on_marker() -> None:
-    """Make aiortc's video receivers hand a frame to the decoder as soon as its last packet
-    (RTP marker bit) is in, as browsers do.
-
-    aiortc's jitter buffer ends a frame only when the first packet of the next one arrives:
-    one frame interval (33 ms at 30 fps) on every receiving hop, measured by
-    bench/webrtc_latency.py. Its receiver builds the buffer from the module-level name, so
-    this swaps in a subclass for the whole process (one service per process); a frame whose
-    marker packet is lost still completes aiortc's way, on the next frame's first packet.
-    """
-    from aiortc import jitterbuffer, rtcrtpreceiver
-
-    if rtcrtpreceiver.JitterBuffer is not jitterbuffer.JitterBuffer:
-        return  # already installed
-
-    class MarkerJitterBuffer(jitterbuffer.JitterBuffer):
-        def _remove_frame(self, sequence_number: int) -> jitterbuffer.JitterFrame | None:
-            if self._is_video and self._origin is not None:
-                packets = []
-                for count in range(self._capacity):
-                    packet = self._packets[(self._origin + count) % self._capacity]
-                    if packet is None or (packets and packet.timestamp != packets[0].timestamp):
-                        break  # a gap, or the next frame: aiortc's own rule decides
-                    packets.append(packet)
-                    if packet.marker:
-                        self.remove(count + 1)
-                        data = b"".join(p._data for p in packets)  # type: ignore[attr-defined]
-                        return jitterbuffer.JitterFrame(data=data, timestamp=packets[0].timestamp)
-            return super()._remove_frame(sequence_number)
-
-    rtcrtpreceiver.JitterBuffer = MarkerJitterBuffer  # type: ignore[misc]
 
 
 def bound_udp_ports(loop: asyncio.AbstractEventLoop, low: int, high: int) -> Callable[[], None]:
@@ -197,13 +164,17 @@ class WhipSource(FrameSource):
         self._stale = 0  # frames dropped before conversion (decoded, or by a past decoder)
         self._counted = 0  # of those and the current decoder's drops, already in the stats
         self._decode_queue: FreshDecodeQueue | None = None
+        self._context: MediaContext | None = None
         self.closed = False
 
     def attach(self, track: MediaStreamTrack, pc: RTCPeerConnection | None = None) -> None:
-        """A track of a new publisher (aiortc's `track` event) on its peer connection."""
+        """A track of a new publisher (aiortc's `track` event, before any packet) on its peer
+        connection: its receiver ends frames on their marker bit, as browsers do, and its
+        decoder's backlog is bounded (live/rtc_receive.py)."""
         if track.kind == "video" and pc is not None:
             for transceiver in pc.getTransceivers():
                 if transceiver.receiver.track is track:
+                    end_frames_on_marker(transceiver.receiver)
                     self._watch_decoder(bound_decode_wait(transceiver.receiver))
         reader = self._read_video(track) if track.kind == "video" else self._read_audio(track)
         task = asyncio.ensure_future(reader)
@@ -220,17 +191,20 @@ class WhipSource(FrameSource):
 
     async def _read_video(self, track: MediaStreamTrack) -> None:
         self._video_clock.new_publisher()
-        newest: LatestSlot[av.VideoFrame] = LatestSlot()
+        newest: LatestSlot[tuple[av.VideoFrame, float]] = LatestSlot()
         receiving = asyncio.ensure_future(self._receive_newest(track, newest))
         try:
-            while (frame := await newest.get()) is not None:
+            while (taken := await newest.get()) is not None:
+                frame, arrived = taken
                 image = await run_in(self._thread, to_rgb, frame, self.size)
                 pts = self._video_clock.map(_to_clock(frame))
                 now = time.monotonic()
                 self._anchor = (pts, now)
+                if self._context is not None:
+                    self._context.stats.stage("decode", now - arrived)
                 same = (frame.width, frame.height) == (image.shape[1], image.shape[0])
                 decoded = frame if same and frame.format.name == "yuv420p" else None
-                self._put(VideoFrame(image, pts, now, self._index, decoded=decoded))
+                self._put(VideoFrame(image, pts, arrived, self._index, decoded=decoded))
                 self._index += 1
             logger.info("WHIP publisher left; waiting for it to come back")
         finally:
@@ -239,17 +213,24 @@ class WhipSource(FrameSource):
                 await receiving
 
     async def _receive_newest(
-        self, track: MediaStreamTrack, newest: LatestSlot[av.VideoFrame]
+        self, track: MediaStreamTrack, newest: LatestSlot[tuple[av.VideoFrame, float]]
     ) -> None:
-        """Take every decoded frame from aiortc as it comes and keep only the newest.
+        """Take every decoded frame from aiortc as it comes and keep only the newest, with
+        when its last packet arrived (when it was taken, where the receiver does not say).
 
         aiortc queues decoded frames without bound until `recv` takes them; when the RGB
         conversion (or the machine) is slower than the camera, that queue is where frames
         waited, seconds under CPU starvation. Taking them here, on the event loop, leaves at
         most one frame waiting, and the conversion always starts on the newest."""
+        decoder = self._decode_queue
         try:
             while True:
-                if newest.put(await track.recv()):
+                frame = await track.recv()
+                arrival = decoder.arrival(frame.pts) if decoder is not None else None
+                arrived = time.monotonic() if arrival is None else arrival[1]
+                if arrival is not None and self._context is not None:
+                    self._context.stats.stage("receive", arrival[1] - arrival[0])
+                if newest.put((frame, arrived)):
                     self._stale += 1
         except MediaStreamError:
             pass
@@ -276,6 +257,7 @@ class WhipSource(FrameSource):
         return pts + int((time.monotonic() - at) * CLOCK)
 
     async def items(self, context: MediaContext) -> AsyncIterator[MediaItem]:
+        self._context = context
         while True:
             item = await self._items.get()
             stale = self._stale + (self._decode_queue.dropped if self._decode_queue else 0)
@@ -439,13 +421,22 @@ class _PacketTrack(MediaStreamTrack):
 
     kind = "video"
 
-    def __init__(self, on_resync: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        on_resync: Callable[[], None],
+        on_sent: Callable[[float, float], None] = lambda encoded, arrived: None,
+    ) -> None:
         super().__init__()
         self.packets: asyncio.Queue[av.Packet | None] = asyncio.Queue(maxsize=VIEWER_BACKLOG)
         self.waiting_for_key = True
         self._on_resync = on_resync
+        self._on_sent = on_sent
+        self._times: dict[int, tuple[float, float]] = {}  # id(packet) -> (encoded, arrived)
+        self._sending: tuple[float, float] | None = None
 
-    def offer(self, packets: Sequence[av.Packet]) -> None:
+    def offer(
+        self, packets: Sequence[av.Packet], encoded: float = 0.0, arrived: float = 0.0
+    ) -> None:
         for packet in packets:
             if self.waiting_for_key and not packet.is_keyframe:
                 continue
@@ -453,16 +444,25 @@ class _PacketTrack(MediaStreamTrack):
                 # Behind by a whole backlog: drop it all and start again at a keyframe.
                 while not self.packets.empty():
                     self.packets.get_nowait()
+                self._times.clear()
                 self.waiting_for_key = True
                 self._on_resync()
                 continue
             self.waiting_for_key = False
             self.packets.put_nowait(packet)
+            if packet is packets[-1]:  # timed once its frame's last packet is sent
+                self._times[id(packet)] = (encoded, arrived)
 
     async def recv(self) -> av.Packet:
+        # aiortc's sender asks for the next packet right after the RTP packets of the one
+        # before went to the socket: now is when the last frame left.
+        if self._sending is not None:
+            self._on_sent(*self._sending)
+            self._sending = None
         packet = await self.packets.get()
         if packet is None:
             raise MediaStreamError
+        self._sending = self._times.pop(id(packet), None)
         return packet
 
     def end(self) -> None:
@@ -533,6 +533,7 @@ class SharedVideoSink(FrameSink):
     def __init__(self, mime: str) -> None:
         self.name = f"whep-{mime.split('/')[1].lower()}"
         self.primary = False
+        self.realtime = True
         self.encoder = _SharedEncoder(mime)
         self.viewers: set[_PacketTrack] = set()
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="encode-whep")
@@ -543,7 +544,7 @@ class SharedVideoSink(FrameSink):
         self._context = context
 
     def add_viewer(self) -> _PacketTrack:
-        track = _PacketTrack(self._want_key)
+        track = _PacketTrack(self._want_key, self._sent)
         self.viewers.add(track)
         self._want_key()  # a new viewer starts at a keyframe, made for it now
         return track
@@ -555,17 +556,24 @@ class SharedVideoSink(FrameSink):
     def _want_key(self) -> None:
         self.encoder.want_key = True
 
+    def _sent(self, encoded: float, arrived: float) -> None:
+        if self._context is not None:
+            now = time.monotonic()
+            self._context.stats.stage("whep_send", now - encoded)
+            self._context.stats.stage("whep_delay", now - arrived)
+
     async def send(self, frame: OutputFrame, audio: Sequence[AudioPacket]) -> bool:
         if not self.viewers:
             raise OutputClosed("no viewer left")
-        started = time.perf_counter()
+        started = time.monotonic()
         packets = await run_in(
             self._thread, self.encoder.encode, frame.image, frame.pts, frame.decoded
         )
+        encoded = time.monotonic()
         if self._context is not None:
-            self._context.stats.stage("encode", time.perf_counter() - started)
+            self._context.stats.stage("whep_encode", encoded - started)
         for viewer in list(self.viewers):
-            viewer.offer(packets)
+            viewer.offer(packets, encoded, frame.arrived)
         return True
 
     async def close(self) -> None:

@@ -5,17 +5,19 @@ from __future__ import annotations
 import asyncio
 import statistics
 import time
+from collections.abc import Sequence
 
 import numpy as np
 import pytest
 
+from live.edges import OutputClosed, OutputFrame
 from live.frame_loop import Pacer, StreamEnded
 from live.memory_io import MemorySink, MemorySource
 from live.pipelines.passthrough import NoopPipeline
 from live.session import LiveSession, SessionConfig
 from live.trickle_io import TrickleSink
 from protocol.clips import numbered_frame, read_index
-from protocol.media import CLOCK
+from protocol.media import CLOCK, AudioPacket
 from protocol.trickle import LocalPublisher, TrickleServer
 
 FPS = 30
@@ -222,3 +224,55 @@ async def test_stats_reads_change_nothing() -> None:
     final = session.status()
     assert final.frames_in == 45 and final.frames_out == len(sink.delivered)
     assert final.end_reason == "input ended" and final.state == "OFFLINE"
+
+
+class RealtimeSink(MemorySink):
+    """A WebRTC viewer's encoder stand-in: its send yields to the loop (as an encode on a
+    thread does) and notes when it started and ended; after `closes_after` frames it leaves."""
+
+    def __init__(self, events: list[tuple[str, int]], closes_after: int | None = None) -> None:
+        super().__init__(name="realtime")
+        self.realtime = True
+        self.events = events
+        self.closes_after = closes_after
+
+    async def send(self, frame: OutputFrame, audio: Sequence[AudioPacket]) -> bool:
+        if self.closes_after is not None and len(self.delivered) >= self.closes_after:
+            raise OutputClosed("viewer left")
+        self.events.append(("start", frame.pts))
+        for _ in range(3):
+            await asyncio.sleep(0)  # the encoder's thread at work: other tasks run meanwhile
+        self.events.append(("end", frame.pts))
+        return await super().send(frame, audio)
+
+
+class OrderSink(MemorySink):
+    def __init__(self, events: list[tuple[str, int]]) -> None:
+        super().__init__(name="trickle", primary=True)
+        self.events = events
+
+    async def send(self, frame: OutputFrame, audio: Sequence[AudioPacket]) -> bool:
+        self.events.append(("other", frame.pts))
+        return await super().send(frame, audio)
+
+
+async def test_real_time_sinks_encode_each_frame_before_the_other_sinks_get_it() -> None:
+    events: list[tuple[str, int]] = []
+    realtime, other = RealtimeSink(events, closes_after=20), OrderSink(events)
+    source = MemorySource()
+    session = session_with(source, [other, realtime])
+    session.start()
+    await asyncio.wait_for(session.wait_ready(), WAIT_S)
+    await feed_realtime(source, 45)
+    await asyncio.wait_for(session.wait(), WAIT_S)
+    assert len(realtime.delivered) == 20
+    sent = [d.frame.pts for d in realtime.delivered]
+    assert len([d for d in other.delivered if d.frame.pts <= sent[-1]]) >= 15
+    for pts in sent:  # each frame the real-time sink sent reached the others after it
+        if ("other", pts) in events:
+            assert events.index(("other", pts)) > events.index(("end", pts)), pts
+    # Once the viewer left, the others are not held up: every frame on to the end.
+    got = indices(other)
+    assert got == sorted(got) and got[-1] == 44
+    assert len([i for i in got if i is not None and i >= 25]) >= 18
+    assert session.stats.frames_out == len(other.delivered)

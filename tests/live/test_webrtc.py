@@ -370,29 +370,67 @@ async def test_whip_audio_comes_out_as_opus_over_trickle_and_whep(rtc_service) -
         await asyncio.wait_for(reading, WAIT_S)
 
 
-def test_received_frames_complete_on_their_marker_bit() -> None:
-    from aiortc import rtcrtpreceiver
+def _rtp(seq: int, timestamp: int, marker: int, data: bytes):
     from aiortc.rtp import RtpPacket
 
-    from live.webrtc import frame_on_marker
+    packet = RtpPacket(sequence_number=seq, timestamp=timestamp, marker=marker)
+    packet._data = data  # what the receiver's depayloader leaves on each packet
+    return packet
 
-    frame_on_marker()
-    buffer = rtcrtpreceiver.JitterBuffer(capacity=128, is_video=True)
 
-    def packet(seq: int, timestamp: int, marker: int, data: bytes) -> RtpPacket:
-        p = RtpPacket(sequence_number=seq, timestamp=timestamp, marker=marker)
-        p._data = data  # what the receiver's depayloader leaves on each packet
-        return p
+def _jitter_buffer(receiver: RTCRtpReceiver):
+    return receiver._RTCRtpReceiver__jitter_buffer  # aiortc's own, made with the receiver
 
-    assert buffer.add(packet(1, 3000, 0, b"ab"))[1] is None
-    done = buffer.add(packet(2, 3000, 1, b"cd"))[1]  # the last packet: out at once
+
+def test_received_frames_complete_on_their_marker_bit() -> None:
+    from live.rtc_receive import end_frames_on_marker
+
+    receiver = peer().addTransceiver("video", direction="recvonly").receiver
+    assert end_frames_on_marker(receiver) is not None
+    buffer = _jitter_buffer(receiver)
+    assert buffer.add(_rtp(1, 3000, 0, b"ab"))[1] is None
+    done = buffer.add(_rtp(2, 3000, 1, b"cd"))[1]  # the last packet: out at once
     assert done is not None and done.data == b"abcd" and done.timestamp == 3000
+    assert done.first_at <= done.last_at  # when its first and last packets came
     # A frame whose marker packet was lost still comes out when the next one starts.
-    assert buffer.add(packet(3, 6000, 0, b"ef"))[1] is None
-    late = buffer.add(packet(5, 9000, 0, b"gh"))[1]
+    assert buffer.add(_rtp(3, 6000, 0, b"ef"))[1] is None
+    late = buffer.add(_rtp(5, 9000, 0, b"gh"))[1]
     assert late is None  # a gap (4 missing): nothing complete yet
-    filled = buffer.add(packet(4, 6000, 0, b"ij"))[1]
+    filled = buffer.add(_rtp(4, 6000, 0, b"ij"))[1]
     assert filled is not None and filled.data == b"efij" and filled.timestamp == 6000
+
+
+async def test_only_the_services_receivers_end_frames_on_the_marker_bit(rtc_service) -> None:
+    """The service's WHIP receiver hands a frame on at its marker bit (it reports when each
+    frame's packets came: the `receive` stage); another peer connection in the same process,
+    made after the service started, keeps aiortc's own rule (a frame ends when the next one
+    starts), as an application embedding the service would expect."""
+    client = await rtc_service()
+    info = await start_session(client, model_id="noop")
+    publisher = peer()
+    publisher.addTrack(NumberedTrack())
+    watcher = Watcher("video/VP8")
+    try:
+        await negotiate(publisher, info["whip_url"])
+        await negotiate(watcher.pc, info["whep_url"])
+        await watcher.wait_frames(10)
+        status = await (await client.get(f"/live-video-to-video/{info['session_id']}")).json()
+        stages = status["stages"]
+        assert stages["receive"]["frames"] >= 10 and stages["decode"]["frames"] >= 10
+        assert stages["whep_delay"]["frames"] >= 5  # the service's share of the round trip
+        plain = peer()
+        try:
+            buffer = _jitter_buffer(plain.addTransceiver("video").receiver)
+            assert buffer.add(_rtp(1, 3000, 0, b"ab"))[1] is None
+            assert buffer.add(_rtp(2, 3000, 1, b"cd"))[1] is None  # aiortc waits...
+            done = buffer.add(_rtp(3, 6000, 0, b"ef"))[1]  # ...for the next frame
+            assert done is not None and done.data == b"abcd"
+        finally:
+            await plain.close()
+    finally:
+        await watcher.close()
+        await publisher.close()
+        await client.delete(f"/live-video-to-video/{info['session_id']}")
 
 
 async def test_ice_binds_within_the_configured_udp_ports(rtc_service) -> None:
