@@ -13,10 +13,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from batch.config import BatchConfig
 from protocol.trickle import TrickleConfig
+from runtime.device import device_list
 from runtime.runtime import RuntimeConfig
 
 from .cors import CorsPolicy
@@ -58,7 +59,14 @@ class Settings(BaseModel):
     device: str = Field(
         "auto",
         pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$",
-        description="auto, cpu, cuda, cuda:N or mps",
+        description="auto, cpu, cuda, cuda:N or mps: the one-device form of --devices",
+    )
+    devices: str = Field(
+        "",
+        max_length=1000,
+        description="devices to run models on, one inference worker each, comma-separated "
+        "(cuda:0,cuda:1; cpu may repeat: cpu,cpu); empty: --device, whose auto is every "
+        "visible CUDA GPU, else the CPU",
     )
     dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field(
         "auto", description="auto (fp16 on GPU, fp32 on CPU), float16, bfloat16, float32"
@@ -196,6 +204,18 @@ class Settings(BaseModel):
     )
     trickle_sweep_interval_s: float = Field(60.0, gt=0, description="idle sweep period")
 
+    @field_validator("devices")
+    @classmethod
+    def _devices(cls, value: str) -> str:
+        device_list(value)  # raises ValueError naming the entry that is not a device
+        return value
+
+    @model_validator(mode="after")
+    def _one_device_setting(self) -> Settings:
+        if self.devices.strip() and self.device != "auto":
+            raise ValueError("give --device or --devices, not both (--devices cpu is --device cpu)")
+        return self
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _upper(cls, value: object) -> object:
@@ -206,6 +226,7 @@ class Settings(BaseModel):
         return RuntimeConfig(
             models_dir=self.models_dir,
             device=self.device,
+            devices=self.devices,
             dtype=self.dtype,
             compile=self.compile,
             memory_budget_bytes=None if budget is None else int(budget * 2**30),
