@@ -52,6 +52,11 @@ async def test_two_sessions_run_on_two_workers(two_cpus) -> None:
     placed = devices_of(health["capacity"])
     assert set(placed) == {"cpu:0", "cpu:1"}
     assert [placed[d]["sessions"] for d in ("cpu:0", "cpu:1")] == [1, 1]
+    status = [
+        await (await client.get(f"/live-video-to-video/{info['session_id']}")).json()
+        for info in (first, second, other)
+    ]
+    assert [s["device"] for s in status] == ["cpu:0", "cpu:1", None]
 
     clip = make_clip(60)
     publishing = [
