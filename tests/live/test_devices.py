@@ -134,3 +134,21 @@ async def test_a_device_this_host_lacks_is_refused_at_start(aiohttp_client) -> N
     app = create_app(Settings(devices="cpu,cuda:1"), PIPELINES)
     with pytest.raises(StartupError, match="device cuda:1 was asked for, but torch sees no CUDA"):
         await aiohttp_client(app)
+
+
+@pytest.mark.gpu
+def test_auto_is_every_visible_gpu_each_with_its_own_budget() -> None:
+    import torch
+
+    from runtime.device import has_cuda
+    from runtime.runtime import DEFAULT_GPU_SHARE, Runtime, RuntimeConfig
+
+    if not has_cuda():
+        pytest.skip("needs CUDA")
+    devices = Runtime(RuntimeConfig()).devices
+    count = torch.cuda.device_count()
+    assert [d.label for d in devices] == [f"cuda:{i}" for i in range(count)]
+    for index, device in enumerate(devices):
+        assert (device.spec.device, device.spec.dtype_name) == (device.label, "float16")
+        total = torch.cuda.get_device_properties(index).total_memory
+        assert device.models.budget_bytes == int(total * DEFAULT_GPU_SHARE)
