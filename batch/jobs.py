@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from protocol.errors import Unavailable
-from runtime.runtime import Device, Runtime
+from runtime.runtime import Runtime
 
 T = TypeVar("T")
 
@@ -96,8 +96,8 @@ class BatchJobs:
             if finished is not None:
                 finished()
             raise
+        # Counted as `active` is, on the event loop: until its caller stops waiting for it.
         place.jobs += 1
-        future.add_done_callback(lambda _: _done(place))
         if finished is not None:
             # On the worker's thread when the job ends there; at once if it is already over.
             future.add_done_callback(lambda _: finished())
@@ -114,6 +114,7 @@ class BatchJobs:
             raise
         finally:
             self.active -= 1
+            place.jobs -= 1
         self.done += 1
         self._durations = [*self._durations[-19:], time.monotonic() - started]
         return result
@@ -122,8 +123,3 @@ class BatchJobs:
         if not self._durations:
             return 5.0
         return sorted(self._durations)[len(self._durations) // 2]
-
-
-def _done(device: Device) -> None:
-    # On the worker's thread: an int's += under the GIL, read by placement as a hint.
-    device.jobs -= 1
