@@ -233,9 +233,11 @@ class Admission:
         for device in devices:
             reason = self.memory_reason(need, device)
             if reason is not None:
-                reasons[device.label] = f"pipeline {cls.name} cannot load now: {reason}"
+                reasons[device.label] = (
+                    f"pipeline {cls.name} cannot load now on {device.label}: {reason}"
+                )
                 continue
-            reason = self.throughput_reason(cls, self.on_device(bound, device))
+            reason = self.throughput_reason(cls, self.on_device(bound, device), device.label)
             if reason is not None:
                 reasons[device.label] = reason
                 continue
@@ -244,11 +246,7 @@ class Admission:
             return None, min(able, key=lambda d: self._preference(d, need))
         if len(devices) == 1:
             return f"{reasons[devices[0].label]}; retry later", None
-        return (
-            "no device can take the session: "
-            + "; ".join(f"on {label}, {why}" for label, why in reasons.items())
-            + "; retry later"
-        ), None
+        return f"no device can take the session: {'; '.join(reasons.values())}; retry later", None
 
     def _preference(self, device: Device, need: ModelNeed | None) -> tuple[int, bool, float]:
         # Fewest live sessions first (throughput), then a device that has the model already
@@ -295,9 +293,11 @@ class Admission:
             idle=idle,
         )
 
-    def throughput_reason(self, cls: type[LivePipeline], bound: list[LiveSession]) -> str | None:
-        """Why a device whose running device-bound streams are `bound` cannot take one more
-        stream of `cls`, or None."""
+    def throughput_reason(
+        self, cls: type[LivePipeline], bound: list[LiveSession], label: str
+    ) -> str | None:
+        """Why the device `label`, whose running device-bound streams are `bound`, cannot take
+        one more stream of `cls`, or None."""
         if not cls.uses_device:
             return None
         spf = self.seconds_per_frame.get(cls.name)
@@ -311,9 +311,9 @@ class Admission:
         if used + rate <= sustained:
             return None
         return (
-            f"the device is busy: it sustains about {sustained:.1f} fps of pipeline {cls.name} "
-            f"(median inference {spf * 1000:.0f} ms per frame), the {len(bound)} running "
-            f"stream(s) take {used:.1f} fps and another at {rate:.1f} fps would exceed it"
+            f"the device is busy: {label} sustains about {sustained:.1f} fps of pipeline "
+            f"{cls.name} (median inference {spf * 1000:.0f} ms per frame), the {len(bound)} "
+            f"running stream(s) take {used:.1f} fps and another at {rate:.1f} fps would exceed it"
         )
 
     # -- what is left ---------------------------------------------------------------------------

@@ -102,7 +102,7 @@ async def test_a_refusal_names_each_device(two_cpus, tiny_models_dir) -> None:
     assert int(response.headers["Retry-After"]) > 0
     detail = (await response.json())["detail"]["msg"]
     assert "no device can take the session" in detail
-    assert "on cpu:0," in detail and "on cpu:1," in detail
+    assert "cannot load now on cpu:0: " in detail and "cannot load now on cpu:1: " in detail
     assert "--model-memory-gb" in detail
     capacity = (await (await client.get("/health")).json())["capacity"]
     budgets = [d["model_memory_budget_bytes"] for d in capacity["devices"]]
