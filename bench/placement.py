@@ -2,14 +2,17 @@
 (`--devices cpu,cpu`) against the same two on one worker (`--devices cpu`), alternating in one
 run.
 
-    python -m bench.placement [--rounds 2] [--seconds 8] [--size 128] [--work-ms 40] [--json]
+    python -m bench.placement [--rounds 2] [--seconds 8] [--size 128] [--work-ms 40]
+        [--wait] [--json]
 
 The service runs in this process (`create_app`, started as `serve` starts it, no HTTP: the
 frames go in through its own trickle channels, so that the figures are the workers', not the
 HTTP stack's). Its only pipeline, `work`, runs on its device's inference worker (`uses_device`)
 and costs about `--work-ms` of real CPU per frame: a stack of convolutions in torch with one
 intra-op thread, which releases the GIL as a GPU kernel would, so two workers can run at once
-on two cores. Each session is fed the same clip at 30 fps, faster than one worker sustains.
+on two cores. With `--wait` a frame instead waits `--work-ms` without using the CPU, as a worker
+thread waits for its GPU's kernels: the placement alone, without the machine's load. Each
+session is fed the same clip at 30 fps, faster than one worker sustains.
 
 Printed per phase: each session's fps out over the window (after a warm-up) and the device it
 was placed on, the sum, and per round the ratio two workers / one worker; the machine's load
@@ -43,6 +46,8 @@ class WorkPipeline(LivePipeline):
     name = "work"
     uses_device = True
     convs = 8
+    wait_s = 0.0
+    """When set, a frame waits this long instead of computing (`--wait`)."""
 
     def load(self) -> None:
         import torch
@@ -53,6 +58,9 @@ class WorkPipeline(LivePipeline):
         self._lift = torch.randn(16, 3, 1, 1, generator=generator) * 0.3
 
     def process(self, image: np.ndarray) -> np.ndarray:
+        if self.wait_s:
+            time.sleep(self.wait_s)  # a GPU's kernel time: the worker waits, the CPU is free
+            return image
         torch = self._torch
         with torch.inference_mode():
             x = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255
@@ -173,20 +181,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--work-ms", type=float, default=40.0)
+    parser.add_argument("--wait", action="store_true", help="wait instead of computing")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
 
     import torch
 
     torch.set_num_threads(1)  # one core per worker: the workers, not torch, run in parallel
-    per_frame = calibrate(args.size, args.work_ms)
+    if args.wait:
+        WorkPipeline.wait_s = args.work_ms / 1000
+        per_frame = args.work_ms
+    else:
+        per_frame = calibrate(args.size, args.work_ms)
     results = asyncio.run(run(args.rounds, args.seconds, args.size))
     if args.json:
         print(json.dumps({"ms_per_frame": per_frame, "rounds": results}, indent=2))
         return 0
+    work = (
+        "waiting, no CPU (--wait)"
+        if args.wait
+        else f"on one core ({WorkPipeline.convs} convolutions)"
+    )
     print(
-        f"work: {per_frame:.1f} ms per {args.size}x{args.size} frame on one core "
-        f"({WorkPipeline.convs} convolutions); input 30 fps per session; cores: {os.cpu_count()}"
+        f"work: {per_frame:.1f} ms per {args.size}x{args.size} frame {work}; "
+        f"input 30 fps per session; cores: {os.cpu_count()}"
     )
     for r in results:
         for name in ("one", "two"):
