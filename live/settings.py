@@ -13,7 +13,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
 
 from batch.config import BatchConfig
 from protocol.trickle import TrickleConfig
@@ -206,15 +207,17 @@ class Settings(BaseModel):
 
     @field_validator("devices")
     @classmethod
-    def _devices(cls, value: str) -> str:
-        device_list(value)  # raises ValueError naming the entry that is not a device
+    def _devices(cls, value: str, info: ValidationInfo) -> str:
+        # Custom errors: the message alone, without pydantic's "Value error, " before it.
+        if value.strip() and info.data.get("device", "auto") != "auto":
+            raise PydanticCustomError(
+                "devices", "give --device or --devices, not both (--devices cpu is --device cpu)"
+            )
+        try:
+            device_list(value)
+        except ValueError as exc:
+            raise PydanticCustomError("devices", str(exc)) from None
         return value
-
-    @model_validator(mode="after")
-    def _one_device_setting(self) -> Settings:
-        if self.devices.strip() and self.device != "auto":
-            raise ValueError("give --device or --devices, not both (--devices cpu is --device cpu)")
-        return self
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -109,7 +109,7 @@ def _one_device(entry: str) -> str:
         entry.startswith("cuda:") and entry[5:].isdigit() and len(entry) <= 9
     ):
         return entry
-    raise ValueError(f'--devices: "{entry}" is not a device; name cpu, mps, cuda or cuda:N')
+    raise ValueError(f'"{entry}" is not a device; name cpu, mps, cuda or cuda:N')
 
 
 def device_list(setting: str) -> list[str] | None:
@@ -121,12 +121,12 @@ def device_list(setting: str) -> list[str] | None:
         return None
     entries = setting.split(",")
     if len(entries) > DEVICE_LIST_MAX:
-        raise ValueError(f"--devices names {len(entries)} devices; at most {DEVICE_LIST_MAX}")
+        raise ValueError(f"{len(entries)} devices named; at most {DEVICE_LIST_MAX}")
     names = [_one_device(entry) for entry in entries]
     gpus = [name for name in names if name != "cpu"]
     if len(set(gpus)) != len(gpus):
         # Two workers on one GPU would split its memory and compete for it: not a placement.
-        raise ValueError(f"--devices names a GPU twice ({setting}); only cpu may repeat")
+        raise ValueError(f"a GPU is named twice ({setting}); only cpu may repeat")
     return names
 
 

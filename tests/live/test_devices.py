@@ -118,7 +118,7 @@ def test_devices_settings() -> None:
     assert Settings(device="cpu").runtime().device_names() == ["cpu"]
     for bad, words in (
         ({"devices": "gpu"}, '"gpu" is not a device'),
-        ({"devices": "cuda:0,cuda"}, "names a GPU twice"),
+        ({"devices": "cuda:0,cuda"}, "a GPU is named twice"),
         ({"devices": "cpu", "device": "cpu"}, "not both"),
         ({"devices": ",".join(["cpu"] * 65)}, "at most 64"),
     ):
