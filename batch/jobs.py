@@ -61,7 +61,8 @@ class BatchJobs:
     def gate(self) -> StepGate:
         """A gate for a job that is about to run: pass it to `run` to keep a handle on the
         job (a streaming handler cancels it when its client goes away)."""
-        return StepGate(self.runtime.worker().yield_to_live)
+        # Whichever device the job lands on: the gate yields on the worker that runs it.
+        return StepGate(self.runtime.yield_to_live)
 
     async def run(
         self,
@@ -69,13 +70,15 @@ class BatchJobs:
         *,
         gate: StepGate | None = None,
         finished: Callable[[], None] | None = None,
+        device: str | None = None,
     ) -> T:
         """Run `job(gate)` on the device's worker as batch work. Raises Unavailable (503,
         Retry-After) when `max_jobs` are already running or waiting; JobCancelled when `gate`
         was cancelled. `finished` is called once the job can no longer run: at once when it
         ended or never started, but for a job cancelled while it runs, only when its thread
         is out of it (on that thread): what the job uses (its model's lease) is released
-        then, never under it."""
+        then, never under it. `device`: the label of the device whose worker runs it, where
+        its model is (default: the first device)."""
         if self.active >= self.max_jobs:
             if finished is not None:
                 finished()
@@ -85,14 +88,16 @@ class BatchJobs:
             )
         self.active += 1
         try:
-            worker = self.runtime.worker()
-            gate = gate or StepGate(worker.yield_to_live)
-            future = worker.submit_batch(job, gate)
+            place = self.runtime.device(device)
+            gate = gate or StepGate(self.runtime.yield_to_live)
+            future = place.worker().submit_batch(job, gate)
         except BaseException:
             self.active -= 1
             if finished is not None:
                 finished()
             raise
+        # Counted as `active` is, on the event loop: until its caller stops waiting for it.
+        place.jobs += 1
         if finished is not None:
             # On the worker's thread when the job ends there; at once if it is already over.
             future.add_done_callback(lambda _: finished())
@@ -109,6 +114,7 @@ class BatchJobs:
             raise
         finally:
             self.active -= 1
+            place.jobs -= 1
         self.done += 1
         self._durations = [*self._durations[-19:], time.monotonic() - started]
         return result

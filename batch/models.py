@@ -49,12 +49,15 @@ def quiet_loading() -> None:
 def _lease(
     runtime: Runtime, kind: str, model_id: str, load: Loader, retry_after_s: float
 ) -> Lease[Any]:
-    key = runtime.key(kind, model_id)
-    # The common case, a loaded model, touches no disk: finding the folder and sizing it
-    # (a walk of every file) is only for a model that has to be loaded.
-    loaded = runtime.models.ready(key)
-    if loaded is not None:
-        return loaded
+    # Placement: a job goes to a device that has its model (loaded, or loading: it waits
+    # there), else to the least busy device with room for it.
+    device = runtime.where_loaded(kind, model_id)
+    if device is not None:
+        # The common case, a loaded model, touches no disk: finding the folder and sizing
+        # it (a walk of every file) is only for a model that has to be loaded.
+        loaded = device.models.ready(device.key(kind, model_id))
+        if loaded is not None:
+            return loaded
     try:
         path = resolve_model(model_id, runtime.config.models_dir)
     except BadModelId as exc:
@@ -62,12 +65,15 @@ def _lease(
     except ModelNotFound as exc:
         logger.warning("%s (%s)", exc, exc.where)
         raise Unavailable(str(exc)) from exc
-    spec = runtime.spec
+    size = folder_size(path)
+    if device is None:
+        device = runtime.with_room(size)
+    spec = device.spec
     try:
-        return runtime.models.request(
-            key,
+        return device.models.request(
+            device.key(kind, model_id),
             lambda: load(path, spec),
-            estimate=folder_size(path),
+            estimate=size,
             retry_after_s=retry_after_s,
         )
     except StillLoading:

@@ -195,7 +195,10 @@ async def run_on_model(
         # Released when the job's thread is done with the model, which for a job cancelled
         # by its client is after this handler has gone: never evicted under a running job.
         return await state.jobs.run(
-            lambda gate: job(model, gate), gate=gate, finished=lease.release
+            lambda gate: job(model, gate),
+            gate=gate,
+            finished=lease.release,
+            device=lease.key.device,  # the device the model is on
         )
     except Exception as exc:
         if not out_of_memory(exc):

@@ -96,6 +96,13 @@ async def _udp_ports_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _runtime_ctx(app: web.Application) -> AsyncIterator[None]:
+    # The devices are resolved at start (torch's import, CUDA's count: off the event loop), so
+    # that a device this host lacks stops the service now, and /health lists them from the
+    # start.
+    try:
+        await asyncio.to_thread(lambda: app[RUNTIME].devices)
+    except ValueError as exc:
+        raise StartupError(f"--devices: {exc}") from exc
     yield
     await app[RUNTIME].close()
 

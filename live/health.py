@@ -30,7 +30,8 @@ def service_version() -> str:
 
 async def get_health(request: web.Request) -> web.Response:
     """`status` as go-livepeer reads it; `capacity` is ours, beyond the spec: what the service
-    can still take (sessions, model memory, device streams; see live/admission.py)."""
+    can still take (sessions, model memory, device streams; see live/admission.py), in all and
+    per device of `--devices` (`capacity.devices`)."""
     sessions = request.app[SESSIONS]
     status = sessions.health()
     if status in ("IDLE", "OK") and request.app[RUNTIME].loading():
@@ -58,7 +59,8 @@ async def get_hardware_info(request: web.Request) -> web.Response:
 
 async def get_hardware_stats(request: web.Request) -> web.Response:
     """The runner spec's fields, and ours beyond it: `capacity`, what the service can still
-    take (as on /health)."""
+    take (as on /health). `gpu_stats` is the spec's map of GPUs, whatever `--devices` says; CPU
+    workers, which have no place in it, show under `capacity.devices`."""
     from runtime.hardware import gpu_stats
 
     gpus = await asyncio.get_running_loop().run_in_executor(None, gpu_stats)

@@ -228,22 +228,7 @@ class _StateCollector(Collector):
                 family.add_metric([pipeline], getattr(totals, name))
         yield from frames.values()
 
-        load = GaugeMetricFamily(
-            f"{NAMESPACE}_model_load_seconds",
-            "How long each loaded model took to load",
-            labels=["kind", "model_id"],
-        )
-        size = GaugeMetricFamily(
-            f"{NAMESPACE}_model_bytes",
-            "Memory each loaded model takes",
-            labels=["kind", "model_id"],
-        )
-        for info in m.runtime.models.models():
-            if info.state == "ready":
-                load.add_metric([info.key.kind, info.key.model_id], info.load_seconds)
-                size.add_metric([info.key.kind, info.key.model_id], info.size_bytes)
-        yield load
-        yield size
+        yield from _device_families(m)
 
         yield GaugeMetricFamily(
             f"{NAMESPACE}_trickle_channels", "Trickle channels open", value=len(m.trickle.channels)
@@ -279,3 +264,49 @@ async def get_metrics(request: web.Request) -> web.Response:
 
 def add_metrics_route(app: web.Application) -> None:
     app.router.add_get("/metrics", get_metrics)
+
+
+def _device_families(m: ServiceMetrics) -> Iterator[Metric]:
+    """Per device of `--devices` (once resolved: the first session or job does it): its
+    models, its live sessions and what its inference worker ran."""
+    load = GaugeMetricFamily(
+        f"{NAMESPACE}_model_load_seconds",
+        "How long each loaded model took to load",
+        labels=["kind", "model_id", "device"],
+    )
+    size = GaugeMetricFamily(
+        f"{NAMESPACE}_model_bytes",
+        "Memory each loaded model takes",
+        labels=["kind", "model_id", "device"],
+    )
+    sessions = GaugeMetricFamily(
+        f"{NAMESPACE}_device_sessions", "Live sessions placed on each device", labels=["device"]
+    )
+    jobs = GaugeMetricFamily(
+        f"{NAMESPACE}_device_batch_jobs",
+        "Batch jobs running or waiting on each device's worker",
+        labels=["device"],
+    )
+    live_items = CounterMetricFamily(
+        f"{NAMESPACE}_device_live_items",
+        "Live calls (frames, loads, param changes) each device's worker ran",
+        labels=["device"],
+    )
+    batch_items = CounterMetricFamily(
+        f"{NAMESPACE}_device_batch_items",
+        "Batch jobs each device's worker ran",
+        labels=["device"],
+    )
+    for device in m.runtime.known_devices():
+        label = device.label
+        for info in device.models.models():
+            if info.state == "ready":
+                names = [info.key.kind, info.key.model_id, label]
+                load.add_metric(names, info.load_seconds)
+                size.add_metric(names, info.size_bytes)
+        sessions.add_metric([label], len(device.sessions))
+        jobs.add_metric([label], device.jobs)
+        worker = device.started_worker()
+        live_items.add_metric([label], 0 if worker is None else worker.done_live)
+        batch_items.add_metric([label], 0 if worker is None else worker.done_batch)
+    yield from (load, size, sessions, jobs, live_items, batch_items)

@@ -89,6 +89,10 @@ class SessionStatus(StatusEvent):
     ended: str | None = Field(
         description="Why the session ended (as `end_reason`), or null while it runs."
     )
+    device: str | None = Field(
+        description="The device it runs on (cuda:0, cpu, cpu:1), or null for a pipeline that "
+        "uses none."
+    )
 
 
 class SessionParams(RootModel[dict[str, Any]]):

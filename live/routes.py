@@ -37,9 +37,11 @@ async def post_live_video_to_video(request: web.Request) -> web.Response:
 
 async def get_session(request: web.Request) -> web.Response:
     check_auth(request)
-    session = request.app[SESSIONS].get(request.match_info["id"])
+    manager = request.app[SESSIONS]
+    session = manager.get(request.match_info["id"])
     status = session.status().model_dump(mode="json")
-    return web.json_response({"id": session.id, "ended": session.ended, **status})
+    device = manager.admission.device_of(session.id)
+    return web.json_response({"id": session.id, "ended": session.ended, "device": device, **status})
 
 
 async def post_session_params(request: web.Request) -> web.Response:

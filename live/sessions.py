@@ -23,7 +23,7 @@ from protocol.trickle import (
 )
 from protocol.trickle.interface import Publisher, Subscriber
 from protocol.trickle.server import ChannelRefused
-from runtime.runtime import Runtime
+from runtime.runtime import Device, Runtime
 
 from .admission import Admission
 from .edges import FrameSink, FrameSource
@@ -119,7 +119,14 @@ class SessionManager:
 
     @property
     def context(self) -> PipelineContext:
-        return PipelineContext(self.runtime)
+        """What pipelines are told before a device is chosen (availability, admission's
+        sizes): the runtime's, which answers for its first device (see `device_context`)."""
+        return self.device_context(None)
+
+    def device_context(self, device: Device | None) -> PipelineContext:
+        """The context of a session placed on `device` (None: not placed): that device's
+        spec, setting and model cache, the runtime's other settings."""
+        return PipelineContext(self.runtime if device is None else device)
 
     def unavailable_reason(self, cls: type[LivePipeline], params: PipelineParams) -> str | None:
         """Why `cls` cannot run here with `params` (missing weights, no GPU), or None."""
@@ -188,13 +195,13 @@ class SessionManager:
             )
         return Availability(self.default_pipeline(), listing, time.monotonic())
 
-    def session_config(self) -> SessionConfig:
+    def session_config(self, device: Device | None = None) -> SessionConfig:
         config = SessionConfig(
             input_timeout_s=self.settings.input_timeout_s,
             status_interval_s=self.settings.status_interval_s,
             frame_timeout_s=self.settings.frame_timeout_s,
-            context=self.context,
-            device_worker=self.runtime.worker(),
+            context=self.device_context(device),
+            device_worker=(device or self.runtime.device()).worker(),
         )
         config.encoder.segment_s = self.settings.segment_s
         return config
@@ -223,9 +230,9 @@ class SessionManager:
         # Sessions, model memory, device throughput: 503 with the limit named. From here to
         # the session's registration nothing awaits but the recording's folder, and the
         # model's memory stays reserved for this session (released when it ends or fails).
-        self.admission.check(pipeline_cls, need, list(self.sessions.values()), session_id)
+        device = self.admission.check(pipeline_cls, need, list(self.sessions.values()), session_id)
         try:
-            return await self._start(request, origin, pipeline_cls, params, session_id)
+            return await self._start(request, origin, pipeline_cls, params, session_id, device)
         except BaseException:
             if session_id not in self.sessions:
                 self.admission.release(session_id)
@@ -238,6 +245,7 @@ class SessionManager:
         pipeline_cls: type[LivePipeline],
         params: PipelineParams,
         session_id: str,
+        device: Device | None,
     ) -> LiveVideoToVideoResponse:
         record_dir = self.settings.record_dir
         recording = None
@@ -265,7 +273,7 @@ class SessionManager:
             for name in owned:
                 self.trickle.delete_channel(name)
 
-        config = self.session_config()
+        config = self.session_config(device)
         size = (params.width, params.height) if params.width and params.height else None
         source: FrameSource = TrickleSource(channels.input, size)
         whip = None
@@ -299,9 +307,10 @@ class SessionManager:
             listener.started(session)
         session.start()
         logger.info(
-            "session started session=%s pipeline=%s mode=%s stream_id=%s request_id=%s",
+            "session started session=%s pipeline=%s device=%s mode=%s stream_id=%s request_id=%s",
             session_id,
             pipeline_cls.name,
+            "none" if device is None else device.label,
             "standalone" if standalone else "runner",
             request.stream_id,
             request.gateway_request_id,

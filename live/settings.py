@@ -13,10 +13,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
 
 from batch.config import BatchConfig
 from protocol.trickle import TrickleConfig
+from runtime.device import device_list
 from runtime.runtime import RuntimeConfig
 
 from .cors import CorsPolicy
@@ -58,7 +60,14 @@ class Settings(BaseModel):
     device: str = Field(
         "auto",
         pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$",
-        description="auto, cpu, cuda, cuda:N or mps",
+        description="auto, cpu, cuda, cuda:N or mps: the one-device form of --devices",
+    )
+    devices: str = Field(
+        "",
+        max_length=1000,
+        description="devices to run models on, one inference worker each, comma-separated "
+        "(cuda:0,cuda:1; cpu may repeat: cpu,cpu); empty: --device, whose auto is every "
+        "visible CUDA GPU, else the CPU",
     )
     dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field(
         "auto", description="auto (fp16 on GPU, fp32 on CPU), float16, bfloat16, float32"
@@ -196,6 +205,20 @@ class Settings(BaseModel):
     )
     trickle_sweep_interval_s: float = Field(60.0, gt=0, description="idle sweep period")
 
+    @field_validator("devices")
+    @classmethod
+    def _devices(cls, value: str, info: ValidationInfo) -> str:
+        # Custom errors: the message alone, without pydantic's "Value error, " before it.
+        if value.strip() and info.data.get("device", "auto") != "auto":
+            raise PydanticCustomError(
+                "devices", "give --device or --devices, not both (--devices cpu is --device cpu)"
+            )
+        try:
+            device_list(value)
+        except ValueError as exc:
+            raise PydanticCustomError("devices", str(exc)) from None
+        return value
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _upper(cls, value: object) -> object:
@@ -206,6 +229,7 @@ class Settings(BaseModel):
         return RuntimeConfig(
             models_dir=self.models_dir,
             device=self.device,
+            devices=self.devices,
             dtype=self.dtype,
             compile=self.compile,
             memory_budget_bytes=None if budget is None else int(budget * 2**30),

@@ -143,6 +143,20 @@ class HardwareInformation(BaseModel):
     gpu_info: dict[str, GPUComputeInfo]
 
 
+class DeviceCapacity(BaseModel):
+    """Ours: one device of `--devices` (one inference worker) and what runs on it."""
+
+    device: str = Field(description="cuda:0, cuda:1, cpu, or cpu:0, cpu:1 for repeated CPUs")
+    sessions: int = Field(description="Live sessions placed on this device.")
+    batch_jobs: int = Field(description="Batch jobs running or waiting on its worker.")
+    models: list[str] = Field(description="Model ids loaded or loading on this device.")
+    model_memory_budget_bytes: int | None
+    model_memory_left_bytes: int | None
+    streams_left: dict[str, int] = Field(default_factory=dict)
+    live_items_done: int = Field(description="Live calls (frames, loads) its worker ran.")
+    batch_items_done: int = Field(description="Batch jobs its worker ran.")
+
+
 class Capacity(BaseModel):
     """Ours, beyond the spec: what the service can still take (see live/admission.py)."""
 
@@ -157,7 +171,11 @@ class Capacity(BaseModel):
     streams_left: dict[str, int] = Field(
         default_factory=dict,
         description="Per device-bound pipeline with measured inference times: about how many "
-        "more streams the device sustains, at the running streams' input rate.",
+        "more streams the devices sustain, at the running streams' input rate.",
+    )
+    devices: list[DeviceCapacity] = Field(
+        default_factory=list,
+        description="Per device (once the first session or job has resolved them).",
     )
 
 

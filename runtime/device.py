@@ -95,3 +95,74 @@ def free_gpu_memory(spec: DeviceSpec) -> int | None:
 
     free, _total = torch.cuda.mem_get_info(torch.device(spec.device))
     return int(free)
+
+
+DEVICE_LIST_MAX = 64
+"""Entries `--devices` may name: more workers than this is a typo, not a machine."""
+
+
+def _one_device(entry: str) -> str:
+    entry = entry.strip()
+    if entry == "cuda":
+        return "cuda:0"  # the GPU a bare `cuda` means to torch, named so labels are unique
+    if entry in ("cpu", "mps") or (
+        entry.startswith("cuda:") and entry[5:].isdigit() and len(entry) <= 9
+    ):
+        return entry
+    raise ValueError(f'"{entry}" is not a device; name cpu, mps, cuda or cuda:N')
+
+
+def device_list(setting: str) -> list[str] | None:
+    """The devices an explicit `--devices` list names, each a torch device ("cuda" spelled
+    "cuda:0"); None for "auto" or empty (every visible GPU, else the CPU: see
+    `visible_devices`). Raises ValueError for an entry that is not a device. Needs no torch."""
+    setting = setting.strip()
+    if setting in ("", "auto"):
+        return None
+    entries = setting.split(",")
+    if len(entries) > DEVICE_LIST_MAX:
+        raise ValueError(f"{len(entries)} devices named; at most {DEVICE_LIST_MAX}")
+    names = [_one_device(entry) for entry in entries]
+    gpus = [name for name in names if name != "cpu"]
+    if len(set(gpus)) != len(gpus):
+        # Two workers on one GPU would split its memory and compete for it: not a placement.
+        raise ValueError(f"a GPU is named twice ({setting}); only cpu may repeat")
+    return names
+
+
+def visible_devices() -> list[str]:
+    """What `--devices auto` means here: every CUDA GPU torch sees, else MPS, else the CPU."""
+    if has_cuda():
+        import torch
+
+        return [f"cuda:{index}" for index in range(torch.cuda.device_count())]
+    return ["mps"] if has_mps() else ["cpu"]
+
+
+def check_devices_present(names: list[str]) -> None:
+    """Raise ValueError naming the first device of `names` that is not on this machine."""
+    for name in names:
+        if name.startswith("cuda"):
+            if not has_cuda():
+                raise ValueError(f"device {name} was asked for, but torch sees no CUDA GPU")
+            import torch
+
+            count = torch.cuda.device_count()
+            if int(name[5:]) >= count:
+                raise ValueError(f"device {name} was asked for, but torch sees {count} CUDA GPU(s)")
+        elif name == "mps" and not has_mps():
+            raise ValueError("device mps was asked for, but it is not available")
+
+
+def device_labels(names: list[str]) -> list[str]:
+    """Unique names for the workers of `names`: the device itself, or `cpu:0`, `cpu:1`... when
+    the CPU is named more than once (each its own worker)."""
+    cpus = names.count("cpu")
+    labels, seen = [], 0
+    for name in names:
+        if name == "cpu" and cpus > 1:
+            labels.append(f"cpu:{seen}")
+            seen += 1
+        else:
+            labels.append(name)
+    return labels

@@ -1,9 +1,15 @@
 """The runtime: what live sessions and batch routes share on one machine.
 
-One per application. It owns the model cache (weights loaded once, shared, evicted least
-recently used within a memory budget) and one inference worker per device (live frames first,
-batch jobs yielding between steps). Live and batch get it through the application's keys; they
-never create workers or load weights of their own.
+One per application. It owns one `Device` per entry of `--devices`: each with its own
+inference worker (live frames first, batch jobs yielding between steps) and its own model cache
+(weights loaded once per device, shared, evicted least recently used within that device's
+memory budget). Live and batch get it through the application's keys; they never create
+workers or load weights of their own.
+
+It is also the one source of truth for device and dtype: a device's `spec`, from
+`choose_device`, is what its pipelines and batch models run on. Placement (which device a
+session or a batch job goes to) reads the devices' state here; admission (live/admission.py)
+places live sessions, `batch.models` batch jobs.
 """
 
 from __future__ import annotations
@@ -11,11 +17,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
-from .device import DeviceSpec, choose_device
+from .device import (
+    DeviceSpec,
+    check_devices_present,
+    choose_device,
+    device_labels,
+    device_list,
+    visible_devices,
+)
 from .model_cache import ModelCache, ModelKey
 from .worker import InferenceWorker
 
@@ -30,30 +44,57 @@ DEFAULT_GPU_SHARE = 0.8
 class RuntimeConfig:
     models_dir: Path = Path("models")
     device: str = "auto"
+    """The one-device form of `devices` (`--device`): used when `devices` is empty."""
     dtype: str = "auto"
     compile: bool = False
     memory_budget_bytes: int | None = None
-    """Memory the cached models may take; None: 80 % of the GPU on CUDA, unbounded elsewhere."""
+    """Memory the cached models may take on each device; None: 80 % of the GPU on CUDA,
+    unbounded elsewhere."""
+    devices: str = ""
+    """`--devices`: comma-separated torch devices, one worker each (`cpu` may repeat); empty or
+    auto: every visible CUDA GPU, else the CPU (or MPS)."""
+
+    def device_names(self) -> list[str] | None:
+        """The explicit devices, or None when they are chosen automatically."""
+        if self.devices.strip():
+            return device_list(self.devices)
+        return None if self.device == "auto" else device_list(self.device)
 
 
-class Runtime:
-    def __init__(self, config: RuntimeConfig | None = None) -> None:
-        self.config = config or RuntimeConfig()
-        self.models = ModelCache(self.config.memory_budget_bytes, on_evict=self._free_memory)
-        self._workers: dict[str, InferenceWorker] = {}
+class Device:
+    """One device of the runtime: its worker, its model cache, what runs on it."""
+
+    def __init__(self, label: str, name: str, setting: str, config: RuntimeConfig) -> None:
+        self.label = label
+        """Unique among the runtime's devices: `cuda:1`, `cpu`, or `cpu:0`, `cpu:1`."""
+        self.name = name
+        """The torch device: `cuda:1`, `cpu`, `mps`."""
+        self.setting = setting
+        """The device pipelines are told (`PipelineContext.device`): `name`, or `auto` when
+        the runtime chose the CPU (or MPS) itself, so that a GPU pipeline still tells the
+        operator it needs `--device cpu` to run there."""
+        self.config = config
+        self.models = ModelCache(config.memory_budget_bytes, on_evict=self._free_memory)
+        self.sessions: set[str] = set()
+        """Live sessions placed here (by admission), until they end."""
+        self.jobs = 0
+        """Batch jobs running or waiting on this device's worker."""
+        self._worker: InferenceWorker | None = None
         self._lock = threading.Lock()
         self._closed = False
 
     @cached_property
     def spec(self) -> DeviceSpec:
-        """The device and dtype models run on (imports torch: call it off the event loop)."""
-        spec = choose_device(self.config.device, self.config.dtype)
+        """The device and dtype models run on here (imports torch: call it off the event loop)."""
+        spec = choose_device(self.setting, self.config.dtype)
         if self.models.budget_bytes is None and spec.device.startswith("cuda"):
             import torch
 
             total = torch.cuda.get_device_properties(torch.device(spec.device)).total_memory
             self.models.budget_bytes = int(total * DEFAULT_GPU_SHARE)
-        logger.info("runtime device=%s model budget=%s", spec, _gib(self.models.budget_bytes))
+        logger.info(
+            "device %s runs %s, model budget=%s", self.label, spec, _gib(self.models.budget_bytes)
+        )
         return spec
 
     def _free_memory(self) -> None:
@@ -65,39 +106,165 @@ class Runtime:
             import torch
 
             gc.collect()
-            torch.cuda.empty_cache()
+            with torch.cuda.device(torch.device(self.spec.device)):
+                torch.cuda.empty_cache()
 
     def key(self, kind: str, model_id: str) -> ModelKey:
-        spec = self.spec
-        return ModelKey(kind, model_id, spec.device, spec.dtype_name)
+        """The cache key of a model on this device (the label keeps two CPU workers apart)."""
+        return ModelKey(kind, model_id, self.label, self.spec.dtype_name)
 
-    def worker(self, device: str | None = None) -> InferenceWorker:
-        """The inference worker of `device` (default: the runtime's), started on first use."""
-        name = device or self.config.device
+    def holds(self, kind: str, model_id: str) -> bool:
+        """Whether this device has the model loaded or loading."""
+        return any(m.key.kind == kind and m.key.model_id == model_id for m in self.models.models())
+
+    def room(self) -> int | None:
+        """Bytes of the model budget no model takes yet; None: unbounded."""
+        budget = self.models.budget_bytes
+        if budget is None:
+            return None
+        return budget - sum(m.size_bytes for m in self.models.models())
+
+    def busy(self) -> int:
+        """What placement weighs: live sessions and batch jobs on this device."""
+        return len(self.sessions) + self.jobs
+
+    def worker(self, label: str | None = None) -> InferenceWorker:
+        """This device's inference worker, started on first use (`label` is ignored: the
+        signature of `Runtime.worker`, so that a device stands in for the runtime)."""
         with self._lock:
             if self._closed:
                 raise RuntimeError("the runtime is shut down")
-            worker = self._workers.get(name)
-            if worker is None:
-                worker = self._workers[name] = InferenceWorker(name)
-            return worker
+            if self._worker is None:
+                # One thread per device today; a `ProcessWorker` per device would go here.
+                self._worker = InferenceWorker(self.label)
+            return self._worker
 
-    def workers(self) -> list[InferenceWorker]:
-        with self._lock:
-            return list(self._workers.values())
+    def started_worker(self) -> InferenceWorker | None:
+        return self._worker
 
     def loading(self) -> bool:
         return self.models.loading()
+
+    def close(self) -> None:
+        """Finish the work already submitted, stop the worker and forget the models."""
+        with self._lock:
+            self._closed = True
+            worker, self._worker = self._worker, None
+        if worker is not None:
+            worker.shutdown()
+        self.models.close()
+
+    def __repr__(self) -> str:
+        return f"Device({self.label})"
+
+
+class Runtime:
+    def __init__(self, config: RuntimeConfig | None = None) -> None:
+        self.config = config or RuntimeConfig()
+        self.config.device_names()  # a bad --devices fails here, at start, without torch
+        self._devices: list[Device] | None = None
+        self._lock = threading.Lock()
+        self._closed = False
+
+    @property
+    def devices(self) -> list[Device]:
+        """Every device, in `--devices` order (resolving `auto` imports torch: call it off the
+        event loop the first time). Raises ValueError for a device this machine lacks."""
+        with self._lock:
+            if self._devices is None:
+                names = self.config.device_names()
+                automatic = names is None
+                if names is None:
+                    names = visible_devices()
+                else:
+                    check_devices_present(names)
+                self._devices = [
+                    Device(
+                        label,
+                        name,
+                        "auto" if automatic and not name.startswith("cuda") else name,
+                        self.config,
+                    )
+                    for label, name in zip(device_labels(names), names, strict=True)
+                ]
+                logger.info("devices: %s", ", ".join(d.label for d in self._devices))
+            return list(self._devices)
+
+    def known_devices(self) -> list[Device]:
+        """The devices if they were resolved already, else none (never imports torch: for
+        the routes that report them on the event loop)."""
+        with self._lock:
+            return list(self._devices or ())
+
+    def device(self, label: str | None = None) -> Device:
+        """The device named `label` (default: the first)."""
+        devices = self.devices
+        if label is None:
+            return devices[0]
+        for device in devices:
+            if device.label == label:
+                return device
+        raise ValueError(f"no device {label} here; devices: {', '.join(d.label for d in devices)}")
+
+    # The one-device view, for code that does not place (benches, tests, `--warm`): the first.
+
+    @property
+    def models(self) -> ModelCache:
+        return self.device().models
+
+    @property
+    def spec(self) -> DeviceSpec:
+        return self.device().spec
+
+    def key(self, kind: str, model_id: str) -> ModelKey:
+        return self.device().key(kind, model_id)
+
+    def worker(self, label: str | None = None) -> InferenceWorker:
+        """The inference worker of the device named `label` (default: the first), started on
+        first use."""
+        if self._closed:
+            raise RuntimeError("the runtime is shut down")
+        return self.device(label).worker()
+
+    def workers(self) -> list[InferenceWorker]:
+        return [w for d in self.known_devices() if (w := d.started_worker()) is not None]
+
+    def yield_to_live(self) -> int:
+        """A batch job's safe point, whichever device's worker runs it (see
+        `InferenceWorker.yield_to_live`): the live items waiting on that worker run now."""
+        return sum(worker.yield_to_live() for worker in self.workers())
+
+    # -- placement ------------------------------------------------------------------------------
+
+    def where_loaded(self, kind: str, model_id: str) -> Device | None:
+        """The least busy device that has the model loaded or loading, or None."""
+        return _least_busy(d for d in self.devices if d.holds(kind, model_id))
+
+    def with_room(self, size: int) -> Device:
+        """The least busy device whose model budget has `size` bytes free (or is unbounded);
+        when none has, the one with the most room (its cache then evicts or refuses)."""
+        devices = self.devices
+        fitting = _least_busy(d for d in devices if (room := d.room()) is None or room >= size)
+        if fitting is not None:
+            return fitting
+        return max(devices, key=lambda d: d.room() or 0)
+
+    def loading(self) -> bool:
+        return any(d.loading() for d in self.known_devices())
 
     async def close(self) -> None:
         """Finish the work already submitted, stop the workers and forget the models."""
         with self._lock:
             self._closed = True
-            workers, self._workers = list(self._workers.values()), {}
+            devices = list(self._devices or ())
         loop = asyncio.get_running_loop()
-        for worker in workers:
-            await loop.run_in_executor(None, worker.shutdown)
-        await loop.run_in_executor(None, self.models.close)
+        for device in devices:
+            await loop.run_in_executor(None, device.close)
+
+
+def _least_busy(devices: Iterable[Device]) -> Device | None:
+    # min keeps the first of equals: `--devices` order breaks ties.
+    return min(devices, key=lambda d: d.busy(), default=None)
 
 
 def _gib(value: int | None) -> str:

@@ -18,7 +18,7 @@ from runtime.device import DeviceSpec, choose_device
 from runtime.runtime import RuntimeConfig
 
 if TYPE_CHECKING:
-    from runtime.runtime import Runtime
+    from runtime.runtime import Device, Runtime
 
 
 ADVANCED: dict[str, JsonValue] = {"x-ui": "advanced"}
@@ -73,7 +73,9 @@ class PipelineContext:
     weights, on the device and dtype of a `RuntimeConfig` of its own (`PipelineContext.private`).
     """
 
-    def __init__(self, runtime: Runtime | None = None, *, config: RuntimeConfig | None = None):
+    def __init__(
+        self, runtime: Runtime | Device | None = None, *, config: RuntimeConfig | None = None
+    ):
         if runtime is not None and config is not None:
             raise ValueError("a context takes its settings from the runtime or a config, not both")
         self.runtime = runtime
@@ -94,7 +96,13 @@ class PipelineContext:
 
     @property
     def device(self) -> str:
-        return self.config.device
+        """The device setting: a placed device's own (`cuda:1`, `cpu`), else the first one
+        named (`--devices`/`--device`), else auto."""
+        setting = getattr(self.runtime, "setting", None)  # a `Device` has one, a `Runtime` not
+        if setting:
+            return setting
+        names = self.config.device_names()
+        return names[0] if names else "auto"
 
     @property
     def dtype(self) -> str:

@@ -115,7 +115,9 @@ async def test_a_loaded_model_shows_its_load_time(service) -> None:
         samples = await scrape(client)
     finally:
         lease.release()
-    load = value(samples, "live_v2v_model_load_seconds", kind="test", model_id="tiny/model")
+    load = value(
+        samples, "live_v2v_model_load_seconds", kind="test", model_id="tiny/model", device="cpu"
+    )
     assert load is not None and load >= 0
 
 
