@@ -33,6 +33,8 @@ class Segment:
 
     __slots__ = (
         "_changed",
+        "_followers",
+        "_followers_due",
         "_on_close",
         "channel",
         "chunks",
@@ -72,6 +74,8 @@ class Segment:
         # One event per generation: set on every change, then replaced, so a waiter that is
         # cancelled never disturbs the others (awaiting a shared future would cancel it).
         self._changed: asyncio.Event | None = None
+        self._followers: list[Callable[[], bool]] = []
+        self._followers_due = False
 
     @property
     def has_data(self) -> bool:
@@ -136,9 +140,28 @@ class Segment:
                 self._on_close.remove(callback)
 
     def _notify(self) -> None:
+        if self._followers and not self._followers_due:
+            self._followers_due = True
+            asyncio.get_running_loop().call_soon(self._run_followers)
         event, self._changed = self._changed, None
         if event is not None:
             event.set()
+
+    def _run_followers(self) -> None:
+        self._followers_due = False
+        self._followers = [follower for follower in self._followers if follower()]
+
+    def follow(self, follower: Callable[[], bool]) -> None:
+        """Call `follower` once per event-loop turn in which the segment changed (chunks
+        appended, closed), all followers in one callback, until it returns False or `unfollow`
+        is called: readers at the live edge take new chunks with one wakeup for all of them
+        rather than a task switch each (server.py's subscribers), and the chunks of one turn
+        together. It must not raise, and must not block."""
+        self._followers.append(follower)
+
+    def unfollow(self, follower: Callable[[], bool]) -> None:
+        with contextlib.suppress(ValueError):
+            self._followers.remove(follower)
 
     async def wait_beyond(self, chunk_count: int) -> None:
         """Wait until the segment holds more than `chunk_count` chunks or is closed."""
