@@ -679,11 +679,24 @@ def run_compare(args: argparse.Namespace, data: bytes) -> dict[str, Any]:
             proc = stack.enter_context(live_service(port))
             ours, ours_pid = f"http://{HOST}:{port}/trickle", proc.pid
         rounds: list[dict[str, Any]] = []
+        load_before = _load_average()
         for _ in range(args.rounds):
             a = asyncio.run(compare_round(ours, ours_pid, data, burst_data, args))
             b = asyncio.run(compare_round(other, args.compare_pid, data, burst_data, args))
             rounds.append({"ours": a, "other": b})
-    return {"rounds": rounds, "summary": _compare_summary(rounds, args)}
+    return {
+        "rounds": rounds,
+        "summary": _compare_summary(rounds, args),
+        "load_average": {"before": load_before, "after": _load_average()},
+    }
+
+
+def _load_average() -> list[float] | None:
+    """The machine's 1, 5 and 15 minute load averages (how shared it was), None where unknown."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
 
 
 def _median(values: list[float]) -> float | None:
@@ -836,6 +849,12 @@ def _compare_report(compare: dict[str, Any]) -> list[str]:
         f"4. ours vs other server, {len(compare['rounds'])} interleaved rounds, lean raw-socket "
         "subscribers; medians (MB/s total; server CPU ms per MB delivered = s per GB)"
     ]
+    load = compare.get("load_average")
+    if load and load["before"] and load["after"]:
+        lines.append(
+            f"  load average (1, 5, 15 min): {load['before']} before, {load['after']} after, "
+            f"on {os.cpu_count()} CPUs"
+        )
     for row in summary["fanout"]:
         lines.append(
             f"  N={row['subscribers']:<2} ours {row['ours_mb_s']:8.1f} MB/s "
