@@ -19,9 +19,9 @@
    (bench/trickle_raw.py) that count bytes without keeping them, so that on 2 cores the server,
    not the client, is measured. Printed: median MB/s and server CPU ms per MB delivered (= s per
    GB) for N = 1 and 8, the ratios ours/other (median of the per-round ratios), how long each
-   server was runnable but waiting for a CPU, and the segments delivered whole of those sent back
-   to back by one publisher (`--burst-segments` of `--burst-kib`, preconnected POSTs, and POSTs
-   that close right after their last byte).
+   server was runnable but waiting for a CPU, the machine's load average before and after, and
+   the segments delivered whole of those sent back to back by one publisher (`--burst-segments`
+   of `--burst-kib`, preconnected POSTs, and POSTs that close right after their last byte).
 
 MB is 10^6 bytes. CPU is the share of one core a process used over the measured window (the
 server's from /proc, the clients' from this process), which says which side is the bottleneck.
