@@ -467,7 +467,23 @@ class _Routes:
         # a subscriber reading in order asks for them: it waits (its body unread, so TCP holds
         # it) while such a subscriber keeps asking. In-process writers (a session's output)
         # never wait: a slow viewer must not hold a session.
-        await channel.wait_for_readers(seq, self.config.reader_grace_s)
+        try:
+            await channel.wait_for_readers(seq, self.config.reader_grace_s)
+        except asyncio.CancelledError:
+            # The publisher sent its whole body and closed (ffmpeg's way) while this POST
+            # waited: the segment is still filed, after the same bounded wait, with nobody
+            # left to answer.
+            task = asyncio.current_task()
+            if not request.content.is_eof() or task is None or task.uncancel():
+                raise
+            await channel.wait_for_readers(seq, self.config.reader_grace_s)
+            if not channel.closed:
+                segment = channel.get_for_write(seq)
+                if request.headers.get(h.RESET):
+                    channel.reset_below(seq)
+                upload = _Upload(request)
+                self._keep_whole(channel, segment, upload, upload.rest(), limit)
+            raise
         if channel.closed:
             # Closed meanwhile: answered as a preconnect released by that close.
             return await _send_now(request, self._empty_write(channel, seq, None))
