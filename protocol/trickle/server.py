@@ -64,7 +64,8 @@ class TrickleConfig(BaseModel):
         1.0,
         ge=0,
         description="an HTTP publisher a whole ring ahead of a subscriber reading in order "
-        "waits for it, at most this long after the subscriber's last request",
+        "waits for it, at most this long after the subscriber's last request or the last "
+        "byte of the segment it is in, whichever came later",
     )
 
 
