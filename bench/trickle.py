@@ -19,9 +19,9 @@
    (bench/trickle_raw.py) that count bytes without keeping them, so that on 2 cores the server,
    not the client, is measured. Printed: median MB/s and server CPU ms per MB delivered (= s per
    GB) for N = 1 and 8, the ratios ours/other (median of the per-round ratios), how long each
-   server was runnable but waiting for a CPU, and the segments delivered whole of those sent back
-   to back by one publisher (`--burst-segments` of `--burst-kib`, preconnected POSTs, and POSTs
-   that close right after their last byte).
+   server was runnable but waiting for a CPU, the machine's load average before and after, and
+   the segments delivered whole of those sent back to back by one publisher (`--burst-segments`
+   of `--burst-kib`, preconnected POSTs, and POSTs that close right after their last byte).
 
 MB is 10^6 bytes. CPU is the share of one core a process used over the measured window (the
 server's from /proc, the clients' from this process), which says which side is the bottleneck.
@@ -679,11 +679,24 @@ def run_compare(args: argparse.Namespace, data: bytes) -> dict[str, Any]:
             proc = stack.enter_context(live_service(port))
             ours, ours_pid = f"http://{HOST}:{port}/trickle", proc.pid
         rounds: list[dict[str, Any]] = []
+        load_before = _load_average()
         for _ in range(args.rounds):
             a = asyncio.run(compare_round(ours, ours_pid, data, burst_data, args))
             b = asyncio.run(compare_round(other, args.compare_pid, data, burst_data, args))
             rounds.append({"ours": a, "other": b})
-    return {"rounds": rounds, "summary": _compare_summary(rounds, args)}
+    return {
+        "rounds": rounds,
+        "summary": _compare_summary(rounds, args),
+        "load_average": {"before": load_before, "after": _load_average()},
+    }
+
+
+def _load_average() -> list[float] | None:
+    """The machine's 1, 5 and 15 minute load averages (how shared it was), None where unknown."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
 
 
 def _median(values: list[float]) -> float | None:
@@ -836,6 +849,12 @@ def _compare_report(compare: dict[str, Any]) -> list[str]:
         f"4. ours vs other server, {len(compare['rounds'])} interleaved rounds, lean raw-socket "
         "subscribers; medians (MB/s total; server CPU ms per MB delivered = s per GB)"
     ]
+    load = compare.get("load_average")
+    if load and load["before"] and load["after"]:
+        lines.append(
+            f"  load average (1, 5, 15 min): {load['before']} before, {load['after']} after, "
+            f"on {os.cpu_count()} CPUs"
+        )
     for row in summary["fanout"]:
         lines.append(
             f"  N={row['subscribers']:<2} ours {row['ours_mb_s']:8.1f} MB/s "

@@ -28,12 +28,25 @@ MAX_READERS_FOLLOWED = 64
 """Readers whose next request a channel remembers (Channel.wait_for_readers); the oldest go."""
 
 
+class Changed:
+    """When a segment last changed; held apart from it, so that remembering it for a reader
+    does not keep the segment's bytes."""
+
+    __slots__ = ("at",)
+
+    def __init__(self) -> None:
+        self.at = time.monotonic()
+
+
 class Segment:
     """One published unit: chunks appended by one publisher, read from byte 0 by any reader."""
 
     __slots__ = (
         "_changed",
+        "_followers",
+        "_followers_due",
         "_on_close",
+        "changed",
         "channel",
         "chunks",
         "closed",
@@ -72,6 +85,10 @@ class Segment:
         # One event per generation: set on every change, then replaced, so a waiter that is
         # cancelled never disturbs the others (awaiting a shared future would cancel it).
         self._changed: asyncio.Event | None = None
+        self._followers: list[Callable[[], bool]] = []
+        self._followers_due = False
+        self.changed = Changed()
+        """When it last took bytes or was closed: a reader in it is not behind before then."""
 
     @property
     def has_data(self) -> bool:
@@ -136,9 +153,29 @@ class Segment:
                 self._on_close.remove(callback)
 
     def _notify(self) -> None:
+        self.changed.at = time.monotonic()
+        if self._followers and not self._followers_due:
+            self._followers_due = True
+            asyncio.get_running_loop().call_soon(self._run_followers)
         event, self._changed = self._changed, None
         if event is not None:
             event.set()
+
+    def _run_followers(self) -> None:
+        self._followers_due = False
+        self._followers = [follower for follower in self._followers if follower()]
+
+    def follow(self, follower: Callable[[], bool]) -> None:
+        """Call `follower` once per event-loop turn in which the segment changed (chunks
+        appended, closed), all followers in one callback, until it returns False or `unfollow`
+        is called: readers at the live edge take new chunks with one wakeup for all of them
+        rather than a task switch each (server.py's subscribers), and the chunks of one turn
+        together. It must not raise, and must not block."""
+        self._followers.append(follower)
+
+    def unfollow(self, follower: Callable[[], bool]) -> None:
+        with contextlib.suppress(ValueError):
+            self._followers.remove(follower)
 
     async def wait_beyond(self, chunk_count: int) -> None:
         """Wait until the segment holds more than `chunk_count` chunks or is closed."""
@@ -227,8 +264,10 @@ class Channel:
         self._unparked: asyncio.Event | None = None
         self._on_close: list[Callable[[], None]] = []
         # The seq each recent reader will ask for next, and when it asked for the one before.
-        self._wanted: list[tuple[int, float]] = []
+        self._wanted: list[tuple[int, float, Changed]] = []
         self._reader_moved: asyncio.Event | None = None
+        self.writers_waiting = 0
+        """Writers held now by `wait_for_readers`."""
 
     # -- seq resolution -------------------------------------------------------------------------
 
@@ -308,7 +347,7 @@ class Channel:
             self._forget_before(seq)
         found = self.segment(seq)
         if found is not None:
-            self._note_reader(seq)
+            self._note_reader(seq, found)
             return found
         if self.closed:
             return None
@@ -316,22 +355,23 @@ class Channel:
             # livepeer-compat: pre-creation replaces the slot occupant without closing it
             # (protocol/trickle.md §1.3.3 step 3); a reader attached to it keeps its object.
             fresh = self._place(Segment(seq, self))
-            self._note_reader(seq)
+            self._note_reader(seq, fresh)
             return fresh
         return None
 
     # -- readers a publisher waits for ----------------------------------------------------------
 
-    def _note_reader(self, seq: int) -> None:
-        """A reader asked for `seq`: it will ask for `seq + 1` next, if it reads in order."""
+    def _note_reader(self, seq: int, segment: Segment) -> None:
+        """A reader asked for `seq` and got `segment`: it will ask for `seq + 1` next, if it
+        reads in order."""
         now = time.monotonic()
         wanted = self._wanted
-        for index, (want, _) in enumerate(wanted):
+        for index, (want, _, _) in enumerate(wanted):
             if want == seq:
-                wanted[index] = (seq + 1, now)
+                wanted[index] = (seq + 1, now, segment.changed)
                 break
         else:
-            wanted.append((seq + 1, now))
+            wanted.append((seq + 1, now, segment.changed))
             if len(wanted) > MAX_READERS_FOLLOWED:
                 del wanted[0]
         if self._reader_moved is not None:
@@ -340,15 +380,29 @@ class Channel:
 
     def _reader_needs(self, seq: int, grace_s: float) -> float | None:
         """If writing `seq` would push out of the ring a segment that a reader reading in order
-        (one that asked for its predecessor less than `grace_s` ago) has yet to ask for: how
-        long that reader may still take. None when no such reader."""
+        has yet to ask for: how long that reader may still take. None when no such reader.
+
+        A reader's grace runs from its last request, or from the last change of the segment
+        it is in if that came later: a reader parked at the live edge, or taking a segment
+        still being written, is waiting for the publisher, not behind it (with concurrent
+        POSTs, as ffmpeg's publisher sends them, a reader parked longer than the grace would
+        otherwise let every held POST go at once and lose the segments after its own)."""
         occupant = self.ring[seq % RING_SIZE]
         if occupant is None or occupant.seq >= seq:
             return None
         now = time.monotonic()
-        self._wanted = [(want, at) for want, at in self._wanted if now - at < grace_s]
-        waits = [at + grace_s - now for want, at in self._wanted if want <= occupant.seq]
-        return max(waits) if waits else None
+        kept: list[tuple[int, float, Changed]] = []
+        longest: float | None = None
+        for entry in self._wanted:
+            want, at, changed = entry
+            left = max(at, changed.at) + grace_s - now
+            if left <= 0:
+                continue
+            kept.append(entry)
+            if want <= occupant.seq and (longest is None or left > longest):
+                longest = left
+        self._wanted = kept
+        return longest
 
     async def wait_for_readers(self, seq: int, grace_s: float) -> None:
         """Hold the writer of `seq` while a reader still needs the segment it would push out
@@ -356,11 +410,14 @@ class Channel:
         while not self.closed and (left := self._reader_needs(seq, grace_s)) is not None:
             if self._reader_moved is None:
                 self._reader_moved = asyncio.Event()
+            self.writers_waiting += 1
             try:
                 async with asyncio.timeout(left):
                     await self._reader_moved.wait()
             except TimeoutError:
                 pass
+            finally:
+                self.writers_waiting -= 1
 
     def claim(self, segment: Segment, writer: object) -> Segment:
         """The segment that `writer`'s first byte goes into, marked written.

@@ -12,9 +12,8 @@ import logging
 import os
 import re
 import secrets
-import socket
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Protocol
 
 from aiohttp import HttpVersion11, web
@@ -65,7 +64,8 @@ class TrickleConfig(BaseModel):
         1.0,
         ge=0,
         description="an HTTP publisher a whole ring ahead of a subscriber reading in order "
-        "waits for it, at most this long after the subscriber's last request",
+        "waits for it, at most this long after the subscriber's last request or the last "
+        "byte of the segment it is in, whichever came later",
     )
 
 
@@ -468,7 +468,23 @@ class _Routes:
         # a subscriber reading in order asks for them: it waits (its body unread, so TCP holds
         # it) while such a subscriber keeps asking. In-process writers (a session's output)
         # never wait: a slow viewer must not hold a session.
-        await channel.wait_for_readers(seq, self.config.reader_grace_s)
+        try:
+            await channel.wait_for_readers(seq, self.config.reader_grace_s)
+        except asyncio.CancelledError:
+            # The publisher sent its whole body and closed (ffmpeg's way) while this POST
+            # waited: the segment is still filed, after the same bounded wait, with nobody
+            # left to answer.
+            task = asyncio.current_task()
+            if not request.content.is_eof() or task is None or task.uncancel():
+                raise
+            await channel.wait_for_readers(seq, self.config.reader_grace_s)
+            if not channel.closed:
+                segment = channel.get_for_write(seq)
+                if request.headers.get(h.RESET):
+                    channel.reset_below(seq)
+                upload = _Upload(request)
+                self._keep_whole(channel, segment, upload, upload.rest(), limit)
+            raise
         if channel.closed:
             # Closed meanwhile: answered as a preconnect released by that close.
             return await _send_now(request, self._empty_write(channel, seq, None))
@@ -650,8 +666,8 @@ class _Routes:
         response: web.StreamResponse
         try:
             if sock is not None and transport is not None:
-                response = _FramedResponse(status=200, headers=extra)
-                await self._send_gathered(request, response, segment, transport, sock)
+                response = framed = _FramedResponse(status=200, headers=extra)
+                await self._send_gathered(request, framed, segment, transport, sock)
             else:
                 response = web.StreamResponse(status=200, headers=extra)
                 await self._send_chunks(request, response, segment)
@@ -672,7 +688,7 @@ class _Routes:
     async def _send_gathered(
         self,
         request: web.Request,
-        response: web.StreamResponse,
+        response: _FramedResponse,
         segment: Segment,
         transport: asyncio.Transport,
         sock: _Socket,
@@ -680,52 +696,45 @@ class _Routes:
         """The segment as HTTP/1.1 chunks, one per published chunk, framed here.
 
         While the transport's buffer is empty (the socket took everything so far), the chunks
-        that are ready go to the socket in one gathered write (`_write_through`): no copy, no
-        await, no timer per chunk; a reader that is behind gets them all in one call, and the
-        last one carries the end of the body. The head waits in the kernel (TCP_CORK) to leave
-        in the same packet as the first bytes. Once a reader's socket is full, chunks go
-        through aiohttp, which waits for the buffer to drain, bounded by the write timeout; so
-        a slow reader holds at most about one chunk and a socket buffer."""
+        that are ready go to the socket in one gathered write (`_Gathered.flush`): no copy, no
+        await, no timer per chunk; a reader that is behind gets them all in one call, the head
+        rides with the first bytes and the last one carries the end of the body. At the live
+        edge the reader follows the segment (`Segment.follow`): one callback per event-loop turn
+        writes the new chunks to every such reader, with no task switch per reader. Once a reader's
+        socket is full, chunks go through aiohttp, which waits for the buffer to drain, bounded
+        by the write timeout; so a slow reader holds at most about one chunk and a socket
+        buffer."""
         timeout = self.config.write_timeout_s
-        fd = sock.fileno()
-        corked = _cork(sock, True)
-        try:
-            await response.prepare(request)
-            await response.write(b"")  # the head, so that the gathered chunks follow it
-            chunks = segment.chunks
-            sent = 0
-            ended = False
-            while not ended:
-                if sent < len(chunks):
-                    if transport.is_closing():
-                        raise ConnectionResetError("subscriber left")
-                    if not transport.get_write_buffer_size():
-                        end = min(len(chunks), sent + MAX_GATHERED_CHUNKS)
-                        ended = end == len(chunks) and segment.closed
-                        _write_through(transport, fd, chunks, sent, end, ended)
-                        self.server.bytes_out += sum(len(chunks[i]) for i in range(sent, end))
-                        sent = end
-                    else:
-                        chunk = chunks[sent]
-                        async with asyncio.timeout(timeout):
-                            await response.write(_framed(chunk))
-                        self.server.bytes_out += len(chunk)
-                        sent += 1
-                    if corked:
-                        corked = _cork(sock, False)
-                    continue
-                if segment.closed:
-                    segment.check_whole(sent)
-                    break
-                await segment.wait_beyond(sent)
-        finally:
-            if corked:
-                _cork(sock, False)
-        if ended and not transport.get_write_buffer_size():
+        await response.prepare(request)
+        out = _Gathered(self.server, segment, transport, sock.fileno(), response.take_head())
+        chunks = segment.chunks
+        while not out.ended:
+            if transport.is_closing():
+                raise ConnectionResetError("subscriber left")
+            if out.sent < len(chunks):
+                if not transport.get_write_buffer_size():
+                    out.flush()
+                else:
+                    chunk = chunks[out.sent]
+                    async with asyncio.timeout(timeout):
+                        await response.write(out.take_pending_head() + _framed(chunk))
+                    self.server.bytes_out += len(chunk)
+                    out.sent += 1
+                continue
+            if segment.closed:
+                segment.check_whole(out.sent)
+                break
+            if not transport.get_write_buffer_size():
+                await out.follow()
+            else:
+                await segment.wait_beyond(out.sent)
+        if out.ended and not transport.get_write_buffer_size():
             await response.write_eof(b"")  # all sent: nothing to wait for, no timer
         else:
             async with asyncio.timeout(timeout):
-                await response.write_eof(b"" if ended else LAST_CHUNK)
+                await response.write_eof(
+                    out.take_pending_head() + (b"" if out.ended else LAST_CHUNK)
+                )
 
     async def _send_chunks(
         self, request: web.Request, response: web.StreamResponse, segment: Segment
@@ -788,18 +797,129 @@ class _Socket(Protocol):
 
     def fileno(self) -> int: ...
 
-    def setsockopt(self, level: int, option: int, value: int, /) -> None: ...
-
 
 class _FramedResponse(web.StreamResponse):
     """A chunked response whose chunks the handler frames itself (`_send_gathered`): aiohttp
-    sends the head and passes body bytes through as given."""
+    builds the head (with what `on_response_prepare` hooks add) and passes body bytes through as
+    given; the head is kept for the handler to send with the first body bytes, in one write."""
 
     # aiohttp's switch for a body it must neither frame nor count (its WebSocketResponse's).
     _length_check = False
 
     def __init__(self, *, status: int, headers: dict[str, str]) -> None:
         super().__init__(status=status, headers={**headers, "Transfer-Encoding": "chunked"})
+        self._head = b""
+
+    async def _write_headers(self) -> None:
+        # aiohttp's own step hands the head to its writer, which sends it at once; here it is
+        # kept instead (the writer then has nothing of its own to send).
+        request = self._req
+        assert request is not None
+        version = request.version
+        self._head = _serialize_head(
+            f"HTTP/{version.major}.{version.minor} {self.status} {self.reason}", self.headers
+        )
+
+    def take_head(self) -> bytes:
+        head, self._head = self._head, b""
+        return head
+
+
+_FORBIDDEN_IN_HEADERS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+def _serialize_head(status_line: str, headers: Mapping[str, str]) -> bytes:
+    """The response head as bytes; a control character in a header (a CR or LF would let a
+    value start a header of its own) is refused, as aiohttp's writer refuses it."""
+    lines = [status_line]
+    for name, value in headers.items():
+        line = f"{name}: {value}"
+        if _FORBIDDEN_IN_HEADERS.search(line):
+            raise ValueError(f"control character in the response header {name}")
+        lines.append(line)
+    lines.append("\r\n")
+    return "\r\n".join(lines).encode()
+
+
+class _Gathered:
+    """What one HTTP/1.1 reader of a segment has been sent, and the gathered writes that send
+    the rest straight to its socket (`flush`), from its handler or, at the live edge, from the
+    segment's writer (`follow`)."""
+
+    __slots__ = ("_woken", "ended", "fd", "head", "segment", "sent", "server", "transport")
+
+    def __init__(
+        self,
+        server: TrickleServer,
+        segment: Segment,
+        transport: asyncio.WriteTransport,
+        fd: int,
+        head: bytes,
+    ) -> None:
+        self.server = server
+        self.segment = segment
+        self.transport = transport
+        self.fd = fd
+        self.head = head
+        """The response head until it is written, then b""."""
+        self.sent = 0
+        """Chunks written (or handed to the transport)."""
+        self.ended = False
+        """The body's end is written too."""
+        self._woken: asyncio.Future[None] | None = None
+
+    def take_pending_head(self) -> bytes:
+        head, self.head = self.head, b""
+        return head
+
+    def flush(self) -> None:
+        """Write the head if pending, the ready chunks, and the body's end once the segment is
+        closed and all of it is out; the transport's buffer must be empty."""
+        segment = self.segment
+        chunks = segment.chunks
+        start = self.sent
+        end = min(len(chunks), start + MAX_GATHERED_CHUNKS)
+        self.ended = end == len(chunks) and segment.closed and not segment.dropped
+        _write_through(
+            self.transport, self.fd, self.take_pending_head(), chunks, start, end, self.ended
+        )
+        self.server.bytes_out += sum(len(chunks[i]) for i in range(start, end))
+        self.sent = end
+
+    async def follow(self) -> None:
+        """Follow the segment until there is something for the handler to do: the segment
+        ended, was dropped, or the socket stopped taking bytes."""
+        loop = asyncio.get_running_loop()
+        self._woken = loop.create_future()
+        self.segment.follow(self)
+        try:
+            await self._woken
+        finally:
+            self.segment.unfollow(self)
+            self._woken = None
+
+    def __call__(self) -> bool:
+        """The segment changed: write what is new while the socket takes it; False (and the
+        handler woken) once there is more to it than that."""
+        segment = self.segment
+        transport = self.transport
+        if not (segment.dropped or transport.is_closing() or transport.get_write_buffer_size()):
+            try:
+                if self.sent < len(segment.chunks) or segment.closed:
+                    self.flush()
+            except ConnectionError:
+                pass  # the transport is aborted; the handler finds it closing
+            else:
+                if not (
+                    self.ended
+                    or self.sent < len(segment.chunks)
+                    or transport.get_write_buffer_size()
+                ):
+                    return True
+        woken = self._woken
+        if woken is not None and not woken.done():
+            woken.set_result(None)
+        return False
 
 
 def _plain_socket(transport: asyncio.BaseTransport | None) -> _Socket | None:
@@ -813,18 +933,6 @@ def _plain_socket(transport: asyncio.BaseTransport | None) -> _Socket | None:
     return sock if sock is not None and sock.fileno() >= 0 else None
 
 
-def _cork(sock: _Socket, on: bool) -> bool:
-    """Hold (or release) small writes in the kernel so that they share a packet; True while
-    held. Linux only; elsewhere a no-op."""
-    if not hasattr(socket, "TCP_CORK"):
-        return False
-    try:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, int(on))
-    except OSError:
-        return False
-    return on
-
-
 def _framed(chunk: bytes) -> bytes:
     return b"%x\r\n%b\r\n" % (len(chunk), chunk)
 
@@ -832,22 +940,25 @@ def _framed(chunk: bytes) -> bytes:
 def _write_through(
     transport: asyncio.WriteTransport,
     fd: int,
+    head: bytes,
     chunks: list[bytes],
     start: int,
     end: int,
     last: bool,
 ) -> None:
-    """`chunks[start:end]` as HTTP/1.1 chunks (and the body's end if `last`) in one `writev`,
-    the transport's buffer being empty: the same bytes, in the same order, that
+    """`head`, then `chunks[start:end]` as HTTP/1.1 chunks (and the body's end if `last`) in
+    one `writev`, the transport's buffer being empty: the same bytes, in the same order, that
     `transport.write` would send for each in turn, without joining them (Python 3.11's
     `writelines` copies; 3.12 gathers the same way). What the socket does not take is handed
     to the transport, which sends it when it can."""
-    pieces: list[bytes] = []
+    pieces: list[bytes] = [head] if head else []
     for i in range(start, end):
         chunk = chunks[i]
         pieces += (b"%x\r\n" % len(chunk), chunk, CRLF)
     if last:
         pieces.append(LAST_CHUNK)
+    if not pieces:
+        return
     try:
         written = os.writev(fd, pieces)
     except (BlockingIOError, InterruptedError):

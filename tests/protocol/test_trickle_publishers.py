@@ -15,6 +15,7 @@ import aiohttp
 import pytest
 
 from protocol.trickle import TrickleServer, TrickleSubscriber
+from protocol.trickle import channel as channel_module
 from tests.raw_publisher import PreconnectingPublisher, post_and_close, post_head
 
 from .test_trickle_conformance import (
@@ -227,3 +228,43 @@ async def test_a_reader_that_stops_asking_holds_the_publisher_only_briefly(
     reply = await fetch(http, "GET", f"{c}/1")
     assert reply.status == 470
     assert reply.headers[LATEST] == "12"
+
+
+class FrozenClock:
+    """The channel's clock, moved only by the test: the grace is measured without waiting."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+async def test_a_reader_parked_longer_than_the_grace_still_gets_every_segment(
+    trickle, c, http, monkeypatch
+) -> None:
+    # ffmpeg's way: each segment a POST on its own connection, closed after the last byte, so
+    # the POSTs of a burst are all in the server at once. A reader that waited at the live
+    # edge longer than the grace is not behind: the POSTs that would push out the segments it
+    # has yet to ask for still wait for it.
+    clock = FrozenClock()
+    monkeypatch.setattr(channel_module, "time", clock)
+    channel = trickle.server.get("c")
+    waiting = start_get(http, f"{c}/0")
+    await until(lambda: channel.parked_count == 1, "the reader to wait")
+    clock.now += 10 * trickle.server.config.reader_grace_s  # it waits long for seq 0
+    payloads = [b"segment %d " % seq * 100 for seq in range(7)]
+    for seq, payload in enumerate(payloads):
+        await post_and_close(f"{c}/{seq}", payload, "content-length")
+    # Seq 6 would push out seq 1, which the reader (still in seq 0) has yet to ask for.
+    await until(
+        lambda: channel.next_write == 7 or channel.writers_waiting == 1,
+        "seq 6 to be filed or held",
+    )
+    resp = await asyncio.wait_for(waiting, WAIT_S)
+    got = [await read_all(resp)]
+    for seq in range(1, len(payloads)):
+        reply = await fetch(http, "GET", f"{c}/{seq}")
+        assert reply.status == 200, f"seq {seq}: {reply.status}"
+        got.append(reply.body)
+    assert got == payloads
