@@ -156,14 +156,14 @@ def frames(plan: Plan, count: int = 8) -> list[np.ndarray]:
 
 
 async def load_session(
-    plan: Plan, models_dir: Path, runtime: Any, ids: tuple[str, str], compiled: bool = False
+    plan: Plan, runtime: Any, ids: tuple[str, str], compiled: bool = False
 ) -> Any:
     """A streamdiffusion pipeline loaded as a service session loads it: through the runtime's
     model cache (weights shared with the other sessions), on a thread of its own."""
     from live.pipelines.base import PipelineContext
     from live.pipelines.diffusion import StreamDiffusionPipeline
 
-    context = PipelineContext(models_dir=models_dir, device=plan.device, runtime=runtime)
+    context = PipelineContext(runtime)  # its models_dir and device are the runtime's
     pipeline = StreamDiffusionPipeline(live_params(plan, ids, compiled), context)
     await asyncio.to_thread(pipeline.load)
     return pipeline
@@ -244,7 +244,7 @@ async def section_cold_start(state: State, budget: float) -> Figures:
     device_s = time.monotonic() - started
     reset_peak(plan)
     started = time.monotonic()
-    session = await load_session(plan, state.models_dir, runtime, state.ids)
+    session = await load_session(plan, runtime, state.ids)
     loaded_s = time.monotonic() - started
     weights = memory(plan)
     out = await loop.run_in_executor(runtime.worker(), session.process, frames(plan)[0])
@@ -271,9 +271,7 @@ async def ensure_sessions(state: State, count: int) -> float:
     """Sessions up to `count` (the cold start's first among them); seconds it took."""
     started = time.monotonic()
     while len(state.sessions) < count:
-        state.sessions.append(
-            await load_session(state.plan, state.models_dir, state.runtime, state.ids)
-        )
+        state.sessions.append(await load_session(state.plan, state.runtime, state.ids))
     return time.monotonic() - started
 
 
@@ -377,7 +375,7 @@ async def child_compiled(args: argparse.Namespace, started_at: float) -> int:
         started = time.monotonic()
         await asyncio.to_thread(lambda: runtime.spec)
         reset_peak(plan)
-        session = await load_session(plan, models_dir, runtime, ids, compiled=True)
+        session = await load_session(plan, runtime, ids, compiled=True)
         compile_s = time.monotonic() - started
         loop = asyncio.get_running_loop()
         worker = runtime.worker()

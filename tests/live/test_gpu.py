@@ -83,7 +83,7 @@ def test_admission_weighs_the_gpus_free_memory_as_it_is() -> None:
 
 async def test_evicting_a_model_gives_its_gpu_memory_back(tiny_models_dir) -> None:
     runtime = Runtime(RuntimeConfig(models_dir=tiny_models_dir, device="cuda"))
-    context = PipelineContext(models_dir=tiny_models_dir, device="cuda", runtime=runtime)
+    context = PipelineContext(runtime)
     pipeline = StreamDiffusionPipeline(StreamDiffusionParams(**TINY), context)
     pipeline.load()
     pipeline.process(numbered_frame(0, 64, 64))
