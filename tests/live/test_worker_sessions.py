@@ -1,0 +1,197 @@
+"""Live sessions with `--worker-process`: pipelines in the device's supervised worker process.
+
+Two sessions share the CPU's worker. When the worker ends (killed from outside, an abort in a
+pipeline, a hang), both reload in the fresh worker with a `restart` event and go on; a hung
+session ends as it does in process; repeated crashes end in ERROR on /health. Nothing is left
+behind: processes, shared-memory segments, threads, file descriptors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from multiprocessing import resource_tracker
+
+import numpy as np
+import pytest
+
+from live.app import create_app
+from live.keys import SESSIONS
+from live.pipelines.passthrough import NoopPipeline
+from live.settings import Settings
+from protocol.clips import make_clip, read_index
+from tests.live.conftest import PIPELINES
+from tests.live.streams import EventLog, publish_clip, start_session, wait_gone, watch
+from tests.runtime.test_worker_process import new_since, pid_gone, snapshot
+from tests.waiting import poll_until, wait_until
+
+ABORT_FLAG = "LIVE_V2V_TEST_ABORT_FLAG"
+"""A file whose presence makes `AbortingPipeline` abort the worker once (it deletes it first):
+a worker process's state does not outlive it, a file does."""
+
+
+class AbortingPipeline(NoopPipeline):
+    name = "aborting"
+
+    def process(self, image: np.ndarray) -> np.ndarray:
+        flag = os.environ.get(ABORT_FLAG)
+        index = read_index(image)
+        if flag and index is not None and index >= 20 and os.path.exists(flag):
+            os.remove(flag)
+            os.abort()
+        return image
+
+
+class HangingPipeline(NoopPipeline):
+    name = "hanging"
+
+    def process(self, image: np.ndarray) -> np.ndarray:
+        index = read_index(image)
+        if index is not None and index >= 20:
+            time.sleep(3600)  # a model stuck in a kernel: nothing wakes it
+        return image
+
+
+TEST_PIPELINES = {
+    **PIPELINES,
+    **{cls.name: cls for cls in (AbortingPipeline, HangingPipeline)},
+}
+
+
+@pytest.fixture
+async def nothing_left_behind() -> AsyncIterator[None]:
+    resource_tracker.ensure_running()
+    before = snapshot()
+    yield
+    if not await poll_until(lambda: not new_since(before)):
+        pytest.fail(f"left behind: {new_since(before)}")
+
+
+@pytest.fixture
+async def service(aiohttp_client, nothing_left_behind):
+    clients = []
+
+    async def start(**overrides):
+        settings = Settings(status_interval_s=0.5, worker_process=True, device="cpu", **overrides)
+        client = await aiohttp_client(create_app(settings, TEST_PIPELINES))
+        clients.append(client)
+        return client
+
+    yield start
+    for client in clients:  # before the leak check: the service's close ends its workers
+        await client.close()
+
+
+class Stream:
+    def __init__(self, info: dict, frames: int = 100_000) -> None:
+        self.info = info
+        self.viewer, self.events, self.tasks = watch(info)
+        clip = make_clip(min(frames, 900))
+        self.tasks.append(asyncio.create_task(publish_clip(info["publish_url"], clip)))
+
+    async def processed(self, count: int, after: int = 0) -> None:
+        """Until the pipeline serves (a status event from position `after` on says so; frames
+        before it are loading frames), then `count` more frames."""
+        await self.events.wait_event(
+            lambda e: e["type"] == "status" and e["state"] not in ("LOADING", "ERROR", "OFFLINE"),
+            after,
+        )
+        await self.viewer.wait_frames(len(self.viewer.frames) + count)
+
+    async def close(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+
+async def worker_pid(client) -> int:
+    body = await (await client.get("/health")).json()
+    (worker,) = body["workers"]
+    assert worker["state"] == "ready", worker
+    return worker["pid"]
+
+
+def restarts(events: EventLog) -> list[dict]:
+    return events.of_type("restart")
+
+
+async def both_go_on_after_a_restart(client, streams: list[Stream]) -> None:
+    for stream in streams:
+        await stream.events.wait_event(lambda e: e["type"] == "restart")
+    for stream in streams:
+        # Frames through the pipeline again, reloaded in the fresh worker.
+        after = next(
+            i for i, e in enumerate(stream.events.events) if e["event"]["type"] == "restart"
+        )
+        await stream.processed(15, after)
+    for stream in streams:
+        await client.delete(f"/live-video-to-video/{stream.info['session_id']}")
+        await wait_gone(client, stream.info["session_id"])
+        await stream.close()
+
+
+async def test_a_worker_killed_from_outside_restarts_and_both_sessions_go_on(service) -> None:
+    client = await service()
+    streams = [Stream(await start_session(client, model_id=m)) for m in ("noop", "cartoon")]
+    for stream in streams:
+        await stream.processed(10)
+    pid = await worker_pid(client)
+    os.kill(pid, signal.SIGKILL)
+    await both_go_on_after_a_restart(client, streams)
+    for stream in streams:
+        (event,) = restarts(stream.events)
+        assert "SIGKILL" in event["restart_logs"][0], event
+    assert await worker_pid(client) != pid and pid_gone(pid)
+    body = await (await client.get("/health")).json()
+    assert body["workers"][0]["restarts"] == 1 and body["status"] != "ERROR"
+
+
+async def test_an_abort_in_one_pipeline_restarts_both_sessions(service, tmp_path, monkeypatch):
+    flag = tmp_path / "abort-once"
+    flag.touch()
+    monkeypatch.setenv(ABORT_FLAG, str(flag))  # before the worker starts: it inherits it
+    client = await service()
+    streams = [Stream(await start_session(client, model_id=m)) for m in ("noop", "aborting")]
+    await both_go_on_after_a_restart(client, streams)
+    assert not flag.exists()
+    assert "SIGABRT" in restarts(streams[1].events)[0]["restart_logs"][0]
+
+
+async def test_a_hung_session_ends_and_the_other_goes_on_in_a_fresh_worker(service) -> None:
+    client = await service(frame_timeout_s=1.0)
+    other = Stream(await start_session(client, model_id="noop"))
+    await other.processed(5)
+    pid = await worker_pid(client)
+    hung = Stream(await start_session(client, model_id="hanging"))
+    status = await hung.events.wait_event(lambda e: e["type"] == "status" and e["end_reason"])
+    assert status["end_reason"] == "pipeline hung" and status["state"] == "ERROR"
+    assert await poll_until(lambda: pid_gone(pid))
+    await hung.close()
+    await both_go_on_after_a_restart(client, [other])
+
+
+async def test_repeated_crashes_end_in_error_on_health_and_the_session_ends(service) -> None:
+    client = await service()
+    stream = Stream(await start_session(client, model_id="noop"))
+    await stream.processed(5)
+    device = client.app[SESSIONS].runtime.device()
+    worker = device.started_process_worker()
+    assert worker is not None
+    # Fewer and quicker than the defaults (5 within 300 s, from 0.5 s apart): the same path.
+    worker.config = replace(worker.config, backoff_base_s=0.01, max_failures=2)
+    for _ in range(worker.config.max_failures):
+        await wait_until(lambda: worker.status().state == "ready", "the worker serving")
+        os.kill(worker.status().pid, signal.SIGKILL)
+        await wait_until(lambda: worker.status().state != "ready", "the worker lost")
+    await wait_until(lambda: worker.status().state == "failed", "the worker failed")
+    body = await (await client.get("/health")).json()
+    assert body["status"] == "ERROR"
+    assert "failed 2 times" in body["error"] and "SIGKILL" in body["error"]
+    final = await stream.events.wait_event(lambda e: e["type"] == "status" and e["end_reason"])
+    assert final["end_reason"].startswith("worker failed: "), final
+    await wait_gone(client, stream.info["session_id"])
+    await stream.close()
