@@ -464,7 +464,12 @@ class SessionManager:
 
     async def close(self) -> None:
         sessions = list(self.sessions.values())
-        await asyncio.gather(*(session.stop("shutdown") for session in sessions))
+        # The worker processes end beside the sessions: they finish the frames queued there
+        # (the sessions' drain), and a hung one is killed instead of holding the drain up.
+        await asyncio.gather(
+            *(session.stop("shutdown") for session in sessions),
+            self.runtime.close_process_workers(),
+        )
         await self.peers.close_all()
 
     def worker_failure(self) -> str | None:

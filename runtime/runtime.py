@@ -160,8 +160,14 @@ class Device:
         if self._closed:
             raise RuntimeError("the runtime is shut down")
         if self._process is None:
+            # Short stop waits: at shutdown a hung child holds the service up at most
+            # stop_grace_s + 2 * kill_wait_s, within the 10 s a SIGTERM is given.
             config = ProcessWorkerConfig(
-                name=self.label, slot_bytes=self.config.worker_frame_bytes, call_timeout_s=60.0
+                name=self.label,
+                slot_bytes=self.config.worker_frame_bytes,
+                call_timeout_s=60.0,
+                stop_grace_s=2.0,
+                kill_wait_s=1.0,
             )
             self._process = ProcessWorker(config, on_restart=self._worker_restarted)
             self._process_start = asyncio.get_running_loop().create_task(
@@ -300,6 +306,10 @@ class Runtime:
     def loading(self) -> bool:
         return any(d.loading() for d in self.known_devices())
 
+    async def close_process_workers(self) -> None:
+        """End every worker process, together (each bounded, even when hung). Idempotent."""
+        await asyncio.gather(*(d.close_process_worker() for d in self.known_devices()))
+
     def process_workers(self) -> list[ProcessWorker]:
         """The worker processes started so far (`--worker-process`)."""
         return [w for d in self.known_devices() if (w := d.started_process_worker()) is not None]
@@ -309,8 +319,7 @@ class Runtime:
         with self._lock:
             self._closed = True
             devices = list(self._devices or ())
-        for device in devices:
-            await device.close_process_worker()
+        await self.close_process_workers()
         loop = asyncio.get_running_loop()
         for device in devices:
             await loop.run_in_executor(None, device.close)

@@ -11,11 +11,14 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from multiprocessing import resource_tracker
 
+import aiohttp
 import numpy as np
 import pytest
 
@@ -25,8 +28,17 @@ from live.pipelines.passthrough import NoopPipeline
 from live.settings import Settings
 from protocol.clips import make_clip, read_index
 from tests.live.conftest import PIPELINES
-from tests.live.streams import EventLog, publish_clip, start_session, wait_gone, watch
-from tests.runtime.test_worker_process import new_since, pid_gone, snapshot
+from tests.live.streams import (
+    EventLog,
+    Viewer,
+    free_port,
+    publish_clip,
+    start_session,
+    wait_gone,
+    watch,
+)
+from tests.live.test_service import STARTUP_S
+from tests.runtime.test_worker_process import new_since, pid_gone, segments, snapshot
 from tests.waiting import poll_until, wait_until
 
 ABORT_FLAG = "LIVE_V2V_TEST_ABORT_FLAG"
@@ -195,3 +207,63 @@ async def test_repeated_crashes_end_in_error_on_health_and_the_session_ends(serv
     assert final["end_reason"].startswith("worker failed: "), final
     await wait_gone(client, stream.info["session_id"])
     await stream.close()
+
+
+async def test_sigterm_ends_the_cli_within_10_s_with_a_hung_worker() -> None:
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        *("-m", "live", "serve", "--worker-process", "--device", "cpu", "--port", str(port)),
+        stderr=subprocess.PIPE,
+        env={**os.environ, "LIVE_V2V_LOG_LEVEL": "INFO"},
+    )
+    publishing = None
+    try:
+        async with aiohttp.ClientSession() as http:
+
+            async def health() -> dict | None:
+                try:
+                    async with http.get(f"{base}/health") as response:
+                        return await response.json()
+                except aiohttp.ClientConnectionError:
+                    return None
+
+            await wait_until(health, "the service to start", within=STARTUP_S, poll=0.1)
+            async with http.post(f"{base}/live-video-to-video", json={"model_id": "noop"}) as r:
+                info = await r.json()
+            publishing = asyncio.create_task(publish_clip(info["publish_url"], make_clip(900)))
+            viewer = Viewer(info["subscribe_url"])
+            viewing = asyncio.create_task(viewer.run())
+            await viewer.wait_frames(5)
+
+            async def worker() -> dict | None:
+                body = await health()
+                workers = (body or {}).get("workers") or [{}]
+                return workers[0] if workers[0].get("state") == "ready" else None
+
+            await wait_until(worker, "the worker process serving", within=STARTUP_S)
+            pid = (await worker())["pid"]  # type: ignore[index]
+            # Hung: it takes no call and answers none, as a process stuck in a driver would.
+            os.kill(pid, signal.SIGSTOP)
+
+            async def frame_held() -> bool:
+                body = await health()
+                return bool(body and body["workers"][0]["in_flight"])
+
+            await wait_until(frame_held, "a frame held by the hung worker")
+            proc.send_signal(signal.SIGTERM)
+            _, stderr = await asyncio.wait_for(proc.communicate(), 10)
+            viewing.cancel()
+            await asyncio.gather(viewing, return_exceptions=True)
+    finally:
+        if publishing is not None:
+            publishing.cancel()
+            await asyncio.gather(publishing, return_exceptions=True)
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 0, stderr.decode()
+    assert await poll_until(lambda: pid_gone(pid)), "the hung worker outlived the service"
+    assert not segments(proc.pid), "shared-memory segments outlived the service"
+    assert "Traceback" not in stderr.decode()
