@@ -9,6 +9,7 @@ behind: processes, shared-memory segments, threads, file descriptors.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -267,3 +268,18 @@ async def test_sigterm_ends_the_cli_within_10_s_with_a_hung_worker() -> None:
     assert await poll_until(lambda: pid_gone(pid)), "the hung worker outlived the service"
     assert not segments(proc.pid), "shared-memory segments outlived the service"
     assert "Traceback" not in stderr.decode()
+
+
+def test_the_service_process_does_not_import_diffusers(tiny_models_dir) -> None:
+    # A fresh interpreter: this one has imported the model libraries for other tests.
+    done = subprocess.run(
+        [sys.executable, "-m", "tests.live.worker_imports", str(tiny_models_dir)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["online"] and result["frames"] > 10, result
+    assert "diffusers" not in result["imported"], result
