@@ -89,6 +89,7 @@ class Device:
         self._worker: InferenceWorker | None = None
         self._process: ProcessWorker | None = None
         self._process_start: asyncio.Task[None] | None = None
+        self._process_closed = False
         self.restart_listeners: set[Callable[[str], None]] = set()
         """Told (with the reason) when this device's worker process was restarted: live
         sessions whose pipelines lived there load them again."""
@@ -157,7 +158,7 @@ class Device:
     async def process_worker(self) -> ProcessWorker:
         """This device's worker process (`--worker-process`), started on first use; on the
         event loop. Raises `WorkerUnavailable` when it cannot start."""
-        if self._closed:
+        if self._closed or self._process_closed:
             raise RuntimeError("the runtime is shut down")
         if self._process is None:
             # Short stop waits: at shutdown a hung child holds the service up at most
@@ -188,7 +189,7 @@ class Device:
     async def close_process_worker(self) -> None:
         """End the worker process (bounded, even when it hangs); on the event loop."""
         process, start = self._process, self._process_start
-        self._closed = True
+        self._process_closed = True
         if process is None:
             return
         await process.close()
