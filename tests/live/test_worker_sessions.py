@@ -69,9 +69,26 @@ class HangingPipeline(NoopPipeline):
         return image
 
 
+class OutOfMemoryFirst(NoopPipeline):
+    """Runs out of memory on the first frame of its first load in a worker process."""
+
+    name = "oom-first"
+    loads = 0
+
+    def load(self) -> None:
+        type(self).loads += 1
+        self.first = type(self).loads == 1
+
+    def process(self, image: np.ndarray) -> np.ndarray:
+        if self.first:
+            self.first = False
+            raise MemoryError("CUDA out of memory (simulated)")
+        return image
+
+
 TEST_PIPELINES = {
     **PIPELINES,
-    **{cls.name: cls for cls in (AbortingPipeline, HangingPipeline)},
+    **{cls.name: cls for cls in (AbortingPipeline, HangingPipeline, OutOfMemoryFirst)},
 }
 
 
@@ -283,3 +300,24 @@ def test_the_service_process_does_not_import_diffusers(tiny_models_dir) -> None:
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["online"] and result["frames"] > 10, result
     assert "diffusers" not in result["imported"], result
+
+
+async def test_a_pipelines_own_errors_stay_its_sessions_problem(service) -> None:
+    client = await service()
+    names = ("noop", "oom-first")
+    streams = [Stream(await start_session(client, model_id=m)) for m in names]
+    noop, oom = streams
+    # Out of memory in the worker comes back as such: that pipeline restarts (unloaded, then
+    # loaded again there), at once; the worker and the other session never notice.
+    event = await oom.events.wait_event(lambda e: e["type"] == "restart")
+    assert event["restart_logs"][0].startswith("out of memory"), event
+    after = next(i for i, e in enumerate(oom.events.events) if e["event"]["type"] == "restart")
+    await oom.processed(10, after)
+    await noop.processed(10)
+    assert not restarts(noop.events)
+    body = await (await client.get("/health")).json()
+    assert body["workers"][0]["restarts"] == 0 and body["status"] == "OK"
+    for stream in streams:
+        await client.delete(f"/live-video-to-video/{stream.info['session_id']}")
+        await wait_gone(client, stream.info["session_id"])
+        await stream.close()
