@@ -75,6 +75,9 @@ class ProcessCalls(PipelineCalls[ObjectRef]):
     def _lost(self, exc: WorkerError) -> PipelineLost:
         reason = getattr(exc, "reason", None) or str(exc)
         final = isinstance(exc, WorkerUnavailable) and exc.retry_after_s is None
+        if final and self._worker is not None and self._worker.status().state == "closed":
+            # The service is shutting down and its sessions with it: no failure to report.
+            final = False
         return PipelineLost(reason, final=final)
 
     async def load(self, params: PipelineParams) -> ObjectRef:

@@ -284,7 +284,9 @@ async def test_sigterm_ends_the_cli_within_10_s_with_a_hung_worker() -> None:
     assert proc.returncode == 0, stderr.decode()
     assert await poll_until(lambda: pid_gone(pid)), "the hung worker outlived the service"
     assert not segments(proc.pid), "shared-memory segments outlived the service"
-    assert "Traceback" not in stderr.decode()
+    log = stderr.decode()
+    assert "Traceback" not in log
+    assert "cannot run" not in log, "a shutdown was reported as the pipeline's failure"
 
 
 def test_the_service_process_does_not_import_diffusers(tiny_models_dir) -> None:
