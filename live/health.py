@@ -36,9 +36,17 @@ async def get_health(request: web.Request) -> web.Response:
     status = sessions.health()
     if status in ("IDLE", "OK") and request.app[RUNTIME].loading():
         status = "LOADING"  # a model is loading for a batch route (or a warm list)
-    return web.json_response(
-        {"status": status, "capacity": sessions.capacity().model_dump(mode="json")}
-    )
+    body: dict[str, object] = {
+        "status": status,
+        "capacity": sessions.capacity().model_dump(mode="json"),
+    }
+    workers = request.app[RUNTIME].process_workers()
+    if workers:  # --worker-process: each device's worker process, and why it failed
+        body["workers"] = [w.status().model_dump(mode="json") for w in workers]
+        failure = sessions.worker_failure()
+        if failure is not None:
+            body["error"] = failure
+    return web.json_response(body)
 
 
 async def get_version(request: web.Request) -> web.Response:

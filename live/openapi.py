@@ -54,6 +54,14 @@ class HealthCheck(BaseModel):
     capacity: Capacity | None = Field(
         None, description="Ours, beyond the spec: what the service can still take."
     )
+    workers: list[dict[str, Any]] | None = Field(
+        None,
+        description="Ours, with --worker-process: each device's worker process (state, pid, "
+        "restarts, last failure).",
+    )
+    error: str | None = Field(
+        None, description="Ours: why a device's worker process failed for good (status ERROR)."
+    )
 
 
 class PipelineInfo(BaseModel):

@@ -47,6 +47,17 @@ Log = logging.Logger | logging.LoggerAdapter[logging.Logger]
 H = TypeVar("H")
 
 
+class PipelineLost(Exception):
+    """The pipeline is gone with the process it lived in (a worker process that crashed, was
+    killed or hung on another session's frame). `final`: that process will not come back;
+    else it is restarting, and `PipelineCalls.watch`'s callback says when to load again."""
+
+    def __init__(self, reason: str, *, final: bool = False) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.final = final
+
+
 class PipelineCalls(ABC, Generic[H]):
     """Where one session's pipeline lives and its calls run; `H` is how the host holds a
     loaded pipeline (the object itself in process, a reference to it in a worker process).
@@ -77,6 +88,10 @@ class PipelineCalls(ABC, Generic[H]):
     async def close(self, pipeline: H | None) -> None:
         """Unload `pipeline` (the last one, if any) and release the calls' own resources;
         a call that hung is left where it is, never waited for."""
+
+    def watch(self, restarted: Callable[[str], None]) -> None:
+        """Where the pipeline can be lost with its process: `restarted(reason)` is called
+        once a fresh process is there to load it in again."""
 
 
 class ThreadCalls(PipelineCalls[LivePipeline]):
@@ -216,6 +231,7 @@ class PipelineHost(Generic[H]):
         self._failures = 0
         self._restarts_in_a_row = 0
         self._in_process = False  # a frame is on the inference side (it may be stuck there)
+        calls.watch(self.restart)
 
     # -- frames ---------------------------------------------------------------------------------
 
@@ -241,6 +257,13 @@ class PipelineHost(Generic[H]):
             )
             self.hooks.stop("pipeline hung")
             return None
+        except PipelineLost as lost:
+            self._in_process = False
+            if lost.final:
+                self._ended_with(lost)
+                return None
+            # Restarting: loading frames until the restart's reload is done.
+            return OutputFrame(self._loading_frame(frame), frame.pts, frame.arrived, True)
         except Exception as exc:
             self._in_process = False
             self._failed(exc)
@@ -261,6 +284,18 @@ class PipelineHost(Generic[H]):
             if not self.params.show_reloading_frame:
                 return self.last_output
         return self._loading_frames.render(self.last_output, (width, height))
+
+    def _ended_with(self, lost: PipelineLost) -> None:
+        self.hooks.error(f"pipeline {self.pipeline_cls.name} cannot run: {lost.reason}")
+        self.hooks.stop(f"worker failed: {lost.reason}")
+
+    def restart(self, reason: str) -> None:
+        """The process the pipeline lived in was replaced: load it again in the new one,
+        loading frames meanwhile. Not a failure of this session's pipeline, so it counts
+        toward no limit."""
+        self.pipeline = None  # it went with the old process: nothing to unload
+        self.hooks.restarted([f"the worker process was restarted: {reason}"])
+        self._request_load(serve_old=False)
 
     def _failed(self, exc: Exception) -> None:
         self._failures += 1
@@ -333,6 +368,11 @@ class PipelineHost(Generic[H]):
             await self.calls.unload(old)
         try:
             pipeline = await self.calls.load(params)
+        except PipelineLost as lost:
+            if lost.final:
+                self._ended_with(lost)
+            # Else the worker restarts: its restart asks for this load again.
+            return
         except Exception as exc:
             self.hooks.error(f"pipeline {self.pipeline_cls.name} failed to load: {in_words(exc)}")
             self.hooks.state("ERROR")

@@ -28,6 +28,7 @@ from runtime.runtime import Device, Runtime
 from .admission import Admission
 from .edges import FrameSink, FrameSource
 from .pipelines.base import LivePipeline, PipelineContext, PipelineParams
+from .process_calls import ProcessCalls
 from .recording import SessionRecording
 from .session import LiveSession, SessionConfig
 from .settings import Settings
@@ -196,12 +197,17 @@ class SessionManager:
         return Availability(self.default_pipeline(), listing, time.monotonic())
 
     def session_config(self, device: Device | None = None) -> SessionConfig:
+        home = device or self.runtime.device()
+        in_worker = self.runtime.config.worker_process
         config = SessionConfig(
             input_timeout_s=self.settings.input_timeout_s,
             status_interval_s=self.settings.status_interval_s,
             frame_timeout_s=self.settings.frame_timeout_s,
             context=self.device_context(device),
-            device_worker=(device or self.runtime.device()).worker(),
+            device_worker=None if in_worker else home.worker(),
+            # --worker-process: every session's pipeline runs in its device's worker process
+            # (a pipeline that needs no device runs in the first device's).
+            calls=(lambda cls, log: ProcessCalls(cls, home, log)) if in_worker else None,
         )
         config.encoder.segment_s = self.settings.segment_s
         return config
@@ -458,13 +464,31 @@ class SessionManager:
 
     async def close(self) -> None:
         sessions = list(self.sessions.values())
-        await asyncio.gather(*(session.stop("shutdown") for session in sessions))
+        # The worker processes end beside the sessions: they finish the frames queued there
+        # (the sessions' drain), and a hung one is killed instead of holding the drain up.
+        await asyncio.gather(
+            *(session.stop("shutdown") for session in sessions),
+            self.runtime.close_process_workers(),
+        )
         await self.peers.close_all()
+
+    def worker_failure(self) -> str | None:
+        """Why a device's worker process failed for good (`--worker-process`), or None."""
+        for worker in self.runtime.process_workers():
+            status = worker.status()
+            if status.state == "failed":
+                return (
+                    f"the worker process of {status.name} failed {status.recent_failures} "
+                    f"times and is not restarted (last: {status.last_failure})"
+                )
+        return None
 
     def capacity(self) -> Capacity:
         return self.admission.capacity(list(self.sessions.values()))
 
     def health(self) -> str:
+        if self.worker_failure() is not None:
+            return "ERROR"
         states = {session.state for session in self.sessions.values() if session.running}
         if not states:
             return "IDLE"

@@ -73,6 +73,11 @@ class Settings(BaseModel):
         "auto", description="auto (fp16 on GPU, fp32 on CPU), float16, bfloat16, float32"
     )
     compile: bool = Field(False, description="torch.compile the UNet and decoder on GPU")
+    worker_process: bool = Field(
+        False,
+        description="run live sessions' pipelines in each device's supervised worker process "
+        "(restarted on a crash or hang; batch jobs still run in the service's process)",
+    )
     model_memory_gb: float | None = Field(
         None,
         gt=0,
@@ -232,6 +237,7 @@ class Settings(BaseModel):
             devices=self.devices,
             dtype=self.dtype,
             compile=self.compile,
+            worker_process=self.worker_process,
             memory_budget_bytes=None if budget is None else int(budget * 2**30),
         )
 

@@ -15,9 +15,10 @@ places live sessions, `batch.models` batch jobs.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -32,6 +33,7 @@ from .device import (
 )
 from .model_cache import ModelCache, ModelKey
 from .worker import InferenceWorker
+from .worker_process import ProcessWorker, ProcessWorkerConfig, RestartInfo
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +55,11 @@ class RuntimeConfig:
     devices: str = ""
     """`--devices`: comma-separated torch devices, one worker each (`cpu` may repeat); empty or
     auto: every visible CUDA GPU, else the CPU (or MPS)."""
+    worker_process: bool = False
+    """`--worker-process`: live sessions' pipelines run in each device's supervised worker
+    process (runtime/worker_process.py) instead of this process's threads."""
+    worker_frame_bytes: int = 1920 * 1080 * 3
+    """The largest frame that crosses to a worker process through shared memory (RGB)."""
 
     def device_names(self) -> list[str] | None:
         """The explicit devices, or None when they are chosen automatically."""
@@ -80,6 +87,12 @@ class Device:
         self.jobs = 0
         """Batch jobs running or waiting on this device's worker."""
         self._worker: InferenceWorker | None = None
+        self._process: ProcessWorker | None = None
+        self._process_start: asyncio.Task[None] | None = None
+        self._process_closed = False
+        self.restart_listeners: set[Callable[[str], None]] = set()
+        """Told (with the reason) when this device's worker process was restarted: live
+        sessions whose pipelines lived there load them again."""
         self._lock = threading.Lock()
         self._closed = False
 
@@ -141,6 +154,48 @@ class Device:
 
     def started_worker(self) -> InferenceWorker | None:
         return self._worker
+
+    async def process_worker(self) -> ProcessWorker:
+        """This device's worker process (`--worker-process`), started on first use; on the
+        event loop. Raises `WorkerUnavailable` when it cannot start."""
+        if self._closed or self._process_closed:
+            raise RuntimeError("the runtime is shut down")
+        if self._process is None:
+            # Short stop waits: at shutdown a hung child holds the service up at most
+            # stop_grace_s + 2 * kill_wait_s, within the 10 s a SIGTERM is given.
+            config = ProcessWorkerConfig(
+                name=self.label,
+                slot_bytes=self.config.worker_frame_bytes,
+                call_timeout_s=60.0,
+                stop_grace_s=2.0,
+                kill_wait_s=1.0,
+            )
+            self._process = ProcessWorker(config, on_restart=self._worker_restarted)
+            self._process_start = asyncio.get_running_loop().create_task(
+                self._process.start(), name=f"worker-{self.label}-start"
+            )
+        assert self._process_start is not None
+        # Shielded: a caller that gives up does not stop the start others wait for.
+        await asyncio.shield(self._process_start)
+        return self._process
+
+    def started_process_worker(self) -> ProcessWorker | None:
+        return self._process
+
+    def _worker_restarted(self, info: RestartInfo) -> None:
+        for listener in list(self.restart_listeners):
+            listener(info.reason)
+
+    async def close_process_worker(self) -> None:
+        """End the worker process (bounded, even when it hangs); on the event loop."""
+        process, start = self._process, self._process_start
+        self._process_closed = True
+        if process is None:
+            return
+        await process.close()
+        if start is not None:
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await start
 
     def loading(self) -> bool:
         return self.models.loading()
@@ -252,11 +307,20 @@ class Runtime:
     def loading(self) -> bool:
         return any(d.loading() for d in self.known_devices())
 
+    async def close_process_workers(self) -> None:
+        """End every worker process, together (each bounded, even when hung). Idempotent."""
+        await asyncio.gather(*(d.close_process_worker() for d in self.known_devices()))
+
+    def process_workers(self) -> list[ProcessWorker]:
+        """The worker processes started so far (`--worker-process`)."""
+        return [w for d in self.known_devices() if (w := d.started_process_worker()) is not None]
+
     async def close(self) -> None:
         """Finish the work already submitted, stop the workers and forget the models."""
         with self._lock:
             self._closed = True
             devices = list(self._devices or ())
+        await self.close_process_workers()
         loop = asyncio.get_running_loop()
         for device in devices:
             await loop.run_in_executor(None, device.close)

@@ -1,0 +1,86 @@
+"""A live session's pipeline inside a device's worker process (`--worker-process`).
+
+Imported by the worker process only (runtime/worker_child.py), never by the service:
+`ProcessCalls` (process_calls.py) names `HostedPipeline` by import path and `create`s one per
+session. Each is built, loaded, fed, changed and unloaded here, on the worker's one thread,
+so the service's process never imports the pipeline's libraries (torch, diffusers).
+
+The worker process serves one device. Its `Device` (with its model cache) is made once and
+shared by every session's pipeline here: two sessions of one model share its weights, as they
+do in the service's own process without `--worker-process`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from typing import Any
+
+import numpy as np
+
+from runtime.runtime import Device, RuntimeConfig
+
+from .pipelines.base import LivePipeline, PipelineContext, PipelineParams
+
+logger = logging.getLogger(__name__)
+
+_devices: dict[str, Device] = {}
+"""The device of this worker process, by label: one model cache for all its sessions. Module
+state because the process itself is its owner: it lives as long as the process does."""
+
+
+def _device(label: str, name: str, setting: str, config: RuntimeConfig) -> Device:
+    device = _devices.get(label)
+    if device is None:
+        device = _devices[label] = Device(label, name, setting, config)
+    return device
+
+
+def pipeline_class(path: str) -> type[LivePipeline]:
+    """The pipeline class at `module:QualName`."""
+    module_name, _, qualname = path.partition(":")
+    found: Any = importlib.import_module(module_name)
+    for part in qualname.split("."):
+        found = getattr(found, part)
+    if not (isinstance(found, type) and issubclass(found, LivePipeline)):
+        raise TypeError(f"{path} is not a live pipeline")
+    return found
+
+
+class HostedPipeline:
+    """One session's pipeline, loaded when made (a failed load gives back what it took)."""
+
+    def __init__(
+        self,
+        pipeline_path: str,
+        params: PipelineParams,
+        device: tuple[str, str, str],
+        config: RuntimeConfig,
+    ) -> None:
+        cls = pipeline_class(pipeline_path)
+        self.pipeline = cls(params, PipelineContext(_device(*device, config)))
+        try:
+            self.pipeline.load()
+        except BaseException:
+            try:
+                self.pipeline.unload()
+            except Exception:
+                logger.warning("unloading a pipeline that failed to load failed", exc_info=True)
+            raise
+
+    def process(self, frame: np.ndarray) -> np.ndarray | None:
+        """The output frame, or None when it is the input itself (a pass-through pipeline):
+        the service then keeps its own input frame, and its decoded form, as the output."""
+        # The slot is the service's and read-only: a pipeline may keep or change its input.
+        image = frame.copy()
+        out = self.pipeline.process(image)
+        return None if out is image else out
+
+    def apply(self, params: PipelineParams) -> None:
+        self.pipeline.apply(params)
+
+    def keeps_serving(self, new: PipelineParams) -> bool:
+        return self.pipeline.keeps_serving_during_reload(new)
+
+    def unload(self) -> None:
+        self.pipeline.unload()
