@@ -67,9 +67,10 @@ class LocalPublisher:
             segment.close()
 
     def has_readers(self, within_s: float) -> bool:
-        """Whether anyone reads the channel now (`Channel.has_readers`)."""
+        """Whether anyone reads the channel now (`Channel.has_readers`). A channel deleted or
+        closed counts as read: the publisher's next write finds out that it is gone."""
         channel = self.server.get(self.name)
-        return channel is not None and channel.has_readers(within_s)
+        return channel is None or channel.closed or channel.has_readers(within_s)
 
     def pause(self) -> None:
         """Say that no segment follows for a while (nobody reads): until the next one starts,
