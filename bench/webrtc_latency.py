@@ -17,8 +17,8 @@ this process, so one clock times both ends: delay = the frame handed to the publ
    `buffered=False`), no session. Two hops, as the session.
 3. session, per viewer count: the real service (`python -m live serve`) in its own process, a
    fresh `noop` session per case, WHIP into it and WHEP out of it. What it adds over the relay:
-   RGB conversion, the frame loop and its slots, and the session's trickle output encoder,
-   which runs even when nobody reads it.
+   the frame loop and its slots (for `noop` no RGB conversion, and no trickle output encode
+   while nobody reads the output).
 
 The relay and the service run in processes of their own so that their CPU (from /proc, user +
 system seconds / wall seconds over the measured window) compares like with like; "client" is

@@ -16,7 +16,7 @@ from fractions import Fraction
 import av
 import numpy as np
 
-from protocol.media import TIME_BASE, AudioPacket, VideoFrame
+from protocol.media import TIME_BASE, AudioPacket, HasPicture, VideoFrame
 
 from .stats import SessionStats
 
@@ -32,15 +32,17 @@ class OutputClosed(Exception):
 
 
 @dataclass(slots=True)
-class OutputFrame:
-    """A processed frame on its way out, with the input frame's timing."""
+class OutputFrame(HasPicture):
+    """A processed frame on its way out, with the input frame's timing. Sinks encode its
+    `picture`: the input's decoded frame when a pipeline passed it through unchanged, which
+    then may have no RGB at all (`HasPicture`)."""
 
-    image: np.ndarray  # H x W x 3 uint8 RGB
+    rgb: np.ndarray | None  # H x W x 3 uint8 RGB; None: `decoded` has the picture
     pts: int
     arrived: float  # time.monotonic() when the input frame's bytes arrived
     loading: bool  # a loading frame standing in while the pipeline (re)loads
     time_base: Fraction = TIME_BASE
-    decoded: av.VideoFrame | None = None  # the input's decoded frame, where `image` is unchanged
+    decoded: av.VideoFrame | None = None  # the input's decoded frame, where the picture is it
 
 
 @dataclass
@@ -51,6 +53,10 @@ class MediaContext:
     """Report a problem as an `error` event (plain words: what was wrong, what to send)."""
     stats: SessionStats
     log: logging.Logger | logging.LoggerAdapter[logging.Logger]
+    needs_rgb: bool = True
+    """Whether the pipeline reads RGB. False (it passes its input through): a source leaves
+    the RGB image out of frames whose decoded frame has the picture as it is, and nothing
+    converts it on the way (`HasPicture`)."""
 
 
 class FrameSource(ABC):
@@ -83,6 +89,17 @@ class FrameSink(ABC):
     once a real-time sink has sent it, so their encoders (trickle segments, recordings, which
     buffer anyway) do not compete with it for the machine's cores. `send` must not wait for
     the network."""
+
+    @property
+    def wanted(self) -> bool:
+        """Whether anyone receives what this sink sends now (read on the event loop, once a
+        frame). While not, the loop hands it no frame (sent nor dropped) and calls `pause`
+        once; the session's `frames_out` then counts what the other sinks send."""
+        return True
+
+    async def pause(self) -> None:  # noqa: B027 - optional hook
+        """Nobody receives the frames for now: end what is under way (a segment), so that
+        the next frame sent starts afresh (at a keyframe)."""
 
     async def open(self, context: MediaContext) -> None:  # noqa: B027 - optional hook
         """Called once before the first frame."""

@@ -6,6 +6,7 @@ frame from the slot and processes it), and one runner per sink (takes the newest
 frame when its sink is ready). The only buffers are slots holding one item, so when a stage
 is slower than the one before it, frames are dropped there and counted, and delay never grows.
 Real-time sinks (WebRTC viewers) get each frame first; the others once one of them sent it.
+A sink nobody receives (`FrameSink.wanted`: a trickle output nobody reads) is handed nothing.
 """
 
 from __future__ import annotations
@@ -82,6 +83,9 @@ class _SinkRunner:
         self.slot: LatestSlot[OutputFrame] = LatestSlot()
         self.audio: collections.deque[AudioPacket] = collections.deque(maxlen=AUDIO_BACKLOG)
         self.task: asyncio.Task[None] | None = None
+        self.paused = False  # told `pause` since the last frame it was sent
+        if sink.primary:
+            loop.primary = sink
 
     def offer(self, frame: OutputFrame) -> None:
         if self.slot.put(frame):
@@ -96,12 +100,22 @@ class _SinkRunner:
                 audio = []
                 while self.audio and self.audio[0].pts <= frame.pts + AUDIO_LEAD:
                     audio.append(self.audio.popleft())
+                if not self.sink.wanted:
+                    # Nobody receives it (a trickle output nobody reads): no encode at all,
+                    # which leaves the cores to the sinks that are watched.
+                    if not self.paused:
+                        self.paused = True
+                        await self.sink.pause()
+                    if self.sink.realtime:
+                        self.loop.release_held(frame)
+                    continue
+                self.paused = False
                 sent = await self.sink.send(frame, audio)
                 if self.sink.realtime:
                     self.loop.release_held(frame)
                 if sent:
                     self.stats.sent += 1
-                    if self.sink.primary and not frame.loading:
+                    if not frame.loading and self.loop.counts_out(self.sink):
                         self.loop.delivered(frame)
                 else:
                     self.stats.dropped += 1
@@ -162,6 +176,8 @@ class FrameLoop:
         self._seen_output = False
         self._ended = False
         self._held: OutputFrame | None = None  # for the other sinks, until a real-time one sent it
+        self.primary: FrameSink | None = None
+        self._last_out_pts: int | None = None  # of the last frame counted in frames_out
 
     def add_sink(self, sink: FrameSink) -> None:
         """A new receiver (a viewer joining late starts at the live edge: the next frame).
@@ -253,6 +269,7 @@ class FrameLoop:
                 out = await self.process(released.frame)
                 if out is None:
                     continue
+                self._count_unreceived(out)
                 self.release_held()  # the frame before, if no real-time sink sent it yet
                 realtime = [r for r in self.runners if r.sink.realtime]
                 if realtime:
@@ -280,7 +297,26 @@ class FrameLoop:
             if not runner.sink.realtime:
                 runner.offer(held)
 
+    def counts_out(self, sink: FrameSink) -> bool:
+        """Whether what `sink` sends counts as the session's output (`frames_out`, delay):
+        the primary output's frames; while nobody receives it, those of the other sinks (a
+        WHEP viewer's), each frame counted once."""
+        if sink.primary:
+            return True
+        return self.primary is not None and not self.primary.wanted
+
+    def _count_unreceived(self, out: OutputFrame) -> None:
+        """While no sink has anyone receiving (a WHIP publisher nobody watches), a processed
+        frame counts as output once processed: the status still shows the stream flowing."""
+        if out.loading or self.primary is None or self.primary.wanted:
+            return
+        if not any(runner.sink.wanted for runner in self.runners):
+            self.delivered(out)
+
     def delivered(self, frame: OutputFrame) -> None:
+        if self._last_out_pts is not None and frame.pts <= self._last_out_pts:
+            return  # counted already, as another sink sent it
+        self._last_out_pts = frame.pts
         self.context.stats.frame_out(frame.arrived)
         if not self._seen_output:
             self._seen_output = True

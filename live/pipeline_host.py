@@ -236,8 +236,7 @@ class PipelineHost(Generic[H]):
     # -- frames ---------------------------------------------------------------------------------
 
     async def process(self, frame: VideoFrame) -> OutputFrame | None:
-        height, width = frame.image.shape[:2]
-        self.input_size = (width, height)
+        self.input_size = frame.size  # never `image` here: it may be left out (HasPicture)
         if self._in_process:
             return None  # the previous frame never came back (hung): the stream is ending
         if self.config.wait_for_load:
@@ -246,6 +245,13 @@ class PipelineHost(Generic[H]):
         if pipeline is None or (self._loading and not self._serve_old):
             return OutputFrame(self._loading_frame(frame), frame.pts, frame.arrived, True)
         started = time.perf_counter()
+        if frame.rgb is None and self.pipeline_cls.passes_through:
+            # It would return its input untouched: the frame goes on as it was decoded, with
+            # no RGB made for it (the source left it out, MediaContext.needs_rgb).
+            self.stats.stage("inference", time.perf_counter() - started)
+            self._failures = 0
+            self._restarts_in_a_row = 0
+            return OutputFrame(None, frame.pts, frame.arrived, False, decoded=frame.decoded)
         timeout = self.config.frame_timeout_s
         self._in_process = True
         try:
@@ -273,12 +279,12 @@ class PipelineHost(Generic[H]):
         self._failures = 0
         self._restarts_in_a_row = 0
         self.last_output = image
-        unchanged = self.pipeline_cls.passes_through and image is frame.image
+        unchanged = self.pipeline_cls.passes_through and image is frame.rgb
         decoded = frame.decoded if unchanged else None
         return OutputFrame(image, frame.pts, frame.arrived, False, decoded=decoded)
 
     def _loading_frame(self, frame: VideoFrame) -> np.ndarray:
-        height, width = frame.image.shape[:2]
+        width, height = frame.size
         if self.last_output is not None:
             height, width = self.last_output.shape[:2]
             if not self.params.show_reloading_frame:

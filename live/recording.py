@@ -45,6 +45,7 @@ from protocol.media import (
     AudioPacket,
     EncoderSettings,
     MediaError,
+    Picture,
     SegmentEncoder,
     StreamDecoder,
     VideoFrame,
@@ -136,11 +137,11 @@ class _Recorder:
         self.frames = 0
         self.problem: str | None = None
 
-    def encode(self, image: Any, pts: int, audio: Sequence[AudioPacket]) -> None:
+    def encode(self, picture: Picture, pts: int, audio: Sequence[AudioPacket]) -> None:
         if self.problem is not None:
             return
         try:
-            if self.encoder.encode(image, pts, audio):
+            if self.encoder.encode(picture, pts, audio):
                 self.frames += 1
         except (MediaError, OSError) as exc:
             # Recording is a side job: it stops, the session goes on (reported once).
@@ -241,7 +242,7 @@ class RecordingSource(FrameSource):
                 self.recording.last_input_pts = item.pts
                 packets, audio = audio, []
                 future: Future[None] = self._recorder.thread.submit(
-                    self._recorder.encode, item.image, item.pts, packets
+                    self._recorder.encode, item.picture, item.pts, packets
                 )
                 self._pending.append(asyncio.wrap_future(future, loop=loop))
                 while self._pending and self._pending[0].done():
@@ -284,7 +285,7 @@ class FileSink(FrameSink):
 
     async def send(self, frame: OutputFrame, audio: Sequence[AudioPacket]) -> bool:
         before = self._recorder.frames
-        await run_in(self._recorder.thread, self._recorder.encode, frame.image, frame.pts, audio)
+        await run_in(self._recorder.thread, self._recorder.encode, frame.picture, frame.pts, audio)
         if self._recorder.problem and not self._reported and self._context is not None:
             self._reported = True
             self._context.error(f"{self.what} stopped: {self._recorder.problem}")

@@ -151,7 +151,12 @@ class LiveSession:
                 frame_timeout_s=config.frame_timeout_s,
             ),
         )
-        context = MediaContext(error=self.error, stats=self.stats, log=self.log)
+        context = MediaContext(
+            error=self.error,
+            stats=self.stats,
+            log=self.log,
+            needs_rgb=not pipeline_cls.passes_through,
+        )
         self.loop = FrameLoop(
             source,
             sinks,

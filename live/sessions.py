@@ -287,7 +287,11 @@ class SessionManager:
             # Fed over trickle or WHIP, whichever the publisher uses first.
             whip = WhipSource(size)
             source = FirstOfSource([source, whip])
-        sinks: list[FrameSink] = [TrickleSink(channels.output, config.encoder)]
+        # Our own output channel is encoded only while someone reads it; another server's
+        # (runner mode) always, since the orchestrator reads it and we cannot see who does.
+        output = channels.output
+        readers = output if isinstance(output, LocalPublisher) else None
+        sinks: list[FrameSink] = [TrickleSink(output, config.encoder, readers=readers)]
         if recording is not None:
             source = recording.source(source)
             sinks.append(recording.sink())

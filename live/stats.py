@@ -20,9 +20,10 @@ WINDOW = 300  # frames kept per timing window: 10 s at 30 fps
 FPS_WINDOW_S = 2.0
 
 STAGES = ("decode", "pace", "slot", "inference", "encode", "egress")
-"""decode: bytes to RGB (WHIP: from the frame's last RTP packet); pace: held until the frame's
-presentation time; slot: waiting for the pipeline; inference: the pipeline; encode: RGB to bytes
-(the trickle output); egress: handing the bytes on."""
+"""decode: bytes to a frame and its RGB image (none for a pipeline that passes frames through;
+WHIP: from the frame's last RTP packet); pace: held until the frame's presentation time; slot:
+waiting for the pipeline; inference: the pipeline; encode: the frame to bytes (the trickle
+output, only while it has a reader); egress: handing the bytes on."""
 
 WEBRTC_STAGES = ("receive", "whep_encode", "whep_send", "whep_delay")
 """receive: a WHIP frame's first RTP packet to its last (the publisher's pacing); whep_encode:
@@ -65,7 +66,8 @@ class SessionStats:
     frames_in: int = 0
     """Video frames decoded from the input."""
     frames_out: int = 0
-    """Processed frames the primary output actually sent."""
+    """Processed frames the primary output actually sent (while nobody receives it, the other
+    sinks': `FrameLoop.counts_out`)."""
     input_dropped: int = 0
     """Frames dropped before the pipeline: it was busy when a newer one came."""
     last_input_time: int | None = None  # ms since the epoch, as Livepeer's status has them

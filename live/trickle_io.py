@@ -12,7 +12,7 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractAsyncContextManager
-from typing import Any
+from typing import Any, Protocol
 
 from protocol.errors import in_words
 from protocol.media import (
@@ -61,6 +61,7 @@ class TrickleSource(FrameSource):
                 raise InputFailed(f"cannot read the input: {in_words(exc)}") from exc
             if segment is None:
                 return
+            decoder.needs_rgb = context.needs_rgb
             await run_in(self._thread, decoder.begin_segment)
             try:
                 async for chunk in segment:
@@ -112,8 +113,27 @@ class _Collect:
         return events
 
 
+class Readers(Protocol):
+    """Who reads a channel of our own server (`LocalPublisher`)."""
+
+    def has_readers(self, within_s: float) -> bool: ...
+
+    def pause(self) -> None: ...
+
+
+READER_GAP_S = 2.0
+"""How long past a segment's duration a reader may take to ask for the next one and still
+count as reading (between two requests it is waiting on nothing)."""
+
+
 class TrickleSink(FrameSink):
-    """Encodes processed frames (H.264 + the input's audio) and publishes MPEG-TS segments."""
+    """Encodes processed frames (H.264 + the input's audio) and publishes MPEG-TS segments.
+
+    With `readers` (a channel of our own server), it encodes only while someone reads it: a
+    WHIP/WHEP session would otherwise encode H.264 that nobody reads, on the cores its WHEP
+    encoder needs. Nobody reading, the segment under way ends; a reader arriving gets the next
+    frame as the first of a new segment, a keyframe. Without it (another server's channel,
+    runner mode, which the orchestrator reads) it always publishes."""
 
     name = "trickle"
 
@@ -124,10 +144,12 @@ class TrickleSink(FrameSink):
         *,
         name: str = "trickle",
         primary: bool = True,
+        readers: Readers | None = None,
     ) -> None:
         self.name = name
         self.primary = primary
         self.publisher = publisher
+        self.readers = readers
         self._collect = _Collect()
         self.encoder = SegmentEncoder(self._collect, settings or EncoderSettings())
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="encode")
@@ -140,12 +162,26 @@ class TrickleSink(FrameSink):
     async def open(self, context: MediaContext) -> None:
         self._context = context
 
+    @property
+    def wanted(self) -> bool:
+        if self.readers is None:
+            return True
+        return self.readers.has_readers(self.encoder.settings.segment_s + READER_GAP_S)
+
+    async def pause(self) -> None:
+        await run_in(self._thread, self.encoder.close)  # the segment under way ends here
+        try:
+            await self._publish(self._collect.take())
+        finally:
+            if self.readers is not None:
+                self.readers.pause()
+
     async def send(self, frame: OutputFrame, audio: Sequence[AudioPacket]) -> bool:
         context = self._context
         assert context is not None
         started = time.perf_counter()
         try:
-            sent = await run_in(self._thread, self.encoder.encode, frame.image, frame.pts, audio)
+            sent = await run_in(self._thread, self.encoder.encode, frame.picture, frame.pts, audio)
         except MediaError as exc:
             # Said once, not thirty times a second; the sink goes on with the next frame.
             if str(exc) != self._encode_error:

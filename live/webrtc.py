@@ -22,7 +22,6 @@ from fractions import Fraction
 
 import av
 import av.error
-import numpy as np
 from aiortc import (
     MediaStreamTrack,
     RTCConfiguration,
@@ -36,7 +35,16 @@ from aiortc.mediastreams import MediaStreamError
 from aiortc.sdp import candidate_from_sdp
 from av.video.frame import PictureType
 
-from protocol.media import CLOCK, TIME_BASE, AudioPacket, VideoFrame, to_rgb
+from protocol.media import (
+    CLOCK,
+    TIME_BASE,
+    AudioPacket,
+    Picture,
+    VideoFrame,
+    own_yuv,
+    to_rgb,
+    usable_as_decoded,
+)
 
 from .edges import FrameSink, FrameSource, MediaContext, MediaItem, OutputClosed, OutputFrame
 from .frame_loop import StreamEnded
@@ -196,14 +204,17 @@ class WhipSource(FrameSource):
         try:
             while (taken := await newest.get()) is not None:
                 frame, arrived = taken
-                image = await run_in(self._thread, to_rgb, frame, self.size)
+                kept = usable_as_decoded(frame, self.size)
+                needs_rgb = self._context is None or self._context.needs_rgb
+                image = None
+                if needs_rgb or not kept:
+                    image = await run_in(self._thread, to_rgb, frame, self.size)
                 pts = self._video_clock.map(_to_clock(frame))
                 now = time.monotonic()
                 self._anchor = (pts, now)
                 if self._context is not None:
                     self._context.stats.stage("decode", now - arrived)
-                same = (frame.width, frame.height) == (image.shape[1], image.shape[0])
-                decoded = frame if same and frame.format.name == "yuv420p" else None
+                decoded = frame if kept else None
                 self._put(VideoFrame(image, pts, arrived, self._index, decoded=decoded))
                 self._index += 1
             logger.info("WHIP publisher left; waiting for it to come back")
@@ -319,7 +330,11 @@ class _OutputTrack(MediaStreamTrack):
         frame = await self.slot.get()
         if frame is None:
             raise MediaStreamError
-        out = av.VideoFrame.from_ndarray(frame.image, format="rgb24")
+        picture = frame.picture
+        if isinstance(picture, av.VideoFrame):
+            out = own_yuv(picture)  # aiortc's encoder takes YUV 4:2:0 as it is
+        else:
+            out = av.VideoFrame.from_ndarray(picture, format="rgb24")
         out.pts = frame.pts
         out.time_base = TIME_BASE
         self.taken.set()
@@ -479,21 +494,25 @@ class _SharedEncoder:
         self._last_key = -1.0
         self.want_key = True
 
-    def encode(
-        self, image: np.ndarray, pts: int, decoded: av.VideoFrame | None = None
-    ) -> list[av.Packet]:
-        """`decoded`: the same picture as `image`, already YUV 4:2:0 (an input passed through
-        unchanged), encoded as it is: no conversion to RGB and back."""
-        height, width = image.shape[:2]
+    def encode(self, picture: Picture, pts: int) -> list[av.Packet]:
+        """`picture`: RGB, or a decoded YUV 4:2:0 frame (an input passed through unchanged),
+        encoded as it is: no conversion to RGB and back."""
+        if isinstance(picture, av.VideoFrame):
+            width, height = picture.width, picture.height
+        else:
+            height, width = picture.shape[:2]
         if self._codec is None or (width, height) != self._size:
             self._codec = self._open(width - width % 2, height - height % 2)
             self._size = (width, height)
         codec = self._codec
-        if decoded is not None and (decoded.width, decoded.height) == (codec.width, codec.height):
-            yuv = decoded
-            yuv.pict_type = PictureType.NONE  # the decoder's type is no request for a keyframe
+        if isinstance(picture, av.VideoFrame) and (width, height) == (codec.width, codec.height):
+            # A copy of its own: another sink may be encoding the same decoded frame on its
+            # thread now (a viewer of the other codec, a recording), and sets its pts and type.
+            yuv = own_yuv(picture)
         else:
-            frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+            if isinstance(picture, av.VideoFrame):
+                picture = picture.to_ndarray(format="rgb24")
+            frame = av.VideoFrame.from_ndarray(picture, format="rgb24")
             yuv = frame.reformat(codec.width, codec.height, format="yuv420p")
         yuv.pts = pts
         yuv.time_base = TIME_BASE
@@ -566,9 +585,7 @@ class SharedVideoSink(FrameSink):
         if not self.viewers:
             raise OutputClosed("no viewer left")
         started = time.monotonic()
-        packets = await run_in(
-            self._thread, self.encoder.encode, frame.image, frame.pts, frame.decoded
-        )
+        packets = await run_in(self._thread, self.encoder.encode, frame.picture, frame.pts)
         encoded = time.monotonic()
         if self._context is not None:
             self._context.stats.stage("whep_encode", encoded - started)

@@ -49,18 +49,62 @@ class MediaError(ValueError):
     """A frame or stream the encoder cannot handle; the message says why in plain words."""
 
 
-@dataclass(slots=True)
-class VideoFrame:
-    """A decoded frame on the session's timeline."""
+Picture = np.ndarray | av.VideoFrame
+"""What an encoder takes: H x W x 3 uint8 RGB, or a decoder's frame (YUV 4:2:0 as it is)."""
 
-    image: np.ndarray  # H x W x 3, uint8 RGB
+
+class HasPicture:
+    """A frame held as RGB (`rgb`), as its decoder's YUV frame (`decoded`), or both.
+
+    The RGB image is for pipelines; encoders take the YUV frame as it is (`picture`). A frame
+    that a pipeline passes through unchanged (`passes_through`, `noop`) never needs the RGB, so
+    a source may leave it out (`MediaContext.needs_rgb`): converting costs about a millisecond
+    a frame at 512x512, and converting back for the encoder more. `image` makes it on first
+    use, on the caller's thread: the event loop's per-frame paths read `picture` and `size`.
+    """
+
+    __slots__ = ()
+    rgb: np.ndarray | None
+    decoded: av.VideoFrame | None
+
+    @property
+    def image(self) -> np.ndarray:
+        """H x W x 3 uint8 RGB (made from `decoded` now if it was left out)."""
+        if self.rgb is None:
+            assert self.decoded is not None
+            self.rgb = to_rgb(self.decoded)
+        return self.rgb
+
+    @property
+    def picture(self) -> Picture:
+        """The decoder's frame where there is one (no conversion), else the RGB image."""
+        return self.decoded if self.decoded is not None else self.image
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height)."""
+        if self.rgb is not None:
+            return self.rgb.shape[1], self.rgb.shape[0]
+        assert self.decoded is not None
+        return self.decoded.width, self.decoded.height
+
+
+@dataclass(slots=True)
+class VideoFrame(HasPicture):
+    """A decoded frame on the session's timeline (see `HasPicture` for `rgb` and `decoded`)."""
+
+    rgb: np.ndarray | None  # H x W x 3, uint8 RGB; None: left out, `decoded` has the picture
     pts: int  # 90 kHz, monotonic over the whole stream
     arrived: float  # time.monotonic() when its last byte arrived
     index: int  # position in the stream, counting from 0
     time_base: Fraction = TIME_BASE  # of pts; always the 90 kHz clock
-    # The decoded YUV frame `image` was converted from at the same size, where a source has it:
-    # a sink can encode a frame that a pipeline passed through unchanged without converting back.
+    # The decoder's frame, YUV 4:2:0 at the size of `rgb`, where a source has it: a sink encodes
+    # a frame that a pipeline passed through unchanged without converting it at all.
     decoded: av.VideoFrame | None = None
+
+    def __post_init__(self) -> None:
+        if self.rgb is None and self.decoded is None:
+            raise ValueError("a video frame needs its RGB image or its decoded frame")
 
 
 @dataclass(slots=True)
@@ -133,6 +177,8 @@ class StreamDecoder:
 
     def __init__(self, size: tuple[int, int] | None = None) -> None:
         self.size = size
+        self.needs_rgb = True
+        """False: frames that need no scaling carry only the decoded frame (`HasPicture`)."""
         self.timeline = Timeline()
         self.errors = 0
         self.frames = 0
@@ -242,11 +288,25 @@ class StreamDecoder:
         for frame in decoded:
             if frame.pts is None:
                 continue
-            frames.append(
-                VideoFrame(to_rgb(frame, self.size), self.timeline.map(frame.pts), now, self.frames)
-            )
+            kept = usable_as_decoded(frame, self.size)
+            rgb = None if kept and not self.needs_rgb else to_rgb(frame, self.size)
+            pts = self.timeline.map(frame.pts)
+            frames.append(VideoFrame(rgb, pts, now, self.frames, decoded=frame if kept else None))
             self.frames += 1
         return frames
+
+
+def usable_as_decoded(frame: av.VideoFrame, size: tuple[int, int] | None) -> bool:
+    """Whether `frame` is the picture as it is, at the size asked for (`to_rgb`'s `size`)."""
+    same = size is None or (frame.width, frame.height) == size
+    return same and frame.format.name == "yuv420p"
+
+
+def own_yuv(frame: av.VideoFrame) -> av.VideoFrame:
+    """A copy of a decoded YUV 4:2:0 frame (0.07 ms at 512x512) that an encoder may set the
+    pts and picture type of: the same decoded frame may be encoding on another sink's thread
+    at the same moment, and a keyframe asked for there must not be undone here."""
+    return av.VideoFrame.from_numpy_buffer(frame.to_ndarray(), format="yuv420p")
 
 
 def to_rgb(frame: av.VideoFrame, size: tuple[int, int] | None = None) -> np.ndarray:
@@ -346,7 +406,8 @@ def h264_encoder(
 
 
 class SegmentEncoder:
-    """Encodes RGB frames to MPEG-TS segments (H.264, libx264 zerolatency, no B-frames).
+    """Encodes frames (RGB, or decoded YUV as it is) to MPEG-TS segments (H.264, libx264
+    zerolatency, no B-frames).
 
     A segment ends when `segment_s` of input time has passed, the frame size changes, or the
     audio codec changes; each segment is a fresh encoder and muxer, so it starts with PAT/PMT
@@ -373,17 +434,30 @@ class SegmentEncoder:
         self._carry_audio: str | None = None  # once audio came, later segments keep carrying it
         self._fresh = False  # the segment's PAT and PMT are still to be written
 
-    def encode(self, image: np.ndarray, pts: int, audio: Sequence[AudioPacket] = ()) -> bool:
+    def encode(self, picture: Picture, pts: int, audio: Sequence[AudioPacket] = ()) -> bool:
         """Encode one frame, then mux the passthrough `audio` packets that go with it.
 
-        Returns True when the frame was encoded and its bytes handed to the sink, False when it
-        was dropped (a pts not after the previous one). Raises MediaError for a frame the
-        encoder cannot take (see `even_image`).
+        `picture`: RGB, or a decoded frame, encoded as it is when it is YUV 4:2:0 with even
+        sides (else converted to RGB first). Returns True when the frame was encoded and its
+        bytes handed to the sink, False when it was dropped (a pts not after the previous one).
+        Raises MediaError for a frame the encoder cannot take (see `even_image`).
         """
         if self._last_pts is not None and pts <= self._last_pts:
             return False  # timestamps must increase; a late duplicate is dropped
-        image = even_image(image)
-        height, width = image.shape[:2]
+        image: np.ndarray | None = None
+        if isinstance(picture, av.VideoFrame):
+            width, height = picture.width, picture.height
+            if (
+                picture.format.name != "yuv420p"
+                or width % 2
+                or height % 2
+                or min(width, height) < MIN_SIZE
+            ):
+                image = even_image(picture.to_ndarray(format="rgb24"))
+        else:
+            image = even_image(picture)
+        if image is not None:
+            height, width = image.shape[:2]
         carried = [packet for packet in audio if packet.codec in MUX_AUDIO]
         if len(carried) < len(audio):
             logger.debug("audio packets dropped: codec not carried")
@@ -398,7 +472,11 @@ class SegmentEncoder:
             self._open_segment(width, height, pts, codec)
         assert self._codec is not None and self._muxer is not None
         muxer = self._muxer
-        frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
+        if image is None:
+            assert isinstance(picture, av.VideoFrame)
+            frame = own_yuv(picture)
+        else:
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
         frame.pts = pts
         frame.time_base = TIME_BASE
         try:

@@ -128,11 +128,21 @@ class LivePipeline(ABC):
     live_params: ClassVar[frozenset[str]] = frozenset()
     """Fields whose change applies without a reload."""
     passes_through: ClassVar[bool] = False
-    """`process` returns its input untouched: sinks may encode the input's decoded frame."""
+    """`process` returns its input untouched and does nothing else: the input's RGB image is
+    not made, the host does not call `process` for a frame without one, and sinks encode the
+    input's decoded frame. A subclass that overrides `process` passes through only if it says
+    so itself (see `__init_subclass__`)."""
     uses_device: ClassVar[bool] = False
     """Runs on the device's shared inference worker rather than the session's own thread."""
     requires_gpu: ClassVar[bool] = False
     """Made for a GPU: real time only there (on the CPU it runs, slowly, when asked to)."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # A `process` of its own looks at the frames (a delay, a failure, a count) unless the
+        # class says otherwise: inheriting `passes_through` would skip it.
+        if "process" in vars(cls) and "passes_through" not in vars(cls):
+            cls.passes_through = False
 
     def __init__(self, params: PipelineParams, context: PipelineContext | None = None) -> None:
         self.params = params

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 
@@ -268,6 +269,11 @@ class Channel:
         self._reader_moved: asyncio.Event | None = None
         self.writers_waiting = 0
         """Writers held now by `wait_for_readers`."""
+        self.read_time = -math.inf
+        """When a reader last asked for a segment (time.monotonic())."""
+        self.paused = False
+        """Its in-process publisher stopped between segments (nobody read them): the live edge
+        is the next segment it writes, not the last one it wrote (see `resolve_read_seq`)."""
 
     # -- seq resolution -------------------------------------------------------------------------
 
@@ -278,7 +284,9 @@ class Channel:
         if seq == NEXT_SEQ:
             return self.next_write
         if seq == LATEST_SEQ:
-            return max(self.next_write - 1, 0)
+            # A paused publisher's last segment is history: a reader joining waits for the next
+            # one, which the publisher starts for it at a keyframe.
+            return self.next_write if self.paused else max(self.next_write - 1, 0)
         return seq
 
     # -- segments -------------------------------------------------------------------------------
@@ -361,10 +369,17 @@ class Channel:
 
     # -- readers a publisher waits for ----------------------------------------------------------
 
+    def has_readers(self, within_s: float) -> bool:
+        """Whether anyone reads the channel: a request waiting for a segment to start, or a
+        reader that asked for a segment less than `within_s` ago. (A waiting request can also
+        be a preconnected POST: only on a channel outside clients may write.)"""
+        return bool(self._parked) or time.monotonic() - self.read_time < within_s
+
     def _note_reader(self, seq: int, segment: Segment) -> None:
         """A reader asked for `seq` and got `segment`: it will ask for `seq + 1` next, if it
         reads in order."""
         now = time.monotonic()
+        self.read_time = now
         wanted = self._wanted
         for index, (want, _, _) in enumerate(wanted):
             if want == seq:
@@ -464,6 +479,7 @@ class Channel:
         else:
             self.next_write = max(self.next_write, seq + 1)
         self.write_time = time.monotonic()
+        self.paused = False
 
     def reset_below(self, seq: int) -> None:
         """Lp-Trickle-Reset: close every segment older than `seq`, sparing preconnected ones."""

@@ -66,6 +66,19 @@ class LocalPublisher:
                 channel.mark_written(seq)
             segment.close()
 
+    def has_readers(self, within_s: float) -> bool:
+        """Whether anyone reads the channel now (`Channel.has_readers`). A channel deleted or
+        closed counts as read: the publisher's next write finds out that it is gone."""
+        channel = self.server.get(self.name)
+        return channel is None or channel.closed or channel.has_readers(within_s)
+
+    def pause(self) -> None:
+        """Say that no segment follows for a while (nobody reads): until the next one starts,
+        a reader asking for the live edge waits for it instead of getting the last one."""
+        channel = self.server.get(self.name)
+        if channel is not None:
+            channel.paused = True
+
     async def write(self, data: bytes) -> int:
         async with self.segment() as writer:
             await writer.write(data)

@@ -26,6 +26,15 @@ class SlowPipeline(NoopPipeline):
         return image
 
 
+class IdentityPipeline(NoopPipeline):
+    """Returns each frame as it came, having had it as RGB: unlike `noop`, it needs the image."""
+
+    name = "identity"
+
+    def process(self, image: np.ndarray) -> np.ndarray:
+        return image
+
+
 class SlowLoadingCartoon(CartoonPipeline):
     name = "slow-cartoon"
 
@@ -65,7 +74,16 @@ FRAME_S = 1 / 30
 
 PIPELINES = {
     **builtin_pipelines(),
-    **{cls.name: cls for cls in (SlowPipeline, SlowLoadingCartoon, FlakyPipeline, OutOfMemoryOnce)},
+    **{
+        cls.name: cls
+        for cls in (
+            SlowPipeline,
+            SlowLoadingCartoon,
+            FlakyPipeline,
+            OutOfMemoryOnce,
+            IdentityPipeline,
+        )
+    },
 }
 
 

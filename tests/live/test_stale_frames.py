@@ -35,7 +35,8 @@ async def test_a_live_source_burst_is_not_paced_the_newest_frame_goes_on() -> No
 
 async def test_whip_frames_behind_a_stalled_conversion_give_way_to_the_newest(service) -> None:
     client = await service(ice_host_addresses="127.0.0.1")
-    info = await start_session(client, model_id="noop")
+    # A pipeline that takes RGB: for `noop` the source makes none, so it has no conversion.
+    info = await start_session(client, model_id="identity")
     session = client.app[SESSIONS].get(info["session_id"])
     publisher = peer()
     camera = NumberedTrack()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import json
 from collections.abc import AsyncIterator
 from fractions import Fraction
@@ -25,7 +26,9 @@ from multidict import CIMultiDict
 
 from live.keys import SESSIONS
 from protocol.clips import make_clip, numbered_frame, read_index
+from protocol.trickle import TrickleSubscriber
 from tests.live.streams import WAIT_S, Viewer, publish_clip, start_session
+from tests.waiting import wait_until
 
 SIZE = 192
 
@@ -639,3 +642,58 @@ def test_a_trickle_fragment_is_read_per_m_section() -> None:
     assert [(c.mid, c.mline_index) for c in bare.candidates] == [(None, 0)]
     with pytest.raises(ValueError, match=r"line 1 .* not an ICE candidate"):
         parse_fragment("a=candidate:1 1 udp 1 127.0.0.1 9 typ srflx raddr 1.2.3.4 rport x\n")
+
+
+def first_frames(segment: bytes) -> tuple[bool, int, list[int | None]]:
+    """Of one MPEG-TS segment: whether its first video packet is a keyframe, how many video
+    packets it has, and the index painted in each frame a fresh decoder gets from it."""
+    with av.open(io.BytesIO(segment), format="mpegts") as container:
+        packets = [p for p in container.demux(video=0) if p.size]
+        decoder = av.CodecContext.create("h264", "r")
+        frames = [f for p in [*packets, None] for f in decoder.decode(p)]
+    indices = [read_index(f.to_ndarray(format="rgb24")) for f in frames]
+    return bool(packets) and packets[0].is_keyframe, len(packets), indices
+
+
+async def test_the_trickle_output_is_encoded_only_while_someone_reads_it(rtc_service) -> None:
+    client = await rtc_service()
+    info = await start_session(client, model_id="noop")
+    session = client.app[SESSIONS].get(info["session_id"])
+    channel = client.app[SESSIONS].trickle.get(info["subscribe_url"].rsplit("/", 1)[1])
+    publisher = peer()
+    publisher.addTrack(NumberedTrack())
+    watcher = Watcher("video/VP8")
+    try:
+        await negotiate(publisher, info["whip_url"])
+        await negotiate(watcher.pc, info["whep_url"])
+        await watcher.wait_frames(45)
+        # Watched over WHEP only: no H.264 is encoded for the trickle output, and the frames
+        # the viewer was sent are the session's output.
+        response = await client.get(f"/live-video-to-video/{info['session_id']}")
+        status = await response.json()
+        sinks = {sink["name"]: sink for sink in status["sinks"]}
+        assert sinks["trickle"]["sent"] == 0 and "encode" not in status["stages"]
+        assert status["frames_out"] >= 30
+        # A reader joining at the live edge gets segments that start at a keyframe with the
+        # frames of now, not of the start, each one decodable.
+        async with TrickleSubscriber(info["subscribe_url"]) as subscriber:
+            segment = await subscriber.next()
+            assert segment is not None
+            keyframe, packets, indices = first_frames(await segment.read())
+        assert keyframe and len(indices) == packets >= 10
+        assert None not in indices and indices[0] >= 30 and indices == sorted(indices)
+        assert session.stats.sinks["trickle"].sent >= packets
+        # Its reader gone, the output pauses; a reader joining later waits for the next
+        # segment (a keyframe, the frames of then) instead of getting the last one written.
+        await wait_until(lambda: channel.paused, "the output to pause once nobody reads it")
+        next_seq = channel.next_write
+        async with TrickleSubscriber(info["subscribe_url"]) as subscriber:
+            segment = await subscriber.next()
+            assert segment is not None and segment.seq == next_seq
+            keyframe, packets, later = first_frames(await segment.read())
+        assert keyframe and len(later) == packets >= 10 and None not in later
+        assert later[0] > indices[-1]
+    finally:
+        await watcher.close()
+        await publisher.close()
+        await client.delete(f"/live-video-to-video/{info['session_id']}")

@@ -388,3 +388,44 @@ def test_dataclass_fields_keep_their_order() -> None:
     frame = VideoFrame(np.zeros((2, 2, 3), np.uint8), 1, 0.0, 0)
     packet = AudioPacket("aac", 1, b"")
     assert frame.time_base == packet.time_base == Fraction(1, 90_000)
+
+
+def test_decoded_frames_are_encoded_as_they_are_without_rgb() -> None:
+    # A pipeline that passes frames through needs no RGB: the decoder leaves it out, the
+    # encoder takes its YUV frames, and the stream comes out the same.
+    clip = make_clip(45)
+    decoder = StreamDecoder()
+    decoder.needs_rgb = False
+    frames, _, _, _ = decode(clip.segment_bytes(), decoder=decoder)
+    assert frames and all(f.rgb is None and f.decoded is not None for f in frames)
+    assert frames[0].size == (128, 128)  # make_clip's size
+    sink = Sink()
+    encoder = SegmentEncoder(sink, EncoderSettings(segment_s=1.0))
+    decoded = frames[0].decoded
+    assert decoded is not None
+    decoded_pts = decoded.pts
+    for frame in frames:
+        assert encoder.encode(frame.picture, frame.pts)
+    encoder.close()
+    # The decoded frame itself is left as it was: another encoder may be taking it too.
+    assert decoded.pts == decoded_pts
+    again, _, errors, _ = decode([bytes(s) for s in sink.segments])
+    assert [read_index(f.image) for f in again] == list(range(45)) and set(errors) == {""}
+    assert [f.pts for f in again] == [f.pts for f in frames]
+    # `image` makes the RGB when something asks for it after all.
+    assert read_index(frames[7].image) == 7 and frames[7].rgb is not None
+
+
+def test_a_decoded_frame_the_encoder_cannot_take_as_it_is_goes_through_rgb() -> None:
+    odd = av.VideoFrame.from_ndarray(numbered_frame(3, 129, 97), format="rgb24")
+    sink = Sink()
+    encoder = SegmentEncoder(sink, EncoderSettings())
+    assert encoder.encode(odd, 0)  # RGB, odd sides: converted and cropped to 128x96
+    assert encoder.encode(odd.reformat(format="yuv420p"), FRAME)
+    encoder.close()
+    (frame, second) = ffmpeg_decode(bytes(sink.segments[0]), "video")
+    assert (frame.width, frame.height) == (128, 96) and read_index(
+        second.to_ndarray(format="rgb24")
+    ) == 3
+    with pytest.raises(ValueError, match="RGB image or its decoded frame"):
+        VideoFrame(None, 0, 0.0, 0)
