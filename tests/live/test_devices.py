@@ -26,6 +26,7 @@ class DeviceNoop(NoopPipeline):
 
     name = "device-noop"
     uses_device = True
+    passes_through = False  # it stands in for a model: its frames go to the worker
 
 
 @pytest.fixture

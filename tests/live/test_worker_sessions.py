@@ -248,7 +248,9 @@ async def test_sigterm_ends_the_cli_within_10_s_with_a_hung_worker() -> None:
                     return None
 
             await wait_until(health, "the service to start", within=STARTUP_S, poll=0.1)
-            async with http.post(f"{base}/live-video-to-video", json={"model_id": "noop"}) as r:
+            # cartoon: its frames go to the worker (noop's pass through without it).
+            body = {"model_id": "cartoon"}
+            async with http.post(f"{base}/live-video-to-video", json=body) as r:
                 info = await r.json()
             publishing = asyncio.create_task(publish_clip(info["publish_url"], make_clip(900)))
             viewer = Viewer(info["subscribe_url"])
@@ -280,7 +282,7 @@ async def test_sigterm_ends_the_cli_within_10_s_with_a_hung_worker() -> None:
             await asyncio.gather(publishing, return_exceptions=True)
         if proc.returncode is None:
             proc.kill()
-            await proc.wait()
+            await proc.communicate()  # and its stderr pipe closed with it
     assert proc.returncode == 0, stderr.decode()
     assert await poll_until(lambda: pid_gone(pid)), "the hung worker outlived the service"
     assert not segments(proc.pid), "shared-memory segments outlived the service"
