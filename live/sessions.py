@@ -39,6 +39,8 @@ from .webrtc import Peers, WhipSource
 logger = logging.getLogger(__name__)
 
 ROLES = ("input", "output", "control", "events")
+LINGERING_ROLES = ("output", "events")
+"""The channels the session writes, read by outside clients: readable a while after it ends."""
 CONTROL_MAX_BYTES = 1024 * 1024  # control and events segments: JSON messages, never large
 
 
@@ -276,8 +278,13 @@ class SessionManager:
             for listener in self.listeners if ended is not None else ():
                 listener.ended(ended)
             await self.peers.close_session(session_id)
-            for name in owned:
-                self.trickle.delete_channel(name)
+            for role, name in zip(ROLES, owned, strict=False):
+                if role in LINGERING_ROLES:
+                    # A reader between two requests (or a little behind) still gets the last
+                    # output segment and the final status; then the channel is deleted.
+                    self.trickle.linger(name)
+                else:
+                    self.trickle.delete_channel(name)
 
         config = self.session_config(device)
         size = (params.width, params.height) if params.width and params.height else None
@@ -393,9 +400,9 @@ class SessionManager:
         base_url = origin + self.settings.trickle().base_path
         channels = SessionChannels(
             input=LocalSubscriber(self.trickle, names[0]),
-            output=LocalPublisher(self.trickle, names[1]),
+            output=LocalPublisher(self.trickle, names[1], linger=True),
             control=LocalSubscriber(self.trickle, names[2]),
-            events=LocalPublisher(self.trickle, names[3]),
+            events=LocalPublisher(self.trickle, names[3], linger=True),
         )
         response = LiveVideoToVideoResponse(
             publish_url=base_url + names[0],

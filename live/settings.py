@@ -209,6 +209,13 @@ class Settings(BaseModel):
         300.0, gt=0, description="idle trickle channels are removed after this"
     )
     trickle_sweep_interval_s: float = Field(60.0, gt=0, description="idle sweep period")
+    trickle_linger_s: float = Field(
+        5.0,
+        ge=0,
+        le=60,
+        description="an ended session's output and events channels stay readable this long, "
+        "so a reader a request behind still gets the last segment and the final status",
+    )
 
     @field_validator("devices")
     @classmethod
@@ -297,6 +304,7 @@ class Settings(BaseModel):
             max_channel_bytes=self.trickle_max_channel_bytes,
             idle_timeout_s=self.trickle_idle_timeout_s,
             sweep_interval_s=self.trickle_sweep_interval_s,
+            linger_s=self.trickle_linger_s,
         )
 
 

@@ -258,6 +258,8 @@ class Channel:
         self.next_write = 0
         self.write_time = time.monotonic()
         self.closed = False
+        """No segment follows (`end`); while it is still listed by its server it lingers:
+        what was written is readable, nothing more can be written."""
         # Segments that HTTP requests are parked on (a preconnected POST before its first byte, a
         # GET at the live edge), one entry per request, so that a channel DELETE can release
         # every one of them and answer only after they have been answered.
@@ -286,7 +288,9 @@ class Channel:
         if seq == LATEST_SEQ:
             # A paused publisher's last segment is history: a reader joining waits for the next
             # one, which the publisher starts for it at a keyframe.
-            return self.next_write if self.paused else max(self.next_write - 1, 0)
+            # An ended channel's last segment is its last word, paused or not.
+            paused = self.paused and not self.closed
+            return self.next_write if paused else max(self.next_write - 1, 0)
         return seq
 
     # -- segments -------------------------------------------------------------------------------
@@ -497,8 +501,10 @@ class Channel:
         finally:
             self._on_close.remove(callback)
 
-    def close(self) -> None:
-        """Close every segment, releasing all waiting readers and preconnected publishers."""
+    def end(self) -> None:
+        """No segment follows: close every segment, releasing all waiting readers (they get
+        end of stream) and preconnected publishers, but keep what was written readable
+        until `close` (a channel lingering after its session ended, TrickleServer.linger)."""
         self.closed = True
         for callback in list(self._on_close):
             callback()
@@ -512,6 +518,10 @@ class Channel:
         # pre-creation replaces the occupant): release it too rather than leave it hanging.
         for found in self._parked:
             found.close()
+
+    def close(self) -> None:
+        """End the channel and free its segments (it is being deleted)."""
+        self.end()
         for found in self.ring:
             if found is not None:
                 found.channel = None

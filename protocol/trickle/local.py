@@ -31,12 +31,16 @@ class LocalSegmentWriter:
 
 
 class LocalPublisher:
-    """Publishes segments 0, 1, 2, ... to a channel of `server`."""
+    """Publishes segments 0, 1, 2, ... to a channel of `server`. `linger`: closing it ends the
+    channel but keeps it readable a while (TrickleServer.linger) rather than deleting it."""
 
-    def __init__(self, server: TrickleServer, name: str, start_seq: int = 0) -> None:
+    def __init__(
+        self, server: TrickleServer, name: str, start_seq: int = 0, *, linger: bool = False
+    ) -> None:
         self.server = server
         self.name = name
         self.seq = start_seq
+        self.linger = linger
 
     def _channel(self) -> Channel:
         channel = self.server.get(self.name)
@@ -85,7 +89,9 @@ class LocalPublisher:
         return writer.seq
 
     async def close(self, delete: bool = True) -> None:
-        if delete:
+        if delete and self.linger:
+            self.server.linger(self.name)
+        elif delete:
             self.server.delete_channel(self.name)
 
     async def __aenter__(self) -> LocalPublisher:
@@ -135,13 +141,19 @@ class LocalSubscriber:
     async def next(self) -> LocalSegment | None:
         while True:
             channel = self.server.get(self.name)
-            if channel is None or channel.closed:
+            if channel is None:
                 return None
+            # An ended channel still listed lingers: what was written can still be read.
             seq = channel.resolve_read_seq(self.seq)
             segment = channel.get_for_read(seq)
             if segment is None:
                 self.skipped += 1
-                self.seq = channel.next_write
+                if not channel.closed:
+                    self.seq = channel.next_write
+                elif seq < channel.next_write - 1:
+                    self.seq = channel.next_write - 1  # behind an ended channel: its last one
+                else:
+                    return None
                 continue
             await segment.wait_started()
             if not segment.has_data and channel.closed:

@@ -67,6 +67,13 @@ class TrickleConfig(BaseModel):
         "waits for it, at most this long after the subscriber's last request or the last "
         "byte of the segment it is in, whichever came later",
     )
+    linger_s: float = Field(
+        5.0,
+        ge=0,
+        description="an ended session's output and events channels stay readable this long "
+        "(segments written, end of stream for the next), so a reader between two requests "
+        "still gets the last ones; then they are deleted",
+    )
 
 
 class ChannelRefused(ValueError):
@@ -87,6 +94,9 @@ class TrickleServer:
         """Segment bytes HTTP publishers wrote (in-process clients are not counted)."""
         self.bytes_out = 0
         """Segment bytes sent to HTTP subscribers."""
+        self._lingering: dict[str, asyncio.TimerHandle] = {}
+        """The deletion timer of each lingering channel (`linger`)."""
+        self._stopped = False
 
     def check_name(self, name: str) -> str | None:
         """Why `name` cannot be a channel name, or None when it can."""
@@ -139,7 +149,35 @@ class TrickleServer:
     def get(self, name: str) -> Channel | None:
         return self.channels.get(name)
 
+    def linger(self, name: str) -> bool:
+        """End channel `name` now and delete it `linger_s` later. Meanwhile its segments are
+        read as before, a read of a seq that will never be written is answered end of stream
+        at once, and writes are refused as on a deleted channel: a reader a request behind
+        the end still gets the last segment. Each lingering channel stays counted (channels,
+        bytes) until deleted, so churn cannot hold more than the limits. On shutdown, deleted
+        at once."""
+        channel = self.channels.get(name)
+        if channel is None:
+            return False
+        if self._stopped or self.config.linger_s <= 0:
+            return self.delete_channel(name)
+        if name in self._lingering:
+            return True  # already ending: its deletion is not put off
+        channel.end()
+        loop = asyncio.get_running_loop()
+        self._lingering[name] = loop.call_later(self.config.linger_s, self.delete_channel, name)
+        logger.debug("channel ended, lingering channel=%s", name)
+        return True
+
+    @property
+    def lingering(self) -> int:
+        """Channels ended and waiting for deletion."""
+        return len(self._lingering)
+
     def delete_channel(self, name: str) -> bool:
+        timer = self._lingering.pop(name, None)
+        if timer is not None:
+            timer.cancel()
         channel = self.channels.pop(name, None)
         if channel is None:
             return False
@@ -167,6 +205,9 @@ class TrickleServer:
             self.sweep()
 
     def close_all(self) -> None:
+        """Delete every channel (lingering ones too, their timers cancelled); a channel ended
+        after this is deleted at once (the service is stopping)."""
+        self._stopped = True
         for name in list(self.channels):
             self.delete_channel(name)
 
@@ -331,7 +372,8 @@ class _Routes:
         if problem:
             return None, _text(400, problem)
         channel = self.server.get(name)
-        if channel is None:
+        if channel is None or (channel.closed and access == "write"):
+            # A lingering channel (TrickleServer.linger) is written as a deleted one.
             return None, _not_found()
         if access == "write" and not channel.outside_writes:
             return None, _forbidden("this channel is written by the service only")
@@ -405,9 +447,11 @@ class _Routes:
         if problem:
             return _text(400, problem)
         channel = self.server.get(name)
-        if channel is not None and not channel.outside_writes:
+        if channel is not None and channel.closed:
+            channel = None  # lingering (TrickleServer.linger): deleted as far as writers go
+        elif channel is not None and not channel.outside_writes:
             return _forbidden("this channel is written by the service only")
-        if not self.server.delete_channel(name):
+        if channel is None or not self.server.delete_channel(name):
             # livepeer-compat: a missing channel is 400 here, not 404 (§1.3.5).
             return _text(400, "Invalid stream")
         assert channel is not None
@@ -636,9 +680,15 @@ class _Routes:
         segment = channel.get_for_read(seq)
         if segment is None:
             extra = {h.SEQ: str(seq), h.LATEST: str(channel.next_write)}
-            if channel.closed:
+            if channel.closed and seq >= channel.next_write:
+                # Never to be written (the channel lingers after its end): end of stream now.
+                # A seq that left the ring is a 470 as ever, so a reader behind moves on to
+                # the last segment.
                 extra[h.CLOSED] = h.CLOSED_VALUE
                 return web.Response(status=200, text="Entry not found", headers=extra)
+            if channel.closed:
+                # Behind on an ended channel: its last segment is the one to move on to.
+                extra[h.LATEST] = str(max(channel.next_write - 1, 0))
             return web.Response(
                 status=470, reason="Entry Not Found", text="Entry not found", headers=extra
             )

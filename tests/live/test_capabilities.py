@@ -12,6 +12,7 @@ import aiohttp
 from live.keys import TRICKLE
 from protocol.clips import make_clip
 from tests.live.streams import run_stream, start_session
+from tests.waiting import wait_until
 
 
 def channel_of(url: str) -> str:
@@ -92,14 +93,15 @@ async def test_trickle_seqs_are_ascii_int64(service) -> None:
 
 
 async def test_the_channel_limit_refuses_a_session_with_429_and_leaves_nothing(service) -> None:
-    client = await service(trickle_max_channels=6)
+    client = await service(trickle_max_channels=6, trickle_linger_s=0.05)
     first = await start_session(client, model_id="noop")
     response = await client.post("/live-video-to-video", json={"model_id": "noop"})
     assert response.status == 429
     assert "channels" in (await response.json())["detail"]["msg"]
     assert len(client.app[TRICKLE].channels) == 4
     await client.delete(f"/live-video-to-video/{first['session_id']}")
-    assert not client.app[TRICKLE].channels
+    # Its output and events channels linger a moment (readers a request behind), then go.
+    await wait_until(lambda: not client.app[TRICKLE].channels, "the channels to be deleted")
 
 
 async def test_publishing_and_watching_with_the_handed_out_urls_still_works(service) -> None:
@@ -136,7 +138,7 @@ async def test_oversized_posts_to_a_session_do_not_take_memory(service) -> None:
     """Five 60 MiB POSTs to each of a session's JSON channels and its output once took the
     service from 584 MB to 1,120 MB. Now they are refused before the body is kept: the
     process grows by less than 16 MiB (the bound asserted here)."""
-    client = await service()
+    client = await service(trickle_linger_s=0.05)
     info = await start_session(client, model_id="noop")
     big = bytes(60 * 1024 * 1024)  # allocated before measuring: the test's own memory
     view = memoryview(big)
@@ -169,4 +171,5 @@ async def test_oversized_posts_to_a_session_do_not_take_memory(service) -> None:
         assert channel is not None
         assert all(s is None or s.size <= 1024 * 1024 * 2 for s in channel.ring)
     await client.delete(f"/live-video-to-video/{info['session_id']}")
-    assert not trickle.channels  # and what the session had is gone with it
+    # And what the session had is gone with it, once its readable channels' linger is over.
+    await wait_until(lambda: not trickle.channels, "the channels to be deleted")

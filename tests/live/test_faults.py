@@ -240,7 +240,7 @@ def resources() -> dict[str, int]:
 
 
 async def test_a_hundred_sessions_in_a_row_leave_nothing_behind(service) -> None:
-    client = await service()
+    client = await service(trickle_linger_s=0.05)
     manager = client.app[SESSIONS]
 
     async def one() -> None:
@@ -260,6 +260,8 @@ async def test_a_hundred_sessions_in_a_row_leave_nothing_behind(service) -> None
         return now["threads"] <= before["threads"] + 1 and now["tasks"] <= before["tasks"] + 1
 
     await poll_until(settled)
+    # The ended sessions' output and events channels linger a moment, then go.
+    await wait_until(lambda: not client.app[TRICKLE].channels, "the channels to be deleted")
     after = resources()
     assert after["tasks"] <= before["tasks"] + 1, (before, after)
     assert after["threads"] <= before["threads"] + 1, (before, after)

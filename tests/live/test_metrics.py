@@ -6,11 +6,12 @@ import asyncio
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from live.keys import RUNTIME
+from live.keys import RUNTIME, TRICKLE
 from live.stats import STAGES
 from protocol.clips import make_clip
 from runtime.model_cache import ModelKey
 from tests.live.streams import run_stream, wait_gone
+from tests.waiting import wait_until
 
 TOKEN = "metrics-secret"
 
@@ -32,7 +33,7 @@ def value(samples: dict, name: str, **labels: str) -> float | None:
 
 
 async def test_a_session_shows_in_the_counters_and_histograms(service) -> None:
-    client = await service()
+    client = await service(trickle_linger_s=0.05)
     during: dict = {}
 
     async def look(info, viewer, events) -> None:
@@ -74,7 +75,10 @@ async def test_a_session_shows_in_the_counters_and_histograms(service) -> None:
     assert delays == final["frames_out"]
     assert not any(n == "live_v2v_sessions" for (n, _) in samples)
     assert value(samples, "live_v2v_output_fps", pipeline="noop") is None
-    # Its channels are gone; the bytes it moved over HTTP stay counted.
+    # Its channels are gone (once the output and events channels' linger is over); the
+    # bytes it moved over HTTP stay counted.
+    await wait_until(lambda: not client.app[TRICKLE].channels, "the channels to be deleted")
+    samples = await scrape(client)
     assert value(samples, "live_v2v_trickle_channels") == 0
     assert value(samples, "live_v2v_trickle_received_bytes_total") > 0
     assert value(samples, "live_v2v_trickle_sent_bytes_total") > 0
