@@ -681,11 +681,12 @@ class _Routes:
         if segment is None:
             extra = {h.SEQ: str(seq), h.LATEST: str(channel.next_write)}
             if channel.closed and seq >= channel.next_write:
-                # Never to be written (the channel lingers after its end): end of stream now.
-                # A seq that left the ring is a 470 as ever, so a reader behind moves on to
-                # the last segment.
+                # Never to be written (the channel lingers after its end): end of stream now,
+                # answered as a deleted channel is (404), so every reader stops here, `curl -f`
+                # loops included, and with the closed header. A seq that left the ring is a 470
+                # as ever, so a reader behind moves on to the last segment.
                 extra[h.CLOSED] = h.CLOSED_VALUE
-                return web.Response(status=200, text="Entry not found", headers=extra)
+                return _text(404, "Stream not found", **extra)
             if channel.closed:
                 # Behind on an ended channel: its last segment is the one to move on to.
                 extra[h.LATEST] = str(max(channel.next_write - 1, 0))
