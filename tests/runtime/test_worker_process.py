@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import threading
-import types
 from collections.abc import AsyncIterator
 from multiprocessing import resource_tracker
 from pathlib import Path
@@ -32,6 +31,7 @@ from runtime.worker_errors import (
     WorkerUnavailable,
 )
 from runtime.worker_process import ProcessWorker, ProcessWorkerConfig, RestartInfo
+from tests.runtime.worker_test_ops import only_here
 from tests.waiting import WAIT_S, poll_until, poll_until_blocking, wait_until
 
 pytestmark = pytest.mark.blockbuster
@@ -162,26 +162,13 @@ async def test_errors_come_back_as_type_and_message_and_the_worker_goes_on(
     with pytest.raises(OperationFailed, match="service cannot read the result"):
         await worker.call(f"{OPS}:only_here")
     with pytest.raises(OperationFailed) as unreadable:
-        await worker.call(f"{OPS}:add", _only_in_the_service())
+        await worker.call(f"{OPS}:add", only_here("only_in_the_service"))
     assert unreadable.value.type_name == "ModuleNotFoundError"
     too_big = np.zeros((65, 64, 3), np.uint8)
     with pytest.raises(ValueError, match=f"larger than the worker's {SLOT}-byte frame slots"):
         worker.submit("runtime.worker_ops:noop", frame=too_big)
     assert await worker.call(f"{OPS}:add", 1) == 1
     assert worker.status().pid == pid and worker.status().generation == 1
-
-
-def _only_in_the_service() -> object:
-    """An object of a module that exists in this process alone."""
-    module = types.ModuleType("only_in_the_service")
-
-    class Thing:
-        pass
-
-    Thing.__module__, Thing.__qualname__ = module.__name__, "Thing"
-    module.Thing = Thing  # type: ignore[attr-defined]
-    sys.modules[module.__name__] = module
-    return Thing()
 
 
 async def test_live_calls_run_before_queued_batch_calls(

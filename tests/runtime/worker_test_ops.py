@@ -109,11 +109,12 @@ def frame_after_file(frame: np.ndarray, path: str) -> np.ndarray:
     return frame
 
 
-def only_here() -> object:
-    """An object of a module that exists in this worker process alone."""
+def only_here(module_name: str = "only_in_the_worker") -> object:
+    """An object of a module that exists in the calling process alone (the worker's, or the
+    service's when a test calls it there), which the other side cannot unpickle."""
     import types
 
-    module = types.ModuleType("only_in_the_worker")
+    module = types.ModuleType(module_name)
 
     class Thing:
         pass
