@@ -2,8 +2,22 @@
 
 Imported by the worker process only (runtime/worker_child.py), never by the service:
 `ProcessCalls` (process_calls.py) names `HostedPipeline` by import path and `create`s one per
-session. Each is built, loaded, fed, changed and unloaded here, on the worker's one thread,
-so the service's process never imports the pipeline's libraries (torch, diffusers).
+session. Each is built, loaded, fed, changed and unloaded here, so the service's process
+never imports the pipeline's libraries (torch, diffusers).
+
+Threads. A pipeline is built and loaded on the worker's loader lane (`ProcessCalls.load` sends
+it there): one thread, one load at a time, beside the main thread, which goes on running the
+other sessions' frames. What a load does there must not touch modules those frames use:
+- reading weights (`from_pretrained`), moving them to the device and wrapping them for a
+  compile: new modules, which nobody has until the model cache hands them out at the load's end;
+- the model cache (`acquire`, a release when a load fails, evicting a model nobody leases):
+  it is locked, and what it evicts has no user;
+- allocations on the device beside the main thread's: the allocator is thread-safe; they may
+  slow a frame a little while the weights copy, as loads in the service's process do.
+What runs shared modules (prompt encoding, the warm-up's passes, a compile's first run and its
+CUDA graphs, which belong to the thread that records them) is handed to the main thread with
+`runtime.worker_child.on_main`, where it waits its turn like a live frame (`diffusion.py`'s
+`load`). Everything else of a pipeline (process, apply, unload) runs on the main thread.
 
 The worker process serves one device. Its `Device` (with its model cache) is made once and
 shared by every session's pipeline here: two sessions of one model share its weights, as they
@@ -14,6 +28,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import threading
 from typing import Any
 
 import numpy as np
@@ -27,13 +42,16 @@ logger = logging.getLogger(__name__)
 _devices: dict[str, Device] = {}
 """The device of this worker process, by label: one model cache for all its sessions. Module
 state because the process itself is its owner: it lives as long as the process does."""
+_making_device = threading.Lock()
+"""Loads make it on the loader lane; anything on the main thread must find the same one."""
 
 
 def _device(label: str, name: str, setting: str, config: RuntimeConfig) -> Device:
-    device = _devices.get(label)
-    if device is None:
-        device = _devices[label] = Device(label, name, setting, config)
-    return device
+    with _making_device:
+        device = _devices.get(label)
+        if device is None:
+            device = _devices[label] = Device(label, name, setting, config)
+        return device
 
 
 def pipeline_class(path: str) -> type[LivePipeline]:

@@ -2,7 +2,9 @@
 
 The pipeline is built, loaded, fed and unloaded in the child (pipeline_child.py), held there
 by a reference; frames cross in shared memory (RGB in, RGB out; a pass-through pipeline's
-output is its input, so nothing comes back), params and everything else over the pipe. The
+output is its input, so nothing comes back), params and everything else over the pipe. The load
+runs on the child's loader lane, one load at a time beside the frames of the device's other
+sessions (pipeline_child.py says what of it runs where). The
 service's process imports only the pipeline's module, for its class and params; a pipeline
 module imports its libraries (torch, diffusers) inside its methods, so they load in the child.
 
@@ -94,6 +96,7 @@ class ProcessCalls(PipelineCalls[ObjectRef]):
                 (device.label, device.name, device.setting),
                 device.config,
                 timeout_s=LOAD_TIMEOUT_S,
+                loader=True,
             )
         )
         self._loads.add(task)

@@ -14,7 +14,9 @@ pickled tuple behind a length. A call names an operation by import path
 a call (the call's timeout counts from there, not from the queue), then RESULT, ERROR (a type
 name and a message: never a pickled exception, which may not unpickle here) or, for a stream,
 ITEM after ITEM and DONE. Live calls run before queued batch calls (worker_child.py), as on the
-in-process worker (worker.py).
+in-process worker (worker.py). A call sent with `loader` (a pipeline's load) runs on the child's
+loader lane instead, one at a time beside the main thread, so a load taking tens of seconds
+does not hold up other sessions' frames; its timeout and supervision are a main-thread call's.
 
 Shared-memory ring (frame_ring.py). Frames do not go through pickle: each worker has two
 segments of fixed slots, service-to-child and child-to-service, sized for the largest frame
@@ -346,9 +348,13 @@ class ProcessWorker:
         live: bool = True,
         frame: np.ndarray | None = None,
         timeout_s: float | None = None,
+        loader: bool = False,
         **kwargs: Any,
     ) -> Any:
-        return await self._future(live, target, args, kwargs, frame, timeout_s)
+        """`submit` (`submit_batch` with `live=False`) and its result. With `loader`, it runs
+        on the child's loader lane: after the loads sent before it, beside the main thread's
+        calls (see worker_child.py for what may run there)."""
+        return await self._future(live, target, args, kwargs, frame, timeout_s, loader)
 
     async def create(
         self,
@@ -357,11 +363,13 @@ class ProcessWorker:
         *args: Any,
         live: bool = False,
         timeout_s: float | None = None,
+        loader: bool = False,
         **kwargs: Any,
     ) -> ObjectRef:
         """Build `target(*args, **kwargs)` in the child and keep it there; call its methods
-        with `ref.method(name)` as a target. It lives until `release` or the child's end."""
-        call, _ = self._send(live, target, args, kwargs, None, timeout_s, keep=True)
+        with `ref.method(name)` as a target. It lives until `release` or the child's end.
+        With `loader`, it is built on the loader lane (a pipeline that loads as it is made)."""
+        call, _ = self._send(live, target, args, kwargs, None, timeout_s, keep=True, loader=loader)
         assert call.future is not None
         return await call.future  # type: ignore[no-any-return]
 
@@ -407,8 +415,9 @@ class ProcessWorker:
         kwargs: dict[str, Any],
         frame: np.ndarray | None,
         timeout_s: float | None,
+        loader: bool = False,
     ) -> asyncio.Future[Any]:
-        call, gen = self._send(live, target, args, kwargs, frame, timeout_s)
+        call, gen = self._send(live, target, args, kwargs, frame, timeout_s, loader=loader)
         assert call.future is not None
         call.future.add_done_callback(
             lambda future: self._cancel(gen, call) if future.cancelled() else None
@@ -426,6 +435,7 @@ class ProcessWorker:
         *,
         keep: bool = False,
         stream: bool = False,
+        loader: bool = False,
     ) -> tuple[_Call, _Generation]:
         gen = self._usable()
         if isinstance(target, MethodRef):
@@ -467,7 +477,18 @@ class ProcessWorker:
                 frame_in = gen.ring_in.write(call.in_slot, frame)
             arguments = wp.dumps((args, kwargs))
             data = wp.encode(
-                (wp.CALL, call_id, live, wire, arguments, frame_in, call.out_slot, keep, stream)
+                (
+                    wp.CALL,
+                    call_id,
+                    live,
+                    wire,
+                    arguments,
+                    frame_in,
+                    call.out_slot,
+                    keep,
+                    stream,
+                    loader,
+                )
             )
         except Exception as exc:
             self._free_slots(gen, call)

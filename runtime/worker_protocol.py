@@ -4,13 +4,14 @@ A message is a tuple, pickled, behind a 4-byte big-endian length. Frames never t
 a call names its shared-memory slots (`FrameSpec`), see frame_ring.py.
 
 Parent to child:
-    (CALL, id, live, target, arguments, frame_in, out_slot, keep, stream)
-                      arguments: (args, kwargs), pickled on their own
+    (CALL, id, live, target, arguments, frame_in, out_slot, keep, stream, loader)
+                      arguments: (args, kwargs), pickled on their own; loader: run it on
+                      the child's loader lane (one call at a time, beside the main thread)
     (CANCEL, id)      skip the call if it has not started; end a stream at its next item
     (RELEASE, obj)    forget an object made with `keep`
-    (STOP,)           finish what is queued, then exit
+    (STOP,)           finish what is queued (on both lanes), then exit
 
-Child to parent:
+Child to parent (from either lane, a whole message at a time):
     (READY, pid)
     (STARTED, id)                         the call's timeout counts from here
     (RESULT, id, value, frame_out)        value pickled on its own; frame_out: a FrameSpec

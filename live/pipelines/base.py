@@ -194,7 +194,9 @@ class LivePipeline(ABC):
         return bool(changed - cls.live_params)
 
     def load(self) -> None:  # noqa: B027 - optional hook: many pipelines have nothing to load
-        """Load weights and warm up (blocking; the loader thread)."""
+        """Load weights and warm up (blocking; the loader thread). Running modules another
+        session may be running too (a warm-up) goes through `runtime.worker_child.on_main`,
+        which puts it on a worker process's main thread (see live/pipeline_child.py)."""
 
     def apply(self, params: PipelineParams) -> None:
         """Take new params whose changes are all in `live_params`."""

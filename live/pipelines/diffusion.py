@@ -26,6 +26,7 @@ from protocol.model_ids import ModelId
 from runtime.device import free_gpu_memory, has_gpu
 from runtime.library_logs import route_library_logs
 from runtime.models import ModelNotFound, folder_size, resolve_model
+from runtime.worker_child import on_main
 
 from .base import ADVANCED, HIDDEN, LivePipeline, PipelineContext, PipelineParams
 from .bounds import (
@@ -380,7 +381,11 @@ class StreamDiffusionPipeline(LivePipeline):
             )
             components = self._lease.value
         try:
-            self.attach(**components)
+            # In a worker process this load runs on its loader lane, beside other sessions'
+            # frames: the weights above were new modules then, but attaching runs the shared
+            # ones (the prompt, the warm-up, a compile's first pass and its CUDA graphs), so it
+            # runs on the thread that runs their frames. Elsewhere it runs here.
+            on_main(lambda: self.attach(**components))
         except BaseException:
             # A load that fails after leasing (the warm-up running out of memory) gives the
             # model back: pinned and counted as in use, it would never be evicted.

@@ -18,6 +18,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from multiprocessing import resource_tracker
+from pathlib import Path
 
 import aiohttp
 import numpy as np
@@ -25,6 +26,7 @@ import pytest
 
 from live.app import create_app
 from live.keys import SESSIONS
+from live.pipelines.effects import CartoonPipeline
 from live.pipelines.passthrough import NoopPipeline
 from live.settings import Settings
 from protocol.clips import make_clip, read_index
@@ -59,6 +61,28 @@ class AbortingPipeline(NoopPipeline):
         return image
 
 
+LOAD_GATE = "LIVE_V2V_TEST_LOAD_GATE"
+"""A file `HeldLoading`'s load waits for (it creates `<file>.started` when it begins)."""
+
+
+class HeldLoading(CartoonPipeline):
+    """Loads as a model with real weights does, for as long as the test wants: until the file
+    named by LOAD_GATE exists; then warms up through the main thread, as diffusion does."""
+
+    name = "held-loading"
+
+    def load(self) -> None:
+        from runtime.worker_child import on_main
+
+        gate = os.environ.get(LOAD_GATE)
+        if gate:
+            Path(f"{gate}.started").touch()
+            while not os.path.exists(gate):
+                time.sleep(0.01)  # reading weights from a slow disk
+        super().load()
+        on_main(lambda: self.process(np.zeros((16, 16, 3), np.uint8)))
+
+
 class HangingPipeline(NoopPipeline):
     name = "hanging"
 
@@ -88,7 +112,7 @@ class OutOfMemoryFirst(NoopPipeline):
 
 TEST_PIPELINES = {
     **PIPELINES,
-    **{cls.name: cls for cls in (AbortingPipeline, HangingPipeline, OutOfMemoryFirst)},
+    **{cls.name: cls for cls in (AbortingPipeline, HangingPipeline, OutOfMemoryFirst, HeldLoading)},
 }
 
 
@@ -322,6 +346,33 @@ async def test_a_pipelines_own_errors_stay_its_sessions_problem(service) -> None
     body = await (await client.get("/health")).json()
     assert body["workers"][0]["restarts"] == 0 and body["status"] == "OK"
     for stream in streams:
+        await client.delete(f"/live-video-to-video/{stream.info['session_id']}")
+        await wait_gone(client, stream.info["session_id"])
+        await stream.close()
+
+
+async def test_a_session_loading_its_pipeline_holds_up_no_other_sessions_frames(
+    service, tmp_path, monkeypatch
+) -> None:
+    gate = tmp_path / "load-gate"
+    monkeypatch.setenv(LOAD_GATE, str(gate))  # before the worker starts: it inherits it
+    client = await service()
+    other = Stream(await start_session(client, model_id="cartoon"))  # its frames go to the worker
+    await other.processed(5)
+    loading = Stream(await start_session(client, model_id="held-loading"))
+    started = Path(f"{gate}.started")
+    await wait_until(started.exists, "the load under way in the worker")
+    # A second of frames through the other session's pipeline, all while the load is held:
+    # on the worker's one thread they would wait behind it.
+    await other.viewer.wait_frames(len(other.viewer.frames) + 30)
+    states = [e["state"] for e in loading.events.of_type("status")]
+    assert "ONLINE" not in states and not gate.exists(), states
+    gate.touch()
+    await loading.processed(10)
+    await other.processed(10)
+    body = await (await client.get("/health")).json()
+    assert body["workers"][0]["restarts"] == 0
+    for stream in (other, loading):
         await client.delete(f"/live-video-to-video/{stream.info['session_id']}")
         await wait_gone(client, stream.info["session_id"])
         await stream.close()

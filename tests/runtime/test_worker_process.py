@@ -391,6 +391,129 @@ async def test_objects_live_in_the_worker_until_it_is_replaced(worker: ProcessWo
         worker.submit(again.method("add"), 1)
 
 
+async def test_a_load_on_the_loader_lane_holds_up_no_main_lane_call(
+    worker: ProcessWorker, tmp_path: Path
+) -> None:
+    gate = tmp_path / "gate"
+    load = asyncio.ensure_future(worker.create(f"{OPS}:HeldLoad", str(gate), loader=True))
+    await running(worker)
+    frame = np.random.default_rng(2).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    done = 0
+    # Frames and small calls on the main thread: each would wait for the gate, which only
+    # opens after them, if the load held that thread.
+    async with asyncio.timeout(WAIT_S):
+        while done < 20:
+            np.testing.assert_array_equal(
+                await worker.call(f"{OPS}:invert", frame=frame), 255 - frame
+            )
+            assert await worker.submit_batch(f"{OPS}:add", done) == done
+            done += 1
+    assert not load.done() and worker.status().running == 1
+    gate.touch()
+    held = await load
+    # Kept in the child like any object made with `create`; its methods run on the main lane.
+    assert await worker.call(held.method("made_on")) == "worker-loader"
+    worker.release(held)
+
+
+async def test_loads_run_one_at_a_time_in_order(worker: ProcessWorker, tmp_path: Path) -> None:
+    gates = [tmp_path / f"gate{i}" for i in range(3)]
+    loads = [
+        asyncio.ensure_future(worker.call(f"{OPS}:load_until_file", str(g), loader=True))
+        for g in gates
+    ]
+    await running(worker)
+    # A main-lane round trip: the child has read all three loads by its end.
+    assert await worker.call(f"{OPS}:loads_started") == 1
+    loads[2].cancel()  # not started: skipped, never run
+    assert worker.status().running == 1
+    gates[1].touch()  # the second load's gate: it still waits for the first
+    assert await worker.call(f"{OPS}:loads_started") == 1
+    gates[0].touch()
+    assert await loads[0] == 1
+    assert await loads[1] == 1  # it ran alone
+    with pytest.raises(asyncio.CancelledError):
+        await loads[2]
+    await wait_until(lambda: worker.status().in_flight == 0, "the cancelled load skipped")
+    assert await worker.call(f"{OPS}:loads_started") == 2
+
+
+async def test_a_load_hands_its_shared_work_to_the_main_thread(worker: ProcessWorker) -> None:
+    from runtime.worker_child import on_main
+
+    assert await worker.call(f"{OPS}:threads_of_a_load", loader=True) == (
+        "worker-loader",
+        "MainThread",
+    )
+    # On the main lane, and outside a worker process, it runs where it is called.
+    assert await worker.call(f"{OPS}:threads_of_a_load") == ("MainThread", "MainThread")
+    assert on_main(lambda: threading.current_thread().name) == threading.current_thread().name
+    with pytest.raises(OperationFailed, match="the warm-up failed"):
+        await worker.call(f"{OPS}:fail_on_main", loader=True)
+    assert worker.status().generation == 1
+
+
+async def test_replies_of_both_lanes_never_interleave(worker: ProcessWorker) -> None:
+    size = 1 << 20  # many writes to the pipe each
+    frame = np.ones((8, 8, 3), np.uint8)
+    loads = [
+        asyncio.ensure_future(worker.call(f"{OPS}:payload", size, loader=True)) for _ in range(4)
+    ]
+    frames = 0
+    while not all(load.done() for load in loads):
+        assert (await worker.call(f"{OPS}:invert", frame=frame) == 254).all()
+        frames += 1
+    for load in loads:
+        assert await load == bytes(range(256)) * (size // 256)
+    assert worker.status().generation == 1 and frames > 0
+
+
+async def test_a_hung_load_times_out_and_a_fresh_worker_serves() -> None:
+    restarts: list[RestartInfo] = []
+    async with ProcessWorker(config(), on_restart=restarts.append) as worker:
+        first_pid = worker.status().pid
+        with pytest.raises(CallTimedOut, match=f"{OPS}:hang ran past its 0.2 s timeout"):
+            await worker.call(f"{OPS}:hang", loader=True, timeout_s=0.2)
+        await worker.wait_ready()
+        assert await worker.call(f"{OPS}:threads_of_a_load", loader=True) == (
+            "worker-loader",
+            "MainThread",
+        )
+        status = worker.status()
+        assert (status.generation, status.restarts) == (2, 1)
+        assert first_pid is not None and pid_gone(first_pid)
+        await wait_until(lambda: len(restarts) == 1, "the restart hook")
+
+
+@pytest.mark.parametrize("crash", ["abort", "sys.exit", "poisoned device"])
+async def test_a_crash_on_the_loader_lane_replaces_the_worker(
+    worker: ProcessWorker, crash: str
+) -> None:
+    op, args, said = CRASHES[crash]
+    with pytest.raises(WorkerLost, match=re.escape(said)):
+        await worker.call(f"{OPS}:{op}", *args, loader=True)
+    await worker.wait_ready()
+    assert worker.status().generation == 2
+    assert await worker.call(f"{OPS}:add", 1, loader=True) == 1
+
+
+async def test_close_finishes_queued_loads_and_what_they_hand_over(tmp_path: Path) -> None:
+    gate = tmp_path / "gate"
+    worker = ProcessWorker(config())
+    await worker.start()
+    calls = [
+        asyncio.ensure_future(worker.call(f"{OPS}:wait_for_file", str(gate), loader=True)),
+        asyncio.ensure_future(worker.call(f"{OPS}:threads_of_a_load", loader=True)),
+    ]
+    await running(worker)
+    await wait_until(lambda: worker.status().in_flight == 2, "both loads sent")
+    closing = asyncio.ensure_future(worker.close())
+    await wait_until(lambda: worker.status().state == "closed", "the close begun")
+    gate.touch()
+    await closing
+    assert await asyncio.gather(*calls) == ["released", ("worker-loader", "MainThread")]
+
+
 PARENT = """
 import asyncio, os, sys
 from runtime.worker_process import ProcessWorker, ProcessWorkerConfig

@@ -135,3 +135,57 @@ def steps_until_file(path: str) -> int:
         time.sleep(0.005)  # one step of work
         ran += yield_to_live()
     return ran
+
+
+_loads = threading.Lock()
+_loads_started = 0
+_loads_running = 0
+
+
+def load_until_file(path: str) -> int:
+    """A load for the loader lane, held until `path` exists: how many such loads were running
+    at once when it started, itself included."""
+    global _loads_started, _loads_running
+    with _loads:
+        _loads_started += 1
+        _loads_running += 1
+        running = _loads_running
+    try:
+        wait_for_file(path)
+    finally:
+        with _loads:
+            _loads_running -= 1
+    return running
+
+
+def loads_started() -> int:
+    return _loads_started
+
+
+class HeldLoad:
+    """An object whose making is a load held until `path` exists (as a pipeline's is)."""
+
+    def __init__(self, path: str) -> None:
+        self.thread = threading.current_thread().name
+        wait_for_file(path)
+
+    def made_on(self) -> str:
+        return self.thread
+
+
+def threads_of_a_load() -> tuple[str, str]:
+    """The thread a load runs on, and the one its `on_main` part runs on."""
+    from runtime.worker_child import on_main
+
+    return threading.current_thread().name, on_main(lambda: threading.current_thread().name)
+
+
+def fail_on_main() -> None:
+    from runtime.worker_child import on_main
+
+    on_main(lambda: fail("the warm-up failed"))
+
+
+def payload(size: int) -> bytes:
+    """A result large enough to take many writes to the pipe."""
+    return bytes(range(256)) * (size // 256)
