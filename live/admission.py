@@ -350,6 +350,8 @@ class Admission:
         per_device = []
         for device in self.runtime.known_devices():
             worker = device.started_worker()
+            # A device whose worker process failed for good takes no more streams.
+            left = 0 if device.failure() is not None else sessions_left
             per_device.append(
                 DeviceCapacity(
                     device=device.label,
@@ -358,7 +360,7 @@ class Admission:
                     models=sorted({m.key.model_id for m in device.models.models()}),
                     model_memory_budget_bytes=device.models.budget_bytes,
                     model_memory_left_bytes=self.memory_left(device),
-                    streams_left=self.streams_left(self.on_device(bound, device), sessions_left),
+                    streams_left=self.streams_left(self.on_device(bound, device), left),
                     live_items_done=0 if worker is None else worker.done_live,
                     batch_items_done=0 if worker is None else worker.done_batch,
                 )

@@ -44,9 +44,21 @@ async def service(aiohttp_client) -> AsyncIterator:
         pytest.fail(f"left behind: {new_since(before)}")
 
 
-async def test_with_every_worker_failed_a_session_is_refused_and_health_says_why(service):
+@pytest.fixture
+async def streams() -> AsyncIterator[list[Stream]]:
+    """The test's streams, closed even when it fails (before the service's teardown)."""
+    opened: list[Stream] = []
+    yield opened
+    for stream in opened:
+        await stream.close()
+
+
+async def test_with_every_worker_failed_a_session_is_refused_and_health_says_why(
+    service, streams
+) -> None:
     client = await service(device="cpu")
     running = Stream(await start_session(client, model_id="cartoon"))
+    streams.append(running)
     await running.processed(5)
     await fail_for_good(client.app[SESSIONS].runtime.device())
 
@@ -79,7 +91,7 @@ async def test_with_every_worker_failed_a_session_is_refused_and_health_says_why
     assert worker["state"] == "failed" and worker["pid"] is None, worker
 
 
-async def test_a_session_goes_to_the_device_whose_worker_still_works(service):
+async def test_a_session_goes_to_the_device_whose_worker_still_works(service, streams) -> None:
     client = await service(devices="cpu,cpu")
     runtime = client.app[SESSIONS].runtime
     failed, working = await asyncio.to_thread(lambda: runtime.devices)
@@ -88,7 +100,8 @@ async def test_a_session_goes_to_the_device_whose_worker_still_works(service):
 
     # A device-bound pipeline is placed on the working device; one that takes no device
     # runs in that device's worker too.
-    streams = [Stream(await start_session(client, model_id=m)) for m in ("device-noop", "noop")]
+    for model_id in ("device-noop", "noop"):
+        streams.append(Stream(await start_session(client, model_id=model_id)))
     for stream in streams:
         await stream.processed(10)
     bound, free = [
@@ -100,6 +113,7 @@ async def test_a_session_goes_to_the_device_whose_worker_still_works(service):
     health = await (await client.get("/health")).json()
     capacity = {d["device"]: d for d in health["capacity"]["devices"]}
     assert (capacity["cpu:0"]["sessions"], capacity["cpu:1"]["sessions"]) == (0, 1)
+    assert capacity["cpu:0"]["streams_left"] == {"device-noop": 0}, capacity  # it takes none
     assert failed.started_process_worker().status().state == "failed"  # type: ignore[union-attr]
     assert working.started_process_worker().status().state == "ready"  # type: ignore[union-attr]
 
