@@ -19,7 +19,9 @@ With several devices (`--devices`) checks 2 and 3 are made per device, and admis
 session: among the devices that can take it, the one with the fewest live sessions (a second
 stream on a busy worker would halve both streams' rate), then one that has its model already,
 then the one with the most model memory left. A session keeps its device for its life. A refusal
-names each device and why it cannot take the session.
+names each device and why it cannot take the session. A device whose worker process failed for
+good (`--worker-process`, `Runtime.usable_devices`) takes no session; when every device has, the
+answer is 503 without Retry-After (it does not pass by itself) naming each device's last failure.
 """
 
 from __future__ import annotations
@@ -184,11 +186,16 @@ class Admission:
     ) -> Device | None:
         """The device a session of `cls` goes to (None for a pipeline that neither runs on
         the device's worker nor loads a model: it uses none). Raises Unavailable (503,
-        Retry-After) when it cannot be taken now; else reserves its place and its model's
-        memory for `session_id` until `release`. On the event loop, with no await between the
-        check and the reservation: two sessions started together see each other's models
-        and places even while neither has begun loading."""
-        reason, device = self.placement(cls, need, sessions)
+        Retry-After) when it cannot be taken now, without Retry-After when no device can run
+        models any more (their worker processes failed for good); else reserves its place and
+        its model's memory for `session_id` until `release`. On the event loop, with no await
+        between the check and the reservation: two sessions started together see each other's
+        models and places even while neither has begun loading."""
+        try:
+            reason, device = self.placement(cls, need, sessions)
+        except Unavailable as exc:
+            logger.warning("session refused pipeline=%s reason=%s", cls.name, exc.msg)
+            raise
         if reason is not None:
             # An operator sees why clients were turned away, not only the clients.
             logger.info("session refused pipeline=%s reason=%s", cls.name, reason)
@@ -217,6 +224,13 @@ class Admission:
         self, cls: type[LivePipeline], need: ModelNeed | None, sessions: list[LiveSession]
     ) -> tuple[str | None, Device | None]:
         """Why a session of `cls` cannot start now (or None), and where it goes."""
+        devices: list[Device] = []
+        if cls.uses_device or need is not None or self.runtime.config.worker_process:
+            # A device whose worker process failed for good takes no session; with none left
+            # this raises: 503 without Retry-After, for the operator to act on. (With
+            # --worker-process even a pipeline that uses no device runs in a worker: the first
+            # usable device's, `SessionManager.session_config`.)
+            devices = self.runtime.usable_devices()
         limit = self.settings.max_sessions
         # Admitted sessions count from their admission, before they are registered.
         if len(self.admitted | {session.id for session in sessions}) >= limit:
@@ -226,7 +240,6 @@ class Admission:
             ), None
         if not cls.uses_device and need is None:
             return None, None
-        devices = self.runtime.devices
         bound = self.refresh(sessions)
         reasons: dict[str, str] = {}
         able: list[Device] = []
@@ -337,6 +350,8 @@ class Admission:
         per_device = []
         for device in self.runtime.known_devices():
             worker = device.started_worker()
+            # A device whose worker process failed for good takes no more streams.
+            left = 0 if device.failure() is not None else sessions_left
             per_device.append(
                 DeviceCapacity(
                     device=device.label,
@@ -345,7 +360,7 @@ class Admission:
                     models=sorted({m.key.model_id for m in device.models.models()}),
                     model_memory_budget_bytes=device.models.budget_bytes,
                     model_memory_left_bytes=self.memory_left(device),
-                    streams_left=self.streams_left(self.on_device(bound, device), sessions_left),
+                    streams_left=self.streams_left(self.on_device(bound, device), left),
                     live_items_done=0 if worker is None else worker.done_live,
                     batch_items_done=0 if worker is None else worker.done_batch,
                 )

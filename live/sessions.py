@@ -199,7 +199,7 @@ class SessionManager:
         return Availability(self.default_pipeline(), listing, time.monotonic())
 
     def session_config(self, device: Device | None = None) -> SessionConfig:
-        home = device or self.runtime.device()
+        home = device or self.runtime.usable_devices()[0]
         in_worker = self.runtime.config.worker_process
         config = SessionConfig(
             input_timeout_s=self.settings.input_timeout_s,
@@ -485,13 +485,10 @@ class SessionManager:
 
     def worker_failure(self) -> str | None:
         """Why a device's worker process failed for good (`--worker-process`), or None."""
-        for worker in self.runtime.process_workers():
-            status = worker.status()
-            if status.state == "failed":
-                return (
-                    f"the worker process of {status.name} failed {status.recent_failures} "
-                    f"times and is not restarted (last: {status.last_failure})"
-                )
+        for device in self.runtime.known_devices():
+            failure = device.failure()
+            if failure is not None:
+                return failure
         return None
 
     def capacity(self) -> Capacity:

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
+from protocol.errors import Unavailable
+
 from .device import (
     DeviceSpec,
     check_devices_present,
@@ -182,6 +184,14 @@ class Device:
     def started_process_worker(self) -> ProcessWorker | None:
         return self._process
 
+    def failure(self) -> str | None:
+        """Why this device takes no more work: its worker process failed for good
+        (`--worker-process`). None otherwise, a restarting worker included (work waits for
+        it). Safe from any thread."""
+        process = self._process
+        reason = None if process is None else process.failure
+        return None if reason is None else f"the worker process of {self.label} {reason}"
+
     def _worker_restarted(self, info: RestartInfo) -> None:
         for listener in list(self.restart_listeners):
             listener(info.reason)
@@ -291,14 +301,32 @@ class Runtime:
 
     # -- placement ------------------------------------------------------------------------------
 
+    def usable_devices(self) -> list[Device]:
+        """The devices that can take work, in `--devices` order: all but those whose worker
+        process failed for good. Raises Unavailable (503 without Retry-After: it does not pass
+        by itself) naming each device's failure when none can."""
+        devices = self.devices
+        failures = [(device, device.failure()) for device in devices]
+        usable = [device for device, failure in failures if failure is None]
+        if usable:
+            return usable
+        reasons = "; ".join(failure for _, failure in failures if failure is not None)
+        raise Unavailable(
+            f"no device of this service can run models: {reasons}. This does not pass by "
+            "itself: the operator should look at /health and the service's logs for the "
+            "cause, then restart the service"
+        )
+
     def where_loaded(self, kind: str, model_id: str) -> Device | None:
-        """The least busy device that has the model loaded or loading, or None."""
-        return _least_busy(d for d in self.devices if d.holds(kind, model_id))
+        """The least busy usable device that has the model loaded or loading, or None.
+        Raises Unavailable when no device is usable (`usable_devices`)."""
+        return _least_busy(d for d in self.usable_devices() if d.holds(kind, model_id))
 
     def with_room(self, size: int) -> Device:
-        """The least busy device whose model budget has `size` bytes free (or is unbounded);
-        when none has, the one with the most room (its cache then evicts or refuses)."""
-        devices = self.devices
+        """The least busy usable device whose model budget has `size` bytes free (or is
+        unbounded); when none has, the one with the most room (its cache then evicts or
+        refuses). Raises Unavailable when no device is usable (`usable_devices`)."""
+        devices = self.usable_devices()
         fitting = _least_busy(d for d in devices if (room := d.room()) is None or room >= size)
         if fitting is not None:
             return fitting

@@ -232,6 +232,7 @@ class ProcessWorker:
         self._ids = itertools.count(1)
         self._failures: deque[float] = deque()
         self._last_failure: str | None = None
+        self._gave_up: str | None = None
         self._retry_at: float | None = None
         self._wake: asyncio.Future[None] | None = None
         self._supervisor: asyncio.Task[None] | None = None
@@ -289,6 +290,12 @@ class ProcessWorker:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+    @property
+    def failure(self) -> str | None:
+        """Why the worker failed for good (state `failed`: it is not restarted), else None.
+        Safe to read from any thread: placement reads it off the event loop."""
+        return self._gave_up
 
     def status(self) -> WorkerStatus:
         gen = self._gen
@@ -513,11 +520,7 @@ class ProcessWorker:
         if self._state == "closed":
             return WorkerUnavailable(f"the worker of {name} is shut down")
         if self._state == "failed":
-            return WorkerUnavailable(
-                f"the worker of {name} failed {len(self._recent_failures())} times in "
-                f"{self.config.failure_window_s:g} s and was not restarted "
-                f"(last: {self._last_failure})"
-            )
+            return WorkerUnavailable(f"the worker process of {name} {self._gave_up}")
         if self._state == "new":
             return WorkerUnavailable(f"the worker of {name} is not started")
         return WorkerUnavailable(
@@ -699,6 +702,10 @@ class ProcessWorker:
                 self.config.failure_window_s,
             )
             self._retry_at = None
+            self._gave_up = (
+                f"failed {failures} time{'' if failures == 1 else 's'} within "
+                f"{self.config.failure_window_s:g} s and is not restarted (last: {reason})"
+            )
             self._set_state("failed")
             return
         delay = min(self.config.backoff_max_s, self.config.backoff_base_s * 2 ** (failures - 1))
