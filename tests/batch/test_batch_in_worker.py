@@ -63,8 +63,10 @@ async def test_jobs_in_the_worker_answer_as_in_process(batch_service) -> None:
     assert text == text_w == streamed == streamed_w
 
 
-async def test_a_refusal_in_the_worker_keeps_its_status_and_words(batch_service) -> None:
+async def test_llm_refusals_and_clients_that_leave_as_in_process(batch_service) -> None:
     client = await batch_service(warm=("llm",), worker_process=True)
+    worker = worker_of(client)
+    # A refusal keeps its status and words.
     long = [{"role": "user", "content": "lighthouse " * 400}]
     for stream in (False, True):
         response = await client.post(
@@ -73,7 +75,16 @@ async def test_a_refusal_in_the_worker_keeps_its_status_and_words(batch_service)
         assert response.status == 400
         message = (await response.json())["detail"]["msg"]
         assert "passes the model's context of 1024 tokens" in message
-    assert worker_of(client).status().restarts == 0
+
+    # A stream whose client leaves stops in the worker, which serves the next request.
+    response = await client.post("/llm", json={**GREEDY, "max_tokens": 900, "stream": True})
+    assert response.status == 200
+    assert (await response.content.readline()).startswith(b"data: ")
+    response.close()
+    await wait_until(lambda: worker.status().in_flight == 0, "the worker to stop the stream")
+    answer = await api(client).llm(**GREEDY, max_tokens=3)
+    assert answer.usage.completion_tokens <= 3
+    assert worker.status().restarts == 0
 
 
 async def test_a_job_in_a_killed_worker_is_a_503_to_retry_and_then_succeeds(
@@ -104,15 +115,3 @@ async def test_a_job_in_a_killed_worker_is_a_503_to_retry_and_then_succeeds(
     assert pixels(image.url).shape == (64, 64, 3)
     (model,) = remote_models(client)
     assert model.worker_generation == worker.status().generation
-
-
-async def test_a_stream_whose_client_leaves_frees_the_worker(batch_service) -> None:
-    client = await batch_service(warm=("llm",), worker_process=True)
-    worker = worker_of(client)
-    response = await client.post("/llm", json={**GREEDY, "max_tokens": 900, "stream": True})
-    assert response.status == 200
-    assert (await response.content.readline()).startswith(b"data: ")
-    response.close()
-    await wait_until(lambda: worker.status().in_flight == 0, "the worker to stop the stream")
-    answer = await api(client).llm(**GREEDY, max_tokens=3)
-    assert answer.usage.completion_tokens <= 3
