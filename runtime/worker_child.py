@@ -90,7 +90,10 @@ def serve(
     global _current
     # Ctrl-C reaches the whole process group; the service decides when its workers stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    os.environ.update(env)  # e.g. CUDA_VISIBLE_DEVICES, before anything initialises CUDA
+    # The service's environment as it is now, with e.g. CUDA_VISIBLE_DEVICES, before anything
+    # initialises CUDA.
+    os.environ.clear()
+    os.environ.update(env)
     # The pipes are used raw (worker_protocol's framing); the Connections only carried them here.
     rings = (FrameRing.attach(*ring_in), FrameRing.attach(*ring_out))
     child = _Child(requests.fileno(), replies.fileno(), *rings)
