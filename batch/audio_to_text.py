@@ -230,7 +230,9 @@ async def handle(request: web.Request) -> web.Response:
         state,
         ROUTE,
         form.model_id,
-        lambda whisper, gate: transcribe(whisper, audio, mode, gate),
+        transcribe,
+        audio,
+        mode,
     )
     return web.json_response(result.model_dump())
 

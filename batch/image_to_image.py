@@ -71,9 +71,7 @@ async def handle(request: web.Request) -> web.Response:
         raise InvalidRequest("loras are not supported by this service yet")
     image = await asyncio.to_thread(open_image, form.image, MAX_PIXELS, MIN_SIDE)
     seed = pick_seed(form.seed)
-    images = await run_on_model(
-        state, ROUTE, form.model_id, lambda pipe, gate: generate(pipe, form, image, seed, gate)
-    )
+    images = await run_on_model(state, ROUTE, form.model_id, generate, form, image, seed)
     return await image_response(images, seed)
 
 

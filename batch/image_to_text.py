@@ -108,7 +108,9 @@ async def handle(request: web.Request) -> web.Response:
         state,
         ROUTE,
         form.model_id,
-        lambda captioner, gate: caption(captioner, form.prompt, image, gate),
+        caption,
+        form.prompt,
+        image,
     )
     return web.json_response(ImageToTextResponse(text=text).model_dump())
 

@@ -60,9 +60,7 @@ async def animate(request: web.Request) -> tuple[ImageToVideoForm, list[Any], in
     form = await parse_form(request, ImageToVideoForm, state.config.max_upload_bytes)
     image = await asyncio.to_thread(open_image, form.image, MAX_PIXELS, MIN_SIDE)
     seed = pick_seed(form.seed)
-    frames = await run_on_model(
-        state, ROUTE, form.model_id, lambda pipe, gate: generate(pipe, form, image, seed, gate)
-    )
+    frames = await run_on_model(state, ROUTE, form.model_id, generate, form, image, seed)
     return form, frames, seed
 
 

@@ -10,11 +10,11 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Generator
 from typing import Any, TypeVar
 
 from protocol.errors import Unavailable
-from runtime.runtime import Runtime
+from runtime.runtime import Device, Runtime
 
 T = TypeVar("T")
 
@@ -49,6 +49,17 @@ class StepGate:
         self.step()
 
 
+def drive(items: Generator[Any, None, T], on_item: Callable[[Any], None]) -> T:
+    """Run a streaming job (a generator) in this process: each item to `on_item` as it
+    comes, and what the generator returns back."""
+    while True:
+        try:
+            item = next(items)
+        except StopIteration as done:
+            return done.value  # type: ignore[no-any-return]
+        on_item(item)
+
+
 class BatchJobs:
     def __init__(self, runtime: Runtime, max_jobs: int) -> None:
         self.runtime = runtime
@@ -72,13 +83,53 @@ class BatchJobs:
         finished: Callable[[], None] | None = None,
         device: str | None = None,
     ) -> T:
-        """Run `job(gate)` on the device's worker as batch work. Raises Unavailable (503,
-        Retry-After) when `max_jobs` are already running or waiting; JobCancelled when `gate`
-        was cancelled. `finished` is called once the job can no longer run: at once when it
-        ended or never started, but for a job cancelled while it runs, only when its thread
-        is out of it (on that thread): what the job uses (its model's lease) is released
-        then, never under it. `device`: the label of the device whose worker runs it, where
-        its model is (default: the first device)."""
+        """Run `job(gate)` on the device's worker thread as batch work. Raises Unavailable
+        (503, Retry-After) when `max_jobs` are already running or waiting; JobCancelled when
+        `gate` was cancelled. `finished` is called once the job can no longer run: at once
+        when it ended or never started, but for a job cancelled while it runs, only when its
+        thread is out of it (on that thread): what the job uses (its model's lease) is
+        released then, never under it. `device`: the label of the device whose worker runs
+        it, where its model is (default: the first device)."""
+        self._admit(finished)
+        try:
+            place = self.runtime.device(device)
+            gate = gate or StepGate(self.runtime.yield_to_live)
+            future = place.worker().submit_batch(job, gate)
+        except BaseException:
+            self._refused(finished)
+            raise
+        if finished is not None:
+            # On the worker's thread when the job ends there; at once if it is already over.
+            future.add_done_callback(lambda _: finished())
+
+        def cancel() -> None:
+            # Stops a running job at its next step, and a waiting one before it starts.
+            gate.cancelled.set()
+            future.cancel()
+
+        return await self._count(place, asyncio.wrap_future(future), cancel)
+
+    async def run_remote(
+        self,
+        job: Callable[[], Awaitable[T]],
+        *,
+        finished: Callable[[], None] | None = None,
+        device: str | None = None,
+    ) -> T:
+        """Run `job()`, which runs the job in the device's worker process (batch/remote.py),
+        counted and bounded as `run` is. `finished` is called when it is over."""
+        self._admit(finished)
+        try:
+            place = self.runtime.device(device)
+        except BaseException:
+            self._refused(finished)
+            raise
+        task = asyncio.ensure_future(job())
+        if finished is not None:
+            task.add_done_callback(lambda _: finished())
+        return await self._count(place, task, task.cancel)
+
+    def _admit(self, finished: Callable[[], None] | None) -> None:
         if self.active >= self.max_jobs:
             if finished is not None:
                 finished()
@@ -87,27 +138,20 @@ class BatchJobs:
                 retry_after_s=max(1.0, self.typical_duration()),
             )
         self.active += 1
-        try:
-            place = self.runtime.device(device)
-            gate = gate or StepGate(self.runtime.yield_to_live)
-            future = place.worker().submit_batch(job, gate)
-        except BaseException:
-            self.active -= 1
-            if finished is not None:
-                finished()
-            raise
+
+    def _refused(self, finished: Callable[[], None] | None) -> None:
+        self.active -= 1
+        if finished is not None:
+            finished()
+
+    async def _count(self, place: Device, result: Awaitable[T], cancel: Callable[[], None]) -> T:
         # Counted as `active` is, on the event loop: until its caller stops waiting for it.
         place.jobs += 1
-        if finished is not None:
-            # On the worker's thread when the job ends there; at once if it is already over.
-            future.add_done_callback(lambda _: finished())
         started = time.monotonic()
         try:
-            result = await asyncio.wrap_future(future)
+            value = await result
         except asyncio.CancelledError:
-            # Stops a running job at its next step, and a waiting one before it starts.
-            gate.cancelled.set()
-            future.cancel()
+            cancel()
             raise
         except BaseException:
             self.failed += 1
@@ -117,7 +161,7 @@ class BatchJobs:
             place.jobs -= 1
         self.done += 1
         self._durations = [*self._durations[-19:], time.monotonic() - started]
-        return result
+        return value
 
     def typical_duration(self) -> float:
         if not self._durations:

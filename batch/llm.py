@@ -31,7 +31,7 @@ import logging
 import random
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Generator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,7 +51,7 @@ from protocol.batch_api import (
 from protocol.errors import InvalidFields, InvalidRequest, ServiceError, in_words
 from runtime.device import DeviceSpec
 
-from .jobs import StepGate
+from .jobs import StepGate, drive
 from .models import quiet_loading
 from .route import BatchRoute, BatchState, batch_state, parse_form, parse_json, run_on_model
 from .uploads import MULTIPART, URLENCODED
@@ -213,14 +213,11 @@ def next_token(logits: Any, request: LLMRequest, generator: Any) -> int:
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
-def generate(
-    chat: ChatModel,
-    request: LLMRequest,
-    gate: StepGate,
-    on_token: Callable[[Progress], None] | None = None,
-) -> Completion:
-    """The answer to `request.messages`, one token per model call with a KV cache; `on_token`
-    hears of each token as it comes (on this, the worker's thread). Raises InvalidRequest when
+def tokens(
+    chat: ChatModel, request: LLMRequest, gate: StepGate
+) -> Generator[Progress, None, Completion]:
+    """The answer to `request.messages`, one token per model call with a KV cache: yields the
+    progress at each token as it comes, returns the completion. Raises InvalidRequest when
     the prompt and `max_tokens` pass the model's context, JobCancelled when the gate is."""
     import torch
     from transformers import DynamicCache
@@ -252,11 +249,15 @@ def generate(
                 break
             piece = text.push(token)
             pieces.append(piece)
-            if on_token is not None:
-                on_token(Progress(piece, len(ids), count))
+            yield Progress(piece, len(ids), count)
             inputs = torch.tensor([[token]], device=device)
     rest = text.rest()
     return Completion("".join(pieces) + rest, len(ids), count, finish, rest)
+
+
+def generate(chat: ChatModel, request: LLMRequest, gate: StepGate) -> Completion:
+    """The whole answer at once (`tokens`, without hearing of each)."""
+    return drive(tokens(chat, request, gate), lambda _: None)
 
 
 # --- the route ------------------------------------------------------------------------------
@@ -316,9 +317,7 @@ async def handle_gateway(request: web.Request) -> web.StreamResponse:
     except ValueError as exc:
         error = {"loc": ["body", "history"], "msg": str(exc), "type": "value_error"}
         raise InvalidFields([error]) from exc
-    done = await run_on_model(
-        state, ROUTE, params.model, lambda chat, gate: generate(chat, params, gate)
-    )
+    done = await run_on_model(state, ROUTE, params.model, generate, params)
     body = StudioLLMResponse(
         response=done.text, tokens_used=done.prompt_tokens + done.completion_tokens
     )
@@ -331,9 +330,7 @@ async def respond(
     answer = Answer(f"chatcmpl-{uuid.uuid4()}", params.model or DEFAULT_MODEL, int(time.time()))
     if params.stream:
         return await stream(request, state, params, answer)
-    done = await run_on_model(
-        state, ROUTE, params.model, lambda chat, gate: generate(chat, params, gate)
-    )
+    done = await run_on_model(state, ROUTE, params.model, generate, params)
     choice = LLMChoice(index=0, finish_reason=done.finish_reason, message=assistant(done.text))
     body = answer.response(done.prompt_tokens, done.completion_tokens, choice)
     return web.json_response(body.model_dump(mode="json", exclude_none=True))
@@ -349,10 +346,10 @@ async def stream(
     then ends the stream with the runner's error event, `data: {"error": "..."}`, and no
     `[DONE]` after it (ai-runner's stream_generator does the same)."""
     loop = asyncio.get_running_loop()
-    tokens: asyncio.Queue[Progress | None] = asyncio.Queue()  # None: the job is over
+    queue: asyncio.Queue[Progress | None] = asyncio.Queue()  # None: the job is over
 
-    def on_token(progress: Progress) -> None:  # on the worker's thread
-        loop.call_soon_threadsafe(tokens.put_nowait, progress)
+    def on_token(progress: Progress) -> None:  # on the worker's thread, or the event loop
+        loop.call_soon_threadsafe(queue.put_nowait, progress)
 
     gate = state.jobs.gate()
     job = asyncio.create_task(
@@ -360,16 +357,18 @@ async def stream(
             state,
             ROUTE,
             params.model,
-            lambda chat, gate: generate(chat, params, gate, on_token),
+            tokens,
+            params,
             gate=gate,
+            on_item=on_token,
         ),
         name=f"llm {answer.id}",
     )
     # Runs after every token the job reported: both reach the loop through its queue, in order.
-    job.add_done_callback(lambda _: tokens.put_nowait(None))
+    job.add_done_callback(lambda _: queue.put_nowait(None))
     response = web.StreamResponse(headers=SSE_HEADERS)
     try:
-        progress = await tokens.get()
+        progress = await queue.get()
         if progress is None:
             job.result()  # failed before its first token: raises, answered as JSON
         await response.prepare(request)
@@ -377,7 +376,7 @@ async def stream(
             choice = LLMChoice(index=0, delta=assistant(progress.text))
             chunk = answer.response(progress.prompt_tokens, progress.completion_tokens, choice)
             await response.write(sse(chunk.model_dump_json(exclude_none=True)))
-            progress = await tokens.get()
+            progress = await queue.get()
         try:
             done = job.result()
         except Exception as exc:

@@ -18,6 +18,9 @@ from runtime.library_logs import route_library_logs
 from runtime.model_cache import Lease, OverBudget, StillLoading
 from runtime.models import BadModelId, ModelNotFound, folder_size, resolve_model
 from runtime.runtime import Runtime
+from runtime.worker_errors import WorkerError
+
+from . import remote
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +50,12 @@ def quiet_loading() -> None:
 
 
 def _lease(
-    runtime: Runtime, kind: str, model_id: str, load: Loader, retry_after_s: float
+    runtime: Runtime,
+    kind: str,
+    model_id: str,
+    load: Loader,
+    retry_after_s: float,
+    loop: asyncio.AbstractEventLoop,
 ) -> Lease[Any]:
     # Placement: a job goes to a device that has its model (loaded, or loading: it waits
     # there), else to the least busy device with room for it.
@@ -68,13 +76,14 @@ def _lease(
     size = folder_size(path)
     if device is None:
         device = runtime.with_room(size)
-    spec = device.spec
+    if runtime.config.worker_process:
+        loader = remote.loader(device, load, path, loop)
+    else:
+        spec = device.spec
+        loader = lambda: load(path, spec)  # noqa: E731
     try:
         return device.models.request(
-            device.key(kind, model_id),
-            lambda: load(path, spec),
-            estimate=size,
-            retry_after_s=retry_after_s,
+            device.key(kind, model_id), loader, estimate=size, retry_after_s=retry_after_s
         )
     except StillLoading:
         raise  # waited for by `lease_model`
@@ -82,6 +91,8 @@ def _lease(
         raise Unavailable(
             f"model {model_id} cannot be loaded now: {exc}", retry_after_s=30
         ) from exc
+    except WorkerError as exc:  # the worker process was lost or failed during the load
+        raise remote.unavailable(exc) from exc
     except Exception as exc:  # the background load failed: report it to this caller, once
         raise Unavailable(
             f"model {model_id} failed to load ({load_error(exc)}); the next request tries again"
@@ -105,7 +116,9 @@ async def lease_model(
     while True:
         try:
             # Resolving a model reads the disk, and the runtime's first use imports torch.
-            return await asyncio.to_thread(_lease, runtime, kind, model_id, load, retry_after_s)
+            return await asyncio.to_thread(
+                _lease, runtime, kind, model_id, load, retry_after_s, loop
+            )
         except StillLoading as exc:
             remaining = deadline - loop.time()
             if remaining <= 0 or not await _ended_within(exc.done, remaining):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import random
+import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from typing import Annotated, Any, TypeVar, get_args, get_origin
@@ -17,8 +18,9 @@ from protocol.openapi import Operation
 from protocol.requests import JSON_LIMIT, read_json, require_bearer
 from runtime.runtime import Runtime
 
+from . import remote
 from .config import BatchConfig
-from .jobs import BatchJobs, StepGate
+from .jobs import BatchJobs, StepGate, drive
 from .models import Loader, lease_model
 from .uploads import read_form
 
@@ -180,11 +182,18 @@ async def run_on_model(
     state: BatchState,
     route: BatchRoute,
     model_id: str,
-    job: Callable[[Any, StepGate], T],
+    job: Callable[..., Any],
+    *args: Any,
     gate: StepGate | None = None,
-) -> T:
-    """Run `job(model, gate)` as a batch job on the route's model (`model_id`, or the route's
-    default), which stays leased, so never evicted, until the job is over."""
+    on_item: Callable[[Any], None] | None = None,
+) -> Any:
+    """Run `job(model, *args, gate)` as a batch job on the route's model (`model_id`, or the
+    route's default), which stays leased, so never evicted, until the job is over. With
+    `on_item`, `job` is a generator: `on_item` hears each item it yields as it comes, and
+    what it returns is the result.
+
+    `job` is a module-level function: with `--worker-process` it runs in the worker process
+    of the model's device, imported there by name, and `args` and its result cross pickled."""
     model_id = model_id or route.default_model
     config = state.config
     lease = await lease_model(
@@ -192,10 +201,22 @@ async def run_on_model(
     )
     model = lease.value
     try:
+        if isinstance(model, remote.RemoteModel):
+            gate = gate or state.jobs.gate()
+            return await state.jobs.run_remote(
+                lambda: remote.run(model, job, args, gate, on_item),
+                finished=lease.release,
+                device=lease.key.device,
+            )
+
+        def work(gate: StepGate) -> Any:
+            out = job(model, *args, gate)
+            return out if on_item is None else drive(out, on_item)
+
         # Released when the job's thread is done with the model, which for a job cancelled
         # by its client is after this handler has gone: never evicted under a running job.
         return await state.jobs.run(
-            lambda gate: job(model, gate),
+            work,
             gate=gate,
             finished=lease.release,
             device=lease.key.device,  # the device the model is on
@@ -211,6 +232,8 @@ async def run_on_model(
 
 
 def out_of_memory(exc: BaseException) -> bool:
-    import torch
-
-    return isinstance(exc, (MemoryError, torch.OutOfMemoryError))
+    if isinstance(exc, MemoryError):
+        return True
+    # Only where torch is loaded already: a model in a worker process reports MemoryError.
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(exc, torch.OutOfMemoryError)

@@ -368,7 +368,10 @@ async def handle(request: web.Request) -> web.Response:
         state,
         ROUTE,
         form.model_id,
-        lambda segmenter, gate: segment(segmenter, image, prompts, form, gate),
+        segment,
+        image,
+        prompts,
+        form,
     )
     # Megabytes of numbers as text: off the event loop, and off the device's worker.
     body = await asyncio.to_thread(answer_body, result)

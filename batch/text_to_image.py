@@ -56,7 +56,9 @@ async def handle(request: web.Request) -> web.Response:
         state,
         ROUTE,
         params.model_id,
-        lambda pipe, gate: generate(pipe, params, seed, gate),
+        generate,
+        params,
+        seed,
     )
     return await image_response(images, seed)
 

@@ -130,12 +130,15 @@ def _load_parler(path: Path, spec: DeviceSpec) -> Parler:
     return Parler(model.to(spec.device).eval(), AutoTokenizer.from_pretrained(path), spec)
 
 
+def speak(voice: Vits | Parler, params: TextToSpeechParams, gate: StepGate) -> Speech:
+    """The job: a module-level function, which a worker process imports by name."""
+    return voice.speak(params, gate)
+
+
 async def handle(request: web.Request) -> web.Response:
     state = batch_state(request)
     params = await parse_json(request, TextToSpeechParams, state.config.max_upload_bytes)
-    speech: Speech = await run_on_model(
-        state, ROUTE, params.model_id, lambda voice, gate: voice.speak(params, gate)
-    )
+    speech: Speech = await run_on_model(state, ROUTE, params.model_id, speak, params)
     # WAV encoding and base64 are CPU work: off the event loop, and off the device's worker.
     url = await asyncio.to_thread(wav_data_url, speech.samples, speech.sample_rate)
     return web.json_response(AudioResponse(audio=MediaURL(url=url)).model_dump())

@@ -51,9 +51,7 @@ async def handle(request: web.Request) -> web.Response:
     form = await parse_form(request, UpscaleForm, state.config.max_upload_bytes)
     image = await asyncio.to_thread(open_image, form.image, MAX_PIXELS, MIN_SIDE)
     seed = pick_seed(form.seed)
-    upscaled = await run_on_model(
-        state, ROUTE, form.model_id, lambda pipe, gate: generate(pipe, form, image, seed, gate)
-    )
+    upscaled = await run_on_model(state, ROUTE, form.model_id, generate, form, image, seed)
     return await image_response([upscaled], seed)
 
 

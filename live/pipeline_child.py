@@ -19,39 +19,24 @@ CUDA graphs, which belong to the thread that records them) is handed to the main
 `runtime.worker_child.on_main`, where it waits its turn like a live frame (`diffusion.py`'s
 `load`). Everything else of a pipeline (process, apply, unload) runs on the main thread.
 
-The worker process serves one device. Its `Device` (with its model cache) is made once and
-shared by every session's pipeline here: two sessions of one model share its weights, as they
-do in the service's own process without `--worker-process`.
+The worker process serves one device: its `Device` (runtime/hosted_device.py), with the
+model cache, is shared by every session's pipeline and batch model there.
 """
 
 from __future__ import annotations
 
 import importlib
 import logging
-import threading
 from typing import Any
 
 import numpy as np
 
-from runtime.runtime import Device, RuntimeConfig
+from runtime.hosted_device import device_here
+from runtime.runtime import RuntimeConfig
 
 from .pipelines.base import LivePipeline, PipelineContext, PipelineParams
 
 logger = logging.getLogger(__name__)
-
-_devices: dict[str, Device] = {}
-"""The device of this worker process, by label: one model cache for all its sessions. Module
-state because the process itself is its owner: it lives as long as the process does."""
-_making_device = threading.Lock()
-"""Loads make it on the loader lane; anything on the main thread must find the same one."""
-
-
-def _device(label: str, name: str, setting: str, config: RuntimeConfig) -> Device:
-    with _making_device:
-        device = _devices.get(label)
-        if device is None:
-            device = _devices[label] = Device(label, name, setting, config)
-        return device
 
 
 def pipeline_class(path: str) -> type[LivePipeline]:
@@ -76,7 +61,7 @@ class HostedPipeline:
         config: RuntimeConfig,
     ) -> None:
         cls = pipeline_class(pipeline_path)
-        self.pipeline = cls(params, PipelineContext(_device(*device, config)))
+        self.pipeline = cls(params, PipelineContext(device_here(*device, config)))
         try:
             self.pipeline.load()
         except BaseException:

@@ -114,7 +114,11 @@ class ModelInfo:
 def module_bytes(value: Any) -> int:
     """Bytes of the tensors a loaded model holds: the parameters and buffers of every torch
     module in it (a module, a diffusers pipeline's components, or a dict or object of them),
-    each storage counted once."""
+    each storage counted once. A model kept in a worker process says its own size
+    (`model_bytes`): counting it here would import torch for nothing."""
+    remote = getattr(value, "model_bytes", None)
+    if isinstance(remote, int):
+        return remote
     import torch
 
     seen: set[int] = set()
@@ -143,11 +147,18 @@ def module_bytes(value: Any) -> int:
 
 class ModelCache:
     def __init__(
-        self, budget_bytes: int | None = None, on_evict: Callable[[], None] | None = None
+        self,
+        budget_bytes: int | None = None,
+        on_evict: Callable[[], None] | None = None,
+        on_drop: Callable[[Any], None] | None = None,
     ) -> None:
         self.budget_bytes = budget_bytes
         self._on_evict = on_evict
         """Called after evicting, outside the lock (the runtime returns freed GPU memory)."""
+        self._on_drop = on_drop
+        """Called with each model evicted or forgotten, outside the lock: a model kept in a
+        worker process is freed there."""
+        self._dropped: list[Any] = []
         self._lock = threading.Lock()
         self._entries: dict[ModelKey, _Entry] = {}
         self._loader = ThreadPoolExecutor(1, thread_name_prefix="model-loader")
@@ -223,8 +234,27 @@ class ModelCache:
     def _after_evicting(self) -> None:
         with self._lock:
             evicted, self._evicted = self._evicted, False
+            dropped, self._dropped = self._dropped, []
+        if self._on_drop is not None:
+            for value in dropped:
+                self._on_drop(value)
         if evicted and self._on_evict is not None:
             self._on_evict()
+
+    def forget(self, predicate: Callable[[Any], bool]) -> int:
+        """Forget the loaded models whose value `predicate` accepts, in use or not (how many):
+        the models of a worker process that was restarted are gone with it. A lease on one
+        stays harmless to release."""
+        with self._lock:
+            gone = [
+                e
+                for e in self._entries.values()
+                if e.loaded.is_set() and e.error is None and predicate(e.value)
+            ]
+            for entry in gone:
+                del self._entries[entry.key]
+                logger.info("forgetting model %s: %s", entry.key, "its worker process ended")
+        return len(gone)
 
     def _load(self, entry: _Entry, load: Callable[[], Any], keep_error: bool = False) -> None:
         self._after_evicting()
@@ -300,6 +330,7 @@ class ModelCache:
         while self._used() + needed > budget and idle:
             victim = idle.pop(0)
             del self._entries[victim.key]
+            self._dropped.append(victim.value)
             victim.value = None
             self.evictions += 1
             self._evicted = True

@@ -83,7 +83,9 @@ class Device:
         the runtime chose the CPU (or MPS) itself, so that a GPU pipeline still tells the
         operator it needs `--device cpu` to run there."""
         self.config = config
-        self.models = ModelCache(config.memory_budget_bytes, on_evict=self._free_memory)
+        self.models = ModelCache(
+            config.memory_budget_bytes, on_evict=self.free_memory, on_drop=_drop_remote
+        )
         self.sessions: set[str] = set()
         """Live sessions placed here (by admission), until they end."""
         self.jobs = 0
@@ -112,9 +114,9 @@ class Device:
         )
         return spec
 
-    def _free_memory(self) -> None:
-        # An evicted model's tensors are garbage now; CUDA's caching allocator keeps their
-        # memory until asked to give it back.
+    def free_memory(self) -> None:
+        """Give freed GPU memory back: an evicted model's tensors are garbage now, and CUDA's
+        caching allocator keeps their memory until asked to give it back."""
         if self.spec.device.startswith("cuda"):
             import gc
 
@@ -193,6 +195,9 @@ class Device:
         return None if reason is None else f"the worker process of {self.label} {reason}"
 
     def _worker_restarted(self, info: RestartInfo) -> None:
+        # Batch models that lived in the old worker process are gone with it: the next
+        # request loads its model in the fresh one.
+        self.models.forget(lambda value: _remote_generation(value) not in (None, info.generation))
         for listener in list(self.restart_listeners):
             listener(info.reason)
 
@@ -352,6 +357,19 @@ class Runtime:
         loop = asyncio.get_running_loop()
         for device in devices:
             await loop.run_in_executor(None, device.close)
+
+
+def _remote_generation(value: object) -> int | None:
+    """The worker process a cached model lives in (batch/remote.py's `RemoteModel`), or None
+    for a model in this process."""
+    generation = getattr(value, "worker_generation", None)
+    return generation if isinstance(generation, int) else None
+
+
+def _drop_remote(value: object) -> None:
+    """An evicted model that lives in a worker process is freed there."""
+    if _remote_generation(value) is not None:
+        value.close()  # type: ignore[attr-defined]
 
 
 def _least_busy(devices: Iterable[Device]) -> Device | None:

@@ -70,6 +70,15 @@ def on_main(function: Callable[[], T]) -> T:
     return child.on_main(function)
 
 
+def cancelled() -> bool:
+    """Whether the service cancelled the call running now (its caller went away): for batch
+    operations, at their safe points, after `yield_to_live()` has read what arrived."""
+    child = _current
+    if child is None or threading.current_thread() is not threading.main_thread():
+        return False
+    return child.running_cancelled()
+
+
 def serve(
     requests: Connection,
     replies: Connection,
@@ -81,7 +90,10 @@ def serve(
     global _current
     # Ctrl-C reaches the whole process group; the service decides when its workers stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    os.environ.update(env)  # e.g. CUDA_VISIBLE_DEVICES, before anything initialises CUDA
+    # The service's environment as it is now, with e.g. CUDA_VISIBLE_DEVICES, before anything
+    # initialises CUDA.
+    os.environ.clear()
+    os.environ.update(env)
     # The pipes are used raw (worker_protocol's framing); the Connections only carried them here.
     rings = (FrameRing.attach(*ring_in), FrameRing.attach(*ring_out))
     child = _Child(requests.fileno(), replies.fileno(), *rings)
@@ -118,6 +130,9 @@ class _Child:
         self._readable = select.poll()
         self._readable.register(requests_fd, select.POLLIN)
         self._cancelled: set[int] = set()
+        self._running: list[int] = []
+        """The calls under way on the main thread, innermost last (a batch call runs live
+        calls inside it)."""
         self._functions: dict[str, Callable[..., Any]] = {}
         self._objects: dict[int, Any] = {}
         self._writing = threading.Lock()
@@ -232,6 +247,9 @@ class _Child:
             ran += 1
         return ran
 
+    def running_cancelled(self) -> bool:
+        return bool(self._running) and self._running[-1] in self._cancelled
+
     def _is_cancelled(self, call_id: int) -> bool:
         if call_id in self._cancelled:
             self._cancelled.discard(call_id)
@@ -254,6 +272,9 @@ class _Child:
             self._send((wp.SKIPPED, call_id))
             return
         self._send((wp.STARTED, call_id))
+        main_thread = threading.current_thread() is threading.main_thread()
+        if main_thread:
+            self._running.append(call_id)
         try:
             function = self._function(target)
             args, kwargs = wp.loads(arguments)
@@ -274,6 +295,10 @@ class _Child:
             raise
         except BaseException as exc:
             self._send_error(call_id, exc)
+        finally:
+            if main_thread:
+                self._running.pop()
+            self._cancelled.discard(call_id)
 
     def _function(self, target: wp.Target) -> Callable[..., Any]:
         if isinstance(target, tuple):

@@ -3,9 +3,10 @@
 Why processes. A model call that hangs holds its thread for good, and some GPU faults (an
 illegal memory access, a device-side assert) leave the CUDA context unusable for the rest of
 the process. With the calls in a child process, the service ends the child and starts a fresh
-one; every session, peer and channel of the service stays up. The child is started with
-`spawn`: the service's process has threads, an event loop and perhaps CUDA,
-none of which survive a `fork`.
+one; every session, peer and channel of the service stays up. The child is forked by
+multiprocessing's fork server, itself a clean interpreter that has imported torch once
+(`PRELOAD`), never by the service's process: that has threads, an event loop and perhaps CUDA,
+none of which survive a `fork`. A fresh worker is ready in a fraction of a second.
 
 Protocol (worker_protocol.py). Two pipes: requests one way, replies the other, each message a
 pickled tuple behind a length. A call names an operation by import path
@@ -833,10 +834,35 @@ class ProcessWorker:
             changed.set_result(None)
 
 
+PRELOAD = ("runtime.worker_child", "torch")
+"""What multiprocessing's fork server imports once, before it forks any worker: a fresh worker
+then starts in a fraction of a second rather than importing torch again (seconds), which is
+what a restart after a crash waits for. torch is imported, never initialised (no CUDA context,
+no thread pool), so a fork of it is clean."""
+
+
+def _context() -> Any:
+    """The fork server context. Its server is started from a clean interpreter on first use
+    (never forked from the service's process, whose threads, event loop and perhaps CUDA would
+    not survive a fork), and forks each worker from its own single-threaded state."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(list(PRELOAD))
+    return context
+
+
+def start_fork_server() -> None:
+    """Start the fork server now, if it is not running (blocking: it imports `PRELOAD`); the
+    first worker otherwise starts it."""
+    from multiprocessing import forkserver
+
+    _context()
+    forkserver.ensure_running()
+
+
 def _spawn(config: ProcessWorkerConfig, name: str) -> tuple[Any, list[FrameRing], int, int]:
     """Start a child with its two frame rings: the process, the rings, and the service's ends
     of the requests and replies pipes."""
-    context = multiprocessing.get_context("spawn")
+    context = _context()
     requests_r, requests_w = os.pipe()
     replies_r, replies_w = os.pipe()
     # Wrapped so multiprocessing hands these two descriptors to the child.
@@ -851,7 +877,9 @@ def _spawn(config: ProcessWorkerConfig, name: str) -> tuple[Any, list[FrameRing]
                 *child_ends,
                 (rings[0].name, config.slots, config.slot_bytes),
                 (rings[1].name, config.slots, config.slot_bytes),
-                dict(config.env),
+                # The service's environment now (the fork server keeps the one it started
+                # with), then the worker's own.
+                {**os.environ, **dict(config.env)},
             ),
             name=name,
             daemon=True,

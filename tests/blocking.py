@@ -33,6 +33,10 @@ def _allow_known_safe(buster: BlockBuster) -> None:
             buster.functions[name].can_block_in(
                 "logging/__init__.py", {"handle", "emit", "acquire", "flush"}
             )
+    # A worker process's exit status, from multiprocessing's fork server: read only once the
+    # process's sentinel is readable, which is when the server has written it.
+    if "os.read" in buster.functions:
+        buster.functions["os.read"].can_block_in("multiprocessing/forkserver.py", {"read_signed"})
     # asyncio's own machinery: thread pools hand off work under a lock held for an instant.
     for name in ("threading.Lock.acquire", "threading.RLock.acquire"):
         if name in buster.functions:

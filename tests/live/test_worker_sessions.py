@@ -30,6 +30,7 @@ from live.pipelines.effects import CartoonPipeline
 from live.pipelines.passthrough import NoopPipeline
 from live.settings import Settings
 from protocol.clips import make_clip, read_index
+from runtime.worker_process import start_fork_server
 from tests.live.conftest import PIPELINES
 from tests.live.streams import (
     EventLog,
@@ -119,6 +120,8 @@ TEST_PIPELINES = {
 @pytest.fixture
 async def nothing_left_behind() -> AsyncIterator[None]:
     resource_tracker.ensure_running()
+    # As the tracker: one per process, what the workers are forked from.
+    await asyncio.to_thread(start_fork_server)
     before = snapshot()
     yield
     if not await poll_until(lambda: not new_since(before)):

@@ -30,7 +30,12 @@ from runtime.worker_errors import (
     WorkerLost,
     WorkerUnavailable,
 )
-from runtime.worker_process import ProcessWorker, ProcessWorkerConfig, RestartInfo
+from runtime.worker_process import (
+    ProcessWorker,
+    ProcessWorkerConfig,
+    RestartInfo,
+    start_fork_server,
+)
 from tests.runtime.worker_test_ops import only_here
 from tests.waiting import WAIT_S, poll_until, poll_until_blocking, wait_until
 
@@ -56,10 +61,11 @@ def config(**overrides: Any) -> ProcessWorkerConfig:
 
 
 def children() -> set[int]:
-    """Our child processes, but multiprocessing's resource tracker (one per service process,
-    started with the first shared-memory segment, and what unlinks them if we die)."""
-    found = set()
-    me = str(os.getpid())
+    """Our worker processes, and any other process we started: every descendant but
+    multiprocessing's resource tracker (one per service process, started with the first
+    shared-memory segment, and what unlinks them if we die) and its fork server (one per
+    service process: the workers are its children)."""
+    parents: dict[int, int] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -68,9 +74,21 @@ def children() -> set[int]:
             cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
         except OSError:
             continue
-        if stat.rsplit(")", 1)[1].split()[1] == me and b"resource_tracker" not in cmdline:
-            found.add(int(entry))
-    return found
+        if b"resource_tracker" not in cmdline:
+            parents[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
+    found: set[int] = set()
+    frontier = {os.getpid()}
+    while frontier:
+        frontier = {pid for pid, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return {pid for pid in found if not _is_fork_server(pid)}
+
+
+def _is_fork_server(pid: int) -> bool:
+    try:
+        return b"forkserver" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
 
 
 def segments(pid: int | None = None) -> set[str]:
@@ -98,6 +116,8 @@ def new_since(before: dict[str, Any]) -> dict[str, Any]:
 async def nothing_left_behind() -> AsyncIterator[None]:
     # The tracker and its pipe live as long as this process: started here, not counted.
     resource_tracker.ensure_running()
+    # As the tracker: one per process, what the workers are forked from.
+    await asyncio.to_thread(start_fork_server)
     before = snapshot()
     yield
     if not await poll_until(lambda: not new_since(before)):

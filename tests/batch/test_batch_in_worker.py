@@ -1,0 +1,117 @@
+"""Batch routes with `--worker-process`: models load and jobs run in the device's supervised
+worker process, and a client sees what it sees in process.
+
+The same request with the same seed answers the same in both; a job's refusal keeps its
+status and words; a worker killed under a job answers 503 with Retry-After and the next
+request succeeds in the fresh worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+
+import numpy as np
+
+from batch.remote import RemoteModel
+from live.keys import RUNTIME
+from runtime.worker_process import ProcessWorker
+from tests.batch.test_image_routes import api, pixels
+from tests.batch.test_llm import GREEDY
+from tests.waiting import wait_until
+
+
+def worker_of(client) -> ProcessWorker:  # type: ignore[no-untyped-def]
+    (worker,) = client.app[RUNTIME].process_workers()
+    return worker
+
+
+def remote_models(client) -> list[RemoteModel]:  # type: ignore[no-untyped-def]
+    device = client.app[RUNTIME].device()
+    leases = [device.models.ready(info.key) for info in device.models.models()]
+    values = [lease.value for lease in leases if lease is not None]
+    for lease in leases:
+        if lease is not None:
+            lease.release()
+    return [value for value in values if isinstance(value, RemoteModel)]
+
+
+async def test_jobs_in_the_worker_answer_as_in_process(batch_service) -> None:
+    request = {"prompt": "a red cat", "width": 64, "height": 64, "seed": 7}
+    answers = {}
+    for in_worker in (False, True):
+        client = await batch_service(warm=("text-to-image", "llm"), worker_process=in_worker)
+        service = api(client)
+        (image,) = (await service.text_to_image(**request)).images
+        text = (await service.llm(**GREEDY, max_tokens=8)).choices[0].message
+        chunks = [chunk async for chunk in service.llm_stream(**GREEDY, max_tokens=8)]
+        streamed = "".join(chunk.choices[0].delta.content for chunk in chunks)  # type: ignore[union-attr]
+        answers[in_worker] = (pixels(image.url), text.content, streamed)  # type: ignore[union-attr]
+        held = remote_models(client)
+        if in_worker:
+            # Both models live in the worker process; the service holds references.
+            assert len(held) == 2
+            assert worker_of(client).status().state == "ready"
+        else:
+            assert held == []
+    (image, text, streamed), (image_w, text_w, streamed_w) = answers[False], answers[True]
+    # The same weights and seed: the same picture, up to the rounding of another process's
+    # thread count.
+    assert image.shape == image_w.shape
+    assert np.abs(image.astype(int) - image_w.astype(int)).max() <= 2
+    assert text == text_w == streamed == streamed_w
+
+
+async def test_llm_refusals_and_clients_that_leave_as_in_process(batch_service) -> None:
+    client = await batch_service(warm=("llm",), worker_process=True)
+    worker = worker_of(client)
+    # A refusal keeps its status and words.
+    long = [{"role": "user", "content": "lighthouse " * 400}]
+    for stream in (False, True):
+        response = await client.post(
+            "/llm", json={"messages": long, "max_tokens": 256, "stream": stream}
+        )
+        assert response.status == 400
+        message = (await response.json())["detail"]["msg"]
+        assert "passes the model's context of 1024 tokens" in message
+
+    # A stream whose client leaves stops in the worker, which serves the next request.
+    response = await client.post("/llm", json={**GREEDY, "max_tokens": 900, "stream": True})
+    assert response.status == 200
+    assert (await response.content.readline()).startswith(b"data: ")
+    response.close()
+    await wait_until(lambda: worker.status().in_flight == 0, "the worker to stop the stream")
+    answer = await api(client).llm(**GREEDY, max_tokens=3)
+    assert answer.usage.completion_tokens <= 3
+    assert worker.status().restarts == 0
+
+
+async def test_a_job_in_a_killed_worker_is_a_503_to_retry_and_then_succeeds(
+    batch_service,
+) -> None:
+    client = await batch_service(warm=("text-to-image",), worker_process=True)
+    worker = worker_of(client)
+    slow = {"prompt": "a cat", "width": 64, "height": 64, "num_inference_steps": 100}
+    pending = asyncio.ensure_future(client.post("/text-to-image", json=slow))
+    try:
+        await wait_until(lambda: worker.status().running >= 1, "the job to run in the worker")
+        pid = worker.status().pid
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        response = await pending
+    finally:
+        pending.cancel()
+    assert response.status == 503
+    assert float(response.headers["Retry-After"]) > 0
+    detail = (await response.json())["detail"]["msg"]
+    assert "worker process stopped" in detail
+
+    # The fresh worker loads the model again for the next request, which succeeds.
+    await wait_until(lambda: worker.status().state == "ready", "the worker to restart")
+    assert worker.status().pid != pid
+    assert remote_models(client) == []  # the old worker's model is forgotten
+    (image,) = (await api(client).text_to_image(prompt="a cat", width=64, height=64)).images
+    assert pixels(image.url).shape == (64, 64, 3)
+    (model,) = remote_models(client)
+    assert model.worker_generation == worker.status().generation
