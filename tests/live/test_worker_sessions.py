@@ -330,7 +330,9 @@ def test_the_service_process_does_not_import_diffusers(tiny_models_dir) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["online"] and result["frames"] > 10, result
+    assert result["batch"] == [200, 200], result
     assert "diffusers" not in result["imported"], result
+    assert "transformers" not in result["imported"], result
 
 
 async def test_a_pipelines_own_errors_stay_its_sessions_problem(service) -> None:

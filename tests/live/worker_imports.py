@@ -1,6 +1,7 @@
-"""Run by test_worker_sessions.py in a fresh interpreter: a streamdiffusion session with
-`--worker-process` on the tiny models, then which model libraries the service's process holds.
-Prints one JSON line: {"frames": N, "imported": [...]}."""
+"""Run by test_worker_sessions.py in a fresh interpreter: a streamdiffusion session, then a
+text-to-image and an LLM request, with `--worker-process` on the tiny models, then which model
+libraries the service's process holds.
+Prints one JSON line: {"frames": N, "online": true, "batch": [200, 200], "imported": [...]}."""
 
 from __future__ import annotations
 
@@ -42,9 +43,17 @@ async def main(models_dir: Path) -> None:
         await asyncio.wait_for(asyncio.gather(*tasks), 30)
         publishing.cancel()
         await asyncio.gather(publishing, return_exceptions=True)
+        batch = [
+            await client.post(path, json=body)
+            for path, body in (
+                ("/text-to-image", {"prompt": "a cat", "width": 64, "height": 64}),
+                ("/llm", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}),
+            )
+        ]
         result = {
             "frames": len(viewer.frames),
             "online": True,
+            "batch": [response.status for response in batch],
             "imported": [name for name in LIBRARIES if name in sys.modules],
         }
     print(json.dumps(result))
