@@ -82,13 +82,18 @@ class InferenceWorker(Executor):
         try:
             result = fn(*args, **kwargs)
         except BaseException as exc:
-            future.set_exception(exc)
+            error: BaseException | None = exc
         else:
-            future.set_result(result)
+            error = None
+        # Counted before the caller hears of it: a request answered is a job counted.
         if priority == LIVE:
             self.done_live += 1
         else:
             self.done_batch += 1
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
 
     def yield_to_live(self) -> int:
         """Run every live item waiting now, then return (how many ran). For batch jobs, at
