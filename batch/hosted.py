@@ -105,6 +105,10 @@ class HostedModel:
             self.device.free_memory()  # the cache's own eviction does the same
 
 
+def after_earlier_jobs() -> None:
+    """Nothing: a batch call of it ends once the jobs sent before it have (batch/remote.py)."""
+
+
 def _refusal(exc: ServiceError) -> Refusal:
     errors = getattr(exc, "errors", None)
     listed = errors if isinstance(errors, list) else None

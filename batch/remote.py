@@ -43,6 +43,7 @@ from .jobs import JobCancelled, StepGate
 T = TypeVar("T")
 
 HOSTED = "batch.hosted:HostedModel"
+AFTER_EARLIER_JOBS = "batch.hosted:after_earlier_jobs"
 LOAD_TIMEOUT_S = 1800.0
 """A model load (weights from disk to the device) past this is hung: the worker is replaced."""
 JOB_TIMEOUT_S = 900.0
@@ -154,6 +155,11 @@ async def run(
                 if gate.cancelled.is_set():
                     raise JobCancelled("the request was cancelled")
         raise Unavailable("the job ended without a result")  # the worker stopped its stream
+    except (asyncio.CancelledError, JobCancelled):
+        # The worker stops the job at its next step; until then the job still uses the
+        # model, whose lease is released when this coroutine ends: never evicted under it.
+        await _after_earlier_jobs(model.worker)
+        raise
     except OperationFailed as exc:
         raise _own_error(exc) from exc
     except CallTimedOut as exc:
@@ -163,6 +169,13 @@ async def run(
         ) from exc
     except WorkerError as exc:
         raise unavailable(exc) from exc
+
+
+async def _after_earlier_jobs(worker: ProcessWorker) -> None:
+    """Return once the worker is out of the batch jobs sent to it before (one at a time, in
+    order, on its main thread), or has gone with them."""
+    with contextlib.suppress(WorkerError):
+        await worker.call(AFTER_EARLIER_JOBS, live=False, timeout_s=CALL_TIMEOUT_S)
 
 
 def unavailable(exc: WorkerError) -> Unavailable:

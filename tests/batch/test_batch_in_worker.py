@@ -11,19 +11,31 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+from collections.abc import AsyncIterator
+from pathlib import Path
 
+import aiohttp
 import numpy as np
+import pytest
+from aiohttp import web
 
 from batch.remote import RemoteModel
+from batch.route import BATCH
+from live.app import create_app
 from live.keys import RUNTIME
+from live.settings import Settings
+from runtime import worker_protocol as wp
 from runtime.worker_process import ProcessWorker
 from tests.batch.test_image_routes import api, pixels
 from tests.batch.test_llm import GREEDY
 from tests.waiting import wait_until
 
+ENDINGS = {wp.RESULT: "result", wp.ERROR: "error", wp.SKIPPED: "skipped"}
+
 
 def worker_of(client) -> ProcessWorker:  # type: ignore[no-untyped-def]
-    (worker,) = client.app[RUNTIME].process_workers()
+    app = client if isinstance(client, web.Application) else client.app
+    (worker,) = app[RUNTIME].process_workers()
     return worker
 
 
@@ -115,3 +127,80 @@ async def test_a_job_in_a_killed_worker_is_a_503_to_retry_and_then_succeeds(
     assert pixels(image.url).shape == (64, 64, 3)
     (model,) = remote_models(client)
     assert model.worker_generation == worker.status().generation
+
+
+@pytest.fixture
+async def own_worker_server(tiny_models_dir: Path) -> AsyncIterator[web.AppRunner]:
+    """The service with `--worker-process`, text-to-image warm, on a port of its own with
+    aiohttp's `handler_cancellation` (as the CLI serves): a client that leaves cancels its
+    request's handler."""
+    app = create_app(
+        Settings(models_dir=tiny_models_dir, warm="text-to-image", worker_process=True)
+    )
+    runner = web.AppRunner(app, handler_cancellation=True)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        yield runner
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_job_whose_client_leaves_stops_in_the_worker_and_keeps_its_model_till_then(
+    own_worker_server: web.AppRunner, tmp_path: Path
+) -> None:
+    """A job that does not stream stops at its next step in the worker when its client goes
+    away; its model stays leased (never evicted) until the worker is out of the job."""
+    runner = own_worker_server
+    app = runner.app
+    host, port = runner.addresses[0][:2]
+    device = app[RUNTIME].device()
+    jobs = app[BATCH].jobs
+    # How each job call ended in the worker, as the service heard it.
+    endings: list[tuple[str, str]] = []
+
+    def recording(gen, message):  # type: ignore[no-untyped-def]
+        call = gen.calls.get(message[1]) if len(message) > 1 else None
+        if call is not None and call.what.endswith(".run") and message[0] in ENDINGS:
+            endings.append((ENDINGS[message[0]], message[2] if message[0] == wp.ERROR else ""))
+        dispatch(gen, message)
+
+    def leased() -> int:
+        return sum(info.users for info in device.models.models())
+
+    async with aiohttp.ClientSession(f"http://{host}:{port}") as session:
+
+        async def loaded() -> bool:
+            async with session.get("/health") as response:
+                return (await response.json())["status"] != "LOADING"
+
+        await wait_until(loaded, "the model to load", within=120)
+        worker = worker_of(app)
+        dispatch = worker._dispatch
+        worker._dispatch = recording  # type: ignore[method-assign]
+        slow = {"prompt": "a cat", "width": 64, "height": 64, "num_inference_steps": 200}
+        request = asyncio.ensure_future(session.post("/text-to-image", json=slow))
+        hold = tmp_path / "hold"
+        held = None
+        try:
+            await wait_until(lambda: worker.status().running == 1, "the job to run")
+            # A live call that holds the worker inside one of the job's steps until the test
+            # lets it go: the job is certainly still running when its client leaves.
+            held = worker.submit("tests.runtime.worker_test_ops:wait_for_file", str(hold))
+            await wait_until(lambda: worker.status().running == 2, "a step to let it in")
+            request.cancel()  # the client goes away
+            await wait_until(lambda: jobs.active == 0, "the service to drop the request")
+            assert worker.status().running == 2  # the job is still in the worker's step
+            assert leased() == 1  # so its model stays leased
+        finally:
+            hold.touch()
+            request.cancel()
+        assert await held == "released"
+        await wait_until(lambda: worker.status().in_flight == 0, "the job to stop")
+        # It stopped at its next step, rather than running its 200 steps to a result.
+        assert endings == [("error", "JobCancelled")]
+        await wait_until(lambda: leased() == 0, "the model's lease to be released")
+        async with session.post("/text-to-image", json={**slow, "num_inference_steps": 2}) as r:
+            assert r.status == 200
+        assert endings[-1] == ("result", "")
+        assert worker.status().restarts == 0
