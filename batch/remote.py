@@ -80,8 +80,13 @@ class RemoteModel:
             self._loop.call_soon_threadsafe(self._close)
 
     def _close(self) -> None:
+        # On the loader lane, which runs loads one at a time in the order they came: the
+        # load this eviction made room for starts after the weights are let go, even while a
+        # job holds the main thread. Evicted, the model has no job left on it.
         try:
-            future = self.worker.submit_batch(self.ref.method("close"), timeout_s=CALL_TIMEOUT_S)
+            future = self.worker.submit_batch(
+                self.ref.method("close"), timeout_s=CALL_TIMEOUT_S, loader=True
+            )
         except WorkerError:
             return  # the worker is gone, and the model with it
         future.add_done_callback(self._closed)

@@ -342,11 +342,13 @@ class ProcessWorker:
         *args: Any,
         frame: np.ndarray | None = None,
         timeout_s: float | None = None,
+        loader: bool = False,
         **kwargs: Any,
     ) -> asyncio.Future[Any]:
         """`submit`, after every live call waiting (a batch operation lets live calls in at
-        its safe points with `worker_child.yield_to_live()`)."""
-        return self._future(False, target, args, kwargs, frame, timeout_s)
+        its safe points with `worker_child.yield_to_live()`); with `loader`, on the loader
+        lane, as `call`'s."""
+        return self._future(False, target, args, kwargs, frame, timeout_s, loader)
 
     async def call(
         self,

@@ -25,6 +25,7 @@ from live.app import create_app
 from live.keys import RUNTIME
 from live.settings import Settings
 from runtime import worker_protocol as wp
+from runtime.models import folder_size, resolve_model
 from runtime.worker_process import ProcessWorker
 from tests.batch.test_image_routes import api, pixels
 from tests.batch.test_llm import GREEDY
@@ -204,3 +205,53 @@ async def test_a_job_whose_client_leaves_stops_in_the_worker_and_keeps_its_model
             assert r.status == 200
         assert endings[-1] == ("result", "")
         assert worker.status().restarts == 0
+
+
+async def test_an_evicted_model_is_freed_in_the_worker_before_the_next_one_loads(
+    batch_service, tiny_models_dir: Path, tmp_path: Path
+) -> None:
+    """The budget holds in the worker process too: a model evicted to make room for another
+    gives its weights back there before the other loads, even while a job holds the worker's
+    main thread, and the worker keeps nothing of it afterwards."""
+    first, second = "test/other-sd", "stabilityai/sd-turbo"
+    size = max(folder_size(resolve_model(m, tiny_models_dir)) for m in (first, second))
+    client = await batch_service(
+        warm=(), worker_process=True, model_memory_gb=1.5 * size / 2**30, load_wait_s=120
+    )
+    device = client.app[RUNTIME].device()
+    request = {"prompt": "a cat", "width": 64, "height": 64, "num_inference_steps": 1}
+    (image,) = (await api(client).text_to_image(**request, model_id=first)).images
+    worker = worker_of(client)
+    kept = "tests.runtime.worker_test_ops:kept_objects"
+    assert await worker.call(kept) == (1, 1)
+
+    hold = tmp_path / "hold"
+    # A batch job on the worker's main thread until the test lets it go: it reads what
+    # arrives between its steps (the load goes to the loader lane) and lets live calls in.
+    held = worker.submit_batch("tests.runtime.worker_test_ops:steps_until_file", str(hold))
+    await wait_until(lambda: worker.status().running == 1, "the job to run")
+    pending = asyncio.ensure_future(
+        client.post("/text-to-image", json={**request, "model_id": second})
+    )
+    try:
+        await wait_until(
+            lambda: (
+                [info.key.model_id for info in device.models.models()] == [second]
+                and device.models.models()[0].state == "ready"
+            ),
+            "the second model to load in place of the first",
+            within=120,
+        )
+        assert device.models.evictions == 1
+        # Asked on the loader lane, after the load: the first model's weights were let go
+        # before it, though the main thread is still in the job.
+        assert (await worker.call(kept, loader=True))[1] == 1
+    finally:
+        hold.touch()
+        if not pending.done():
+            await asyncio.wait([pending], timeout=60)
+    await held
+    response = await pending
+    assert response.status == 200
+    # And nothing of the first model is kept in the worker any more.
+    assert await worker.call(kept) == (1, 1)
