@@ -129,7 +129,7 @@ async def _load(device: Device, load: str, path: Path) -> RemoteModel:
             worker.release(ref)
             raise
     except OperationFailed as exc:
-        raise _own_error(exc) from exc
+        raise _load_error(exc) from exc
     return RemoteModel(ref, worker, int(size), asyncio.get_running_loop())
 
 
@@ -215,12 +215,22 @@ def refused(refusal: Refusal) -> ServiceError:
     if not (isinstance(kind, type) and issubclass(kind, ServiceError)):
         kind = errors.InvalidRequest
     # Past the subclass's own constructor (Unavailable's takes retry_after_s, InvalidFields'
-    # a list): what it made of them is in the headers and errors carried over.
+    # a list): what it made of them is in the headers and attributes carried over.
     error = kind.__new__(kind)
     ServiceError.__init__(error, refusal.msg, headers=dict(refusal.headers))
-    if refusal.errors is not None:
-        error.errors = refusal.errors  # type: ignore[attr-defined]
+    vars(error).update(refusal.attributes)
     return error
+
+
+class LoadFailed(Exception):
+    """The route's loader raised in the worker: the model's failure, in its loader's words
+    (not a `WorkerError`, which would tell the client the worker is to blame)."""
+
+
+def _load_error(exc: OperationFailed) -> Exception:
+    if exc.type_name in OUT_OF_MEMORY:
+        return MemoryError(exc.message or exc.type_name)
+    return LoadFailed(exc.message or exc.type_name)
 
 
 def _own_error(exc: OperationFailed) -> Exception:

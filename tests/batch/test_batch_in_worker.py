@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import pickle
 import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -19,13 +20,16 @@ import numpy as np
 import pytest
 from aiohttp import web
 
+from batch import hosted, remote
 from batch.remote import RemoteModel
 from batch.route import BATCH
 from live.app import create_app
 from live.keys import RUNTIME
 from live.settings import Settings
+from protocol import errors
 from runtime import worker_protocol as wp
 from runtime.models import folder_size, resolve_model
+from runtime.tiny_llm import LLAMA_31_8B_INSTRUCT
 from runtime.worker_process import ProcessWorker
 from tests.batch.test_image_routes import api, pixels
 from tests.batch.test_llm import GREEDY
@@ -255,3 +259,51 @@ async def test_an_evicted_model_is_freed_in_the_worker_before_the_next_one_loads
     assert response.status == 200
     # And nothing of the first model is kept in the worker any more.
     assert await worker.call(kept) == (1, 1)
+
+
+async def test_a_model_that_fails_to_load_in_the_worker_answers_as_in_process(
+    batch_service,
+) -> None:
+    """The loader's own failure is the model's, named in words: not a worker to retry."""
+    answers = []
+    for in_worker in (False, True):
+        client = await batch_service(warm=(), worker_process=in_worker, load_wait_s=60)
+        body = {"text": "hello", "model_id": LLAMA_31_8B_INSTRUCT}  # a chat model, not a voice
+        response = await client.post("/text-to-speech", json=body)
+        answers.append((response.status, "Retry-After" in response.headers, await response.json()))
+    assert answers[0] == answers[1]
+    status, retry, detail = answers[1]
+    assert (status, retry) == (503, False)
+    assert "failed to load (Meta-Llama-3.1-8B-Instruct is a llama model" in detail["detail"]["msg"]
+
+
+def every_service_error() -> list[errors.ServiceError]:
+    """One of each `ServiceError` a job may raise (they all live in protocol.errors)."""
+    made: list[errors.ServiceError] = [
+        errors.ServiceError("plain"),
+        errors.InvalidFields([{"loc": ["body", "prompt"], "msg": "too long", "type": "x"}]),
+        errors.Unavailable("busy", retry_after_s=7),
+        errors.Unavailable("gone"),
+        errors.Unauthorized("no token"),
+    ]
+    for kind in vars(errors).values():
+        if (
+            isinstance(kind, type)
+            and issubclass(kind, errors.ServiceError)
+            and kind not in {type(e) for e in made}
+        ):
+            made.append(kind(f"refused by {kind.__name__}"))
+    return made
+
+
+@pytest.mark.parametrize("error", every_service_error(), ids=lambda e: type(e).__name__)
+def test_a_refusal_in_the_worker_is_the_same_error_in_the_service(
+    error: errors.ServiceError,
+) -> None:
+    """What a job refuses with crosses the pipe pickled and comes back whole: its kind, so
+    its status, its words, headers and every attribute (a 503's `retry_after_s` included)."""
+    refusal = pickle.loads(pickle.dumps(hosted._refusal(error)))
+    back = remote.refused(refusal)
+    assert type(back) is type(error)
+    assert (back.status, back.msg, back.headers) == (error.status, error.msg, error.headers)
+    assert vars(back) == vars(error)
