@@ -813,9 +813,13 @@ class ProcessWorker:
             )
             self._loop.remove_reader(gen.process.sentinel)
         try:
-            for transport in (gen.requests, gen.replies):
-                if transport is not None and not transport.is_closing():
-                    transport.abort()
+            # The replies pipe is open still when the child lives on (its exit was reported
+            # by a fork server that died): a read transport has no abort. Closing our end of
+            # the requests pipe ends such a child (worker_child's watch).
+            if gen.requests is not None and not gen.requests.is_closing():
+                gen.requests.abort()
+            if gen.replies is not None and not gen.replies.is_closing():
+                gen.replies.close()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.gather(*gen.closed), self.config.kill_wait_s)
             if gen.process.exitcode is not None:
