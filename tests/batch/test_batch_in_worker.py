@@ -30,6 +30,7 @@ from protocol import errors
 from runtime import worker_protocol as wp
 from runtime.models import folder_size, resolve_model
 from runtime.tiny_llm import LLAMA_31_8B_INSTRUCT
+from runtime.worker_errors import WorkerError
 from runtime.worker_process import ProcessWorker
 from tests.batch.test_image_routes import api, pixels
 from tests.batch.test_llm import GREEDY
@@ -307,3 +308,32 @@ def test_a_refusal_in_the_worker_is_the_same_error_in_the_service(
     assert type(back) is type(error)
     assert (back.status, back.msg, back.headers) == (error.status, error.msg, error.headers)
     assert vars(back) == vars(error)
+
+
+async def test_shutdown_during_a_load_in_the_worker_ends_the_load(
+    batch_service, tmp_path: Path
+) -> None:
+    """The model cache's loader thread waits on the event loop for a load in the worker: the
+    runtime's close ends that load (the worker goes first), and so never waits on it."""
+    client = await batch_service(warm=(), worker_process=True, load_wait_s=0)
+    runtime = client.app[RUNTIME]
+    device = runtime.device()
+    worker = await device.process_worker()
+    # A load that never ends by itself on the worker's loader lane: the model's waits behind.
+    holding = asyncio.ensure_future(
+        worker.call(
+            "tests.runtime.worker_test_ops:load_until_file",
+            str(tmp_path / "never"),
+            live=False,
+            loader=True,
+            timeout_s=600,
+        )
+    )
+    request = {"prompt": "a cat", "width": 64, "height": 64}
+    response = await client.post("/text-to-image", json=request)
+    assert response.status == 503 and "still loading" in (await response.json())["detail"]["msg"]
+    assert device.models.loading()
+    await asyncio.wait_for(runtime.close(), 30)
+    assert not device.models.loading()
+    with pytest.raises(WorkerError, match="shut down"):
+        await holding
