@@ -20,7 +20,10 @@ What the worker's supervision means for a request:
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
+import inspect
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -49,6 +52,8 @@ LOAD_TIMEOUT_S = 1800.0
 JOB_TIMEOUT_S = 900.0
 """A batch job past this, from when the worker started it, is hung: the worker is replaced."""
 CALL_TIMEOUT_S = 60.0
+LOOP_CHECK_S = 1.0
+"""How often a load's thread checks that the event loop running the load still runs."""
 OUT_OF_MEMORY = ("MemoryError", "OutOfMemoryError")
 
 
@@ -108,7 +113,19 @@ def loader(
 
     def load_there() -> RemoteModel:
         coroutine = _load(device, import_path(load), path)
-        return asyncio.run_coroutine_threadsafe(coroutine, loop).result(LOAD_TIMEOUT_S + 60)
+        future = asyncio.run_coroutine_threadsafe(coroutine, loop)
+        deadline = time.monotonic() + LOAD_TIMEOUT_S + 60
+        while True:
+            try:
+                return future.result(LOOP_CHECK_S)
+            except concurrent.futures.TimeoutError:
+                # A loop that stopped without closing the runtime never finishes the load:
+                # this thread (joined at the interpreter's exit) would wait for half an hour.
+                if not loop.is_running() or time.monotonic() > deadline:
+                    future.cancel()
+                    if inspect.getcoroutinestate(coroutine) == inspect.CORO_CREATED:
+                        coroutine.close()  # never started: nothing of it to undo
+                    raise RuntimeError("the service stopped during the load") from None
 
     return load_there
 

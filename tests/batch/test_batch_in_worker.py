@@ -12,6 +12,7 @@ import asyncio
 import os
 import pickle
 import signal
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -337,3 +338,33 @@ async def test_shutdown_during_a_load_in_the_worker_ends_the_load(
     assert not device.models.loading()
     with pytest.raises(WorkerError, match="shut down"):
         await holding
+
+
+def test_a_load_whose_event_loop_stopped_ends(tiny_models_dir: Path) -> None:
+    """The cache's loader thread waits on the service's event loop for a load in a worker: a
+    loop that stopped without closing the runtime ends the wait (rather than half an hour,
+    with the thread joined at the interpreter's exit)."""
+    from batch import text_to_image
+    from runtime.runtime import Runtime
+
+    runtime = Runtime(Settings(models_dir=tiny_models_dir, worker_process=True).runtime())
+    loop = asyncio.new_event_loop()  # never run again: as a service's loop that stopped
+    try:
+        path = resolve_model(text_to_image.DEFAULT_MODEL, tiny_models_dir)
+        load = remote.loader(runtime.device(), text_to_image.ROUTE.load, path, loop)
+        outcome: list[BaseException] = []
+
+        def attempt() -> None:
+            try:
+                load()
+            except BaseException as exc:
+                outcome.append(exc)
+
+        thread = threading.Thread(target=attempt, daemon=True)
+        thread.start()
+        thread.join(timeout=30)
+        assert not thread.is_alive(), "the load still waits on a stopped event loop"
+        (error,) = outcome
+        assert "stopped during the load" in str(error)
+    finally:
+        loop.close()
