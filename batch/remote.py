@@ -79,6 +79,12 @@ class RemoteModel:
         """The worker process it lives in: a restart forgets the models of older ones."""
         return self.ref.generation
 
+    @property
+    def stale(self) -> bool:
+        """Its worker process was replaced (or is being): it is gone with it. From any
+        thread."""
+        return self.ref.generation != self.worker.generation
+
     def close(self) -> None:
         """Free it in the worker (evicted from the cache); from any thread."""
         with contextlib.suppress(RuntimeError):  # the loop is closed: so is the worker

@@ -298,6 +298,12 @@ class ProcessWorker:
         Safe to read from any thread: placement reads it off the event loop."""
         return self._gave_up
 
+    @property
+    def generation(self) -> int:
+        """The number of the latest worker process started (1 for the first). Safe to read
+        from any thread."""
+        return self._generations
+
     def status(self) -> WorkerStatus:
         gen = self._gen
         alive = gen is not None and not gen.dead

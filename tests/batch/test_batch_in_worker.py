@@ -368,3 +368,28 @@ def test_a_load_whose_event_loop_stopped_ends(tiny_models_dir: Path) -> None:
         assert "stopped during the load" in str(error)
     finally:
         loop.close()
+
+
+async def test_a_model_left_from_a_replaced_worker_is_loaded_again(batch_service) -> None:
+    """A model whose worker process was replaced is gone with it: the restart forgets it, and
+    one that escaped that (its load finished just as the worker was replaced) is forgotten and
+    loaded again by the next request rather than refusing every request."""
+    client = await batch_service(warm=("text-to-image",), worker_process=True, load_wait_s=120)
+    worker = worker_of(client)
+    (model,) = remote_models(client)
+    # The restart hook, which forgets the old worker's models, misses this one: as for a load
+    # that finished while the worker was being replaced.
+    worker._on_restart = None
+    pid = worker.status().pid
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    await wait_until(
+        lambda: worker.status().state == "ready" and worker.status().generation == 2,
+        "the worker to restart",
+    )
+    assert remote_models(client) == [model]  # still held, stale
+    request = {"prompt": "a cat", "width": 64, "height": 64, "num_inference_steps": 1}
+    (image,) = (await api(client).text_to_image(**request)).images
+    assert pixels(image.url).shape == (64, 64, 3)
+    (fresh,) = remote_models(client)
+    assert fresh.worker_generation == 2
