@@ -40,7 +40,9 @@ class Refusal:
     kind: str
     msg: str
     headers: dict[str, str]
-    errors: list[dict[str, object]] | None = None
+    attributes: dict[str, Any]
+    """What the subclass's constructor made besides `msg` and `headers` (InvalidFields'
+    `errors`, Unavailable's `retry_after_s`)."""
 
 
 @dataclass(frozen=True)
@@ -105,7 +107,10 @@ class HostedModel:
             self.device.free_memory()  # the cache's own eviction does the same
 
 
+def after_earlier_jobs() -> None:
+    """Nothing: a batch call of it ends once the jobs sent before it have (batch/remote.py)."""
+
+
 def _refusal(exc: ServiceError) -> Refusal:
-    errors = getattr(exc, "errors", None)
-    listed = errors if isinstance(errors, list) else None
-    return Refusal(type(exc).__name__, exc.msg, dict(exc.headers), listed)
+    attributes = {k: v for k, v in vars(exc).items() if k not in ("msg", "headers")}
+    return Refusal(type(exc).__name__, exc.msg, dict(exc.headers), attributes)

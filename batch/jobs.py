@@ -68,6 +68,8 @@ class BatchJobs:
         self.done = 0
         self.failed = 0
         self._durations: list[float] = []
+        self._remote: set[asyncio.Future[Any]] = set()
+        """Jobs in worker processes (`run_remote`), until the worker is out of them."""
 
     def gate(self) -> StepGate:
         """A gate for a job that is about to run: pass it to `run` to keep a handle on the
@@ -117,7 +119,8 @@ class BatchJobs:
         device: str | None = None,
     ) -> T:
         """Run `job()`, which runs the job in the device's worker process (batch/remote.py),
-        counted and bounded as `run` is. `finished` is called when it is over."""
+        counted and bounded as `run` is. `finished` is called when `job()` is over, which for
+        a job whose caller left is once the worker is out of it (`remote.run`)."""
         self._admit(finished)
         try:
             place = self.runtime.device(device)
@@ -125,9 +128,13 @@ class BatchJobs:
             self._refused(finished)
             raise
         task = asyncio.ensure_future(job())
+        self._remote.add(task)
+        task.add_done_callback(self._remote.discard)
         if finished is not None:
             task.add_done_callback(lambda _: finished())
-        return await self._count(place, task, task.cancel)
+        # Shielded: a caller that leaves stops waiting at once, as with `run`, while the task
+        # goes on until the worker is out of the job, and only then is `finished` called.
+        return await self._count(place, asyncio.shield(task), task.cancel)
 
     def _admit(self, finished: Callable[[], None] | None) -> None:
         if self.active >= self.max_jobs:

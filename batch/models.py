@@ -65,7 +65,13 @@ def _lease(
         # it (a walk of every file) is only for a model that has to be loaded.
         loaded = device.models.ready(device.key(kind, model_id))
         if loaded is not None:
-            return loaded
+            model = loaded.value
+            if not (isinstance(model, remote.RemoteModel) and model.stale):
+                return loaded
+            # The restart forgets the old worker's models; one that finished loading just as
+            # its worker was replaced escaped that, and would refuse every request.
+            loaded.release()
+            device.models.forget(lambda value: value is model)
     try:
         path = resolve_model(model_id, runtime.config.models_dir)
     except BadModelId as exc:

@@ -20,7 +20,10 @@ What the worker's supervision means for a request:
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
+import inspect
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -43,11 +46,14 @@ from .jobs import JobCancelled, StepGate
 T = TypeVar("T")
 
 HOSTED = "batch.hosted:HostedModel"
+AFTER_EARLIER_JOBS = "batch.hosted:after_earlier_jobs"
 LOAD_TIMEOUT_S = 1800.0
 """A model load (weights from disk to the device) past this is hung: the worker is replaced."""
 JOB_TIMEOUT_S = 900.0
 """A batch job past this, from when the worker started it, is hung: the worker is replaced."""
 CALL_TIMEOUT_S = 60.0
+LOOP_CHECK_S = 1.0
+"""How often a load's thread checks that the event loop running the load still runs."""
 OUT_OF_MEMORY = ("MemoryError", "OutOfMemoryError")
 
 
@@ -73,14 +79,25 @@ class RemoteModel:
         """The worker process it lives in: a restart forgets the models of older ones."""
         return self.ref.generation
 
+    @property
+    def stale(self) -> bool:
+        """Its worker process was replaced (or is being): it is gone with it. From any
+        thread."""
+        return self.ref.generation != self.worker.generation
+
     def close(self) -> None:
         """Free it in the worker (evicted from the cache); from any thread."""
         with contextlib.suppress(RuntimeError):  # the loop is closed: so is the worker
             self._loop.call_soon_threadsafe(self._close)
 
     def _close(self) -> None:
+        # On the loader lane, which runs loads one at a time in the order they came: the
+        # load this eviction made room for starts after the weights are let go, even while a
+        # job holds the main thread. Evicted, the model has no job left on it.
         try:
-            future = self.worker.submit_batch(self.ref.method("close"), timeout_s=CALL_TIMEOUT_S)
+            future = self.worker.submit_batch(
+                self.ref.method("close"), timeout_s=CALL_TIMEOUT_S, loader=True
+            )
         except WorkerError:
             return  # the worker is gone, and the model with it
         future.add_done_callback(self._closed)
@@ -102,7 +119,19 @@ def loader(
 
     def load_there() -> RemoteModel:
         coroutine = _load(device, import_path(load), path)
-        return asyncio.run_coroutine_threadsafe(coroutine, loop).result(LOAD_TIMEOUT_S + 60)
+        future = asyncio.run_coroutine_threadsafe(coroutine, loop)
+        deadline = time.monotonic() + LOAD_TIMEOUT_S + 60
+        while True:
+            try:
+                return future.result(LOOP_CHECK_S)
+            except concurrent.futures.TimeoutError:
+                # A loop that stopped without closing the runtime never finishes the load:
+                # this thread (joined at the interpreter's exit) would wait for half an hour.
+                if not loop.is_running() or time.monotonic() > deadline:
+                    future.cancel()
+                    if inspect.getcoroutinestate(coroutine) == inspect.CORO_CREATED:
+                        coroutine.close()  # never started: nothing of it to undo
+                    raise RuntimeError("the service stopped during the load") from None
 
     return load_there
 
@@ -123,7 +152,7 @@ async def _load(device: Device, load: str, path: Path) -> RemoteModel:
             worker.release(ref)
             raise
     except OperationFailed as exc:
-        raise _own_error(exc) from exc
+        raise _load_error(exc) from exc
     return RemoteModel(ref, worker, int(size), asyncio.get_running_loop())
 
 
@@ -154,6 +183,11 @@ async def run(
                 if gate.cancelled.is_set():
                     raise JobCancelled("the request was cancelled")
         raise Unavailable("the job ended without a result")  # the worker stopped its stream
+    except (asyncio.CancelledError, JobCancelled):
+        # The worker stops the job at its next step; until then the job still uses the
+        # model, whose lease is released when this coroutine ends: never evicted under it.
+        await _after_earlier_jobs(model.worker)
+        raise
     except OperationFailed as exc:
         raise _own_error(exc) from exc
     except CallTimedOut as exc:
@@ -163,6 +197,13 @@ async def run(
         ) from exc
     except WorkerError as exc:
         raise unavailable(exc) from exc
+
+
+async def _after_earlier_jobs(worker: ProcessWorker) -> None:
+    """Return once the worker is out of the batch jobs sent to it before (one at a time, in
+    order, on its main thread), or has gone with them."""
+    with contextlib.suppress(WorkerError):
+        await worker.call(AFTER_EARLIER_JOBS, live=False, timeout_s=CALL_TIMEOUT_S)
 
 
 def unavailable(exc: WorkerError) -> Unavailable:
@@ -197,12 +238,22 @@ def refused(refusal: Refusal) -> ServiceError:
     if not (isinstance(kind, type) and issubclass(kind, ServiceError)):
         kind = errors.InvalidRequest
     # Past the subclass's own constructor (Unavailable's takes retry_after_s, InvalidFields'
-    # a list): what it made of them is in the headers and errors carried over.
+    # a list): what it made of them is in the headers and attributes carried over.
     error = kind.__new__(kind)
     ServiceError.__init__(error, refusal.msg, headers=dict(refusal.headers))
-    if refusal.errors is not None:
-        error.errors = refusal.errors  # type: ignore[attr-defined]
+    vars(error).update(refusal.attributes)
     return error
+
+
+class LoadFailed(Exception):
+    """The route's loader raised in the worker: the model's failure, in its loader's words
+    (not a `WorkerError`, which would tell the client the worker is to blame)."""
+
+
+def _load_error(exc: OperationFailed) -> Exception:
+    if exc.type_name in OUT_OF_MEMORY:
+        return MemoryError(exc.message or exc.type_name)
+    return LoadFailed(exc.message or exc.type_name)
 
 
 def _own_error(exc: OperationFailed) -> Exception:

@@ -17,6 +17,7 @@ loop through `request` and a loader thread owned here.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -173,7 +174,7 @@ class ModelCache:
         """The model of `key`, loading it with `load()` on this thread if nobody has it yet, or
         waiting for the load under way. Blocking. Raises what `load` raised, or OverBudget."""
         while True:
-            with self._lock:
+            with self._dropping_if_refused(), self._lock:
                 entry = self._entries.get(key)
                 if entry is not None and entry.error is not None and entry.loaded.is_set():
                     del self._entries[key]  # a failed background load: this caller retries
@@ -208,7 +209,7 @@ class ModelCache:
     ) -> Lease[T]:
         """The model of `key` if it is loaded; otherwise start loading it in the background
         and raise StillLoading. A load that failed raises its error once, to the next caller."""
-        with self._lock:
+        with self._dropping_if_refused(), self._lock:
             entry = self._entries.get(key)
             if entry is not None and entry.loaded.is_set():
                 if entry.error is None:
@@ -230,6 +231,17 @@ class ModelCache:
         entry = _Entry(key, estimate)
         self._entries[key] = entry
         return entry
+
+    @contextlib.contextmanager
+    def _dropping_if_refused(self) -> Iterator[None]:
+        """Around taking the lock to begin a load: a model that does not fit after all may
+        have evicted others on the way, and with no load coming to see to them they go now
+        (a model in a worker process is freed there)."""
+        try:
+            yield
+        except OverBudget:
+            self._after_evicting()
+            raise
 
     def _after_evicting(self) -> None:
         with self._lock:

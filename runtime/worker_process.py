@@ -298,6 +298,12 @@ class ProcessWorker:
         Safe to read from any thread: placement reads it off the event loop."""
         return self._gave_up
 
+    @property
+    def generation(self) -> int:
+        """The number of the latest worker process started (1 for the first). Safe to read
+        from any thread."""
+        return self._generations
+
     def status(self) -> WorkerStatus:
         gen = self._gen
         alive = gen is not None and not gen.dead
@@ -342,11 +348,13 @@ class ProcessWorker:
         *args: Any,
         frame: np.ndarray | None = None,
         timeout_s: float | None = None,
+        loader: bool = False,
         **kwargs: Any,
     ) -> asyncio.Future[Any]:
         """`submit`, after every live call waiting (a batch operation lets live calls in at
-        its safe points with `worker_child.yield_to_live()`)."""
-        return self._future(False, target, args, kwargs, frame, timeout_s)
+        its safe points with `worker_child.yield_to_live()`); with `loader`, on the loader
+        lane, as `call`'s."""
+        return self._future(False, target, args, kwargs, frame, timeout_s, loader)
 
     async def call(
         self,
@@ -811,9 +819,13 @@ class ProcessWorker:
             )
             self._loop.remove_reader(gen.process.sentinel)
         try:
-            for transport in (gen.requests, gen.replies):
-                if transport is not None and not transport.is_closing():
-                    transport.abort()
+            # The replies pipe is open still when the child lives on (its exit was reported
+            # by a fork server that died): a read transport has no abort. Closing our end of
+            # the requests pipe ends such a child (worker_child's watch).
+            if gen.requests is not None and not gen.requests.is_closing():
+                gen.requests.abort()
+            if gen.replies is not None and not gen.replies.is_closing():
+                gen.replies.close()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.gather(*gen.closed), self.config.kill_wait_s)
             if gen.process.exitcode is not None:

@@ -124,3 +124,19 @@ def test_request_loads_in_the_background_and_reports_its_failure_once() -> None:
     with pytest.raises(StillLoading):  # reported once; the next request tries again
         cache.request(key("b"), broken)
     cache.close()
+
+
+@pytest.mark.parametrize("how", ["acquire", "request"])
+def test_a_model_evicted_for_a_load_that_is_then_refused_is_dropped_at_once(how: str) -> None:
+    """A model kept elsewhere (a worker process) is freed there when it is evicted, even when
+    the load it was evicted for does not fit after all and no load follows."""
+    dropped: list[object] = []
+    cache = ModelCache(budget_bytes=int(2.5 * MB), on_drop=dropped.append)
+    cache.acquire(key("a"), lambda: weights(1)).release()
+    held = cache.acquire(key("b"), lambda: weights(1))
+    with pytest.raises(OverBudget, match="in use"):
+        getattr(cache, how)(key("c"), lambda: weights(2), estimate=2 * MB)
+    assert [k.model_id for k in cache] == ["b"]  # a was evicted trying to make room
+    assert len(dropped) == 1 and isinstance(dropped[0], torch.nn.Linear)
+    held.release()
+    cache.close()

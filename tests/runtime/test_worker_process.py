@@ -100,10 +100,17 @@ def snapshot() -> dict[str, Any]:
     return {
         # The loop's default executor (which starts the processes) keeps its threads.
         "threads": {t for t in threading.enumerate() if not t.name.startswith("asyncio_")},
-        "fds": set(os.listdir("/proc/self/fd")),
+        # Less the fork server's: a fresh one (the old one killed) may take another number.
+        "fds": set(os.listdir("/proc/self/fd")) - {str(_fork_server_fd())},
         "segments": segments(),
         "processes": children(),
     }
+
+
+def _fork_server_fd() -> int | None:
+    from multiprocessing import forkserver
+
+    return forkserver._forkserver._forkserver_alive_fd  # type: ignore[attr-defined,no-any-return]
 
 
 def new_since(before: dict[str, Any]) -> dict[str, Any]:
@@ -570,3 +577,30 @@ def test_a_killed_service_leaves_no_worker_and_no_segment(tmp_path: Path) -> Non
         service.wait()
         if service.stdout is not None:
             service.stdout.close()
+
+
+def ended(pid: int) -> bool:
+    """Gone, or a zombie (an orphan waits for whoever adopted it to collect its status)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+async def test_a_killed_fork_server_costs_one_restart(worker: ProcessWorker) -> None:
+    """The fork server dying (the OOM killer, an operator's kill) takes the worker it forked
+    off the supervision it reports exits through: that worker is replaced by a fresh one,
+    from a fresh fork server, and ends."""
+    from multiprocessing import forkserver
+
+    first = worker.status().pid
+    assert first is not None
+    server = forkserver._forkserver._forkserver_pid  # type: ignore[attr-defined]
+    assert server is not None
+    os.kill(server, signal.SIGKILL)
+    await wait_until(
+        lambda: worker.status().generation == 2 and worker.status().state == "ready",
+        "a fresh worker",
+    )
+    assert await worker.call("runtime.worker_ops:ping") not in (first, None)
+    await wait_until(lambda: ended(first), "the first worker to end")

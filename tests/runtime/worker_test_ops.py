@@ -189,3 +189,16 @@ def fail_on_main() -> None:
 def payload(size: int) -> bytes:
     """A result large enough to take many writes to the pipe."""
     return bytes(range(256)) * (size // 256)
+
+
+def kept_objects() -> tuple[int, int]:
+    """The objects this worker process keeps for the service, and how many of them are batch
+    models that still hold their weights."""
+    from batch.hosted import HostedModel
+    from runtime import worker_child
+
+    child = worker_child._current
+    assert child is not None
+    kept = list(child._objects.values())
+    holding = sum(isinstance(o, HostedModel) and o.value is not None for o in kept)
+    return len(kept), holding
