@@ -93,6 +93,30 @@ async def test_a_burst_of_frames_is_paced_not_dropped() -> None:
     assert session.ended == "input ended"
 
 
+class StallingSink(MemorySink):
+    """A receiver that blocks the whole event loop on every tenth frame, for three frame
+    intervals: what a loaded machine (or a blocking call elsewhere) does to the loop. It is a
+    stall to recover from, not a wait: nothing in the test waits on it."""
+
+    async def send(self, frame: OutputFrame, audio: Sequence[AudioPacket]) -> bool:
+        if len(self.delivered) % 10 == 0:
+            time.sleep(3 * FRAME_S)  # noqa: ASYNC251 -- the stall itself, on purpose
+        return await super().send(frame, audio)
+
+
+async def test_a_late_loop_costs_no_frame_before_a_pipeline_that_is_free() -> None:
+    """After a stall the paced frames are late and go at once, back to back: each must still
+    reach the pipeline (noop takes a frame the moment it gets the loop), not replace the one
+    before it in the slot. Frames may be dropped only where a stage was busy."""
+    sink = StallingSink(primary=True)
+    session = await run_burst(MemorySource(), sink)
+    assert session.stats.frames_in == 60
+    assert session.stats.input_dropped == 0
+    got = indices(sink)
+    assert got == sorted(got) and got[-1] == 59
+    assert session.stats.frames_out + session.stats.frames_dropped == 60
+
+
 async def test_without_pacing_a_burst_keeps_only_what_the_pipeline_can_take() -> None:
     sink = MemorySink(primary=True)
     session = await run_burst(MemorySource(), sink, pace=False)
