@@ -6,6 +6,7 @@ import asyncio
 import time
 from collections.abc import Callable, Sequence
 
+import av
 import numpy as np
 import pytest
 
@@ -16,7 +17,7 @@ from live.pipelines.passthrough import NoopPipeline
 from live.session import LiveSession, SessionConfig
 from live.trickle_io import TrickleSink
 from protocol.clips import numbered_frame, read_index
-from protocol.media import CLOCK, AudioPacket
+from protocol.media import CLOCK, AudioPacket, VideoFrame
 from protocol.trickle import LocalPublisher, TrickleServer
 
 FPS = 30
@@ -52,12 +53,25 @@ async def run_burst(
     return session
 
 
-async def feed_realtime(source: MemorySource, frames: int, size: int = SIZE) -> None:
-    """A camera: one frame every frame interval, each at its own time."""
+def decoded_frame(i: int, size: int = SIZE) -> VideoFrame:
+    """Frame `i` as a decoder gives it (YUV, no RGB made for it): `noop` passes it on within the
+    loop's own step, with no thread to wait for, so the pipeline is never busy with it."""
+    rgb = av.VideoFrame.from_ndarray(numbered_frame(i, size, size), format="rgb24")
+    return VideoFrame(None, i * STEP, time.monotonic(), i, decoded=rgb.reformat(format="yuv420p"))
+
+
+async def feed_realtime(
+    source: MemorySource, frames: int, size: int = SIZE, decoded: bool = False
+) -> None:
+    """A camera: one frame every frame interval, each at its own time (`decoded`: as a decoder
+    gives them, see `decoded_frame`)."""
     start = time.monotonic()
     for i in range(frames):
         await asyncio.sleep(max(0.0, start + i * FRAME_S - time.monotonic()))
-        source.put_image(numbered_frame(i, size, size), i * STEP)
+        if decoded:
+            source.put(decoded_frame(i, size))
+        else:
+            source.put_image(numbered_frame(i, size, size), i * STEP)
     source.end()
 
 
@@ -105,10 +119,17 @@ class StallingSink(MemorySink):
 
 async def test_a_late_loop_costs_no_frame_before_a_pipeline_that_is_free() -> None:
     """After a stall the paced frames are late and go at once, back to back: each must still
-    reach the pipeline (noop takes a frame the moment it gets the loop), not replace the one
-    before it in the slot. Frames may be dropped only where a stage was busy."""
+    reach the pipeline (noop takes a decoded frame the moment it gets the loop), not replace
+    the one before it in the slot. Frames may be dropped only where a stage was busy."""
     sink = StallingSink(primary=True)
-    session = await run_burst(MemorySource(), sink)
+    source = MemorySource()
+    session = session_with(source, [sink])
+    session.start()
+    await asyncio.wait_for(session.wait_ready(), WAIT_S)
+    for i in range(60):
+        source.put(decoded_frame(i))
+    source.end()
+    await asyncio.wait_for(session.wait(), WAIT_S)
     assert session.stats.frames_in == 60
     assert session.stats.input_dropped == 0
     got = indices(sink)
@@ -180,7 +201,7 @@ async def test_a_slow_sink_drops_frames_without_adding_delay_or_slowing_a_fast_o
     session.start()
     await asyncio.wait_for(session.wait_ready(), WAIT_S)
     frames = 10 * FPS
-    await feed_realtime(source, frames)
+    await feed_realtime(source, frames, decoded=True)  # noop is never busy: see decoded_frame
     await asyncio.wait_for(session.wait(), WAIT_S)
 
     # The fast sink kept the camera's frame rate.
