@@ -64,8 +64,9 @@ async def test_whole_segment_posts_lose_no_frames_to_chunking(service) -> None:
     # What went out kept its order and timestamps; the rest is counted as dropped (an encoder
     # slower than the frame rate, as on a loaded machine, drops at the output only).
     got = [i for i in viewer.indices if i is not None]
-    assert len(got) == len(viewer.frames) == final["frames_out"] == sink["sent"]
-    assert final["frames_out"] + final["frames_dropped"] == 150
+    loading = len(viewer.frames) - len(got)  # stand-ins (no index) while noop loads
+    assert len(got) == final["frames_out"] == sink["sent"] - loading
+    assert final["frames_out"] + final["frames_dropped"] + loading == 150
     assert got == sorted(got) and got[-1] == 149
     # Most went out: unpaced, each burst leaves the encoder about one frame in fifteen.
     assert len(got) > 150 // 2, len(got)
