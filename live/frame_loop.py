@@ -254,6 +254,10 @@ class FrameLoop:
                     await self._frames.taken()
                 if self._frames.put(_Released(item, now)):
                     stats.input_dropped += 1
+                # The pipeline gets the loop before the next frame is read: a frame released
+                # at once (late after a stall, or unpaced) would otherwise replace this one in
+                # the slot while an idle pipeline never had the chance to take it.
+                await asyncio.sleep(0)
         finally:
             self._frames.close()
             with contextlib.suppress(Exception):

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
+import av
 import numpy as np
 import pytest
 
@@ -17,7 +17,7 @@ from live.pipelines.passthrough import NoopPipeline
 from live.session import LiveSession, SessionConfig
 from live.trickle_io import TrickleSink
 from protocol.clips import numbered_frame, read_index
-from protocol.media import CLOCK, AudioPacket
+from protocol.media import CLOCK, AudioPacket, VideoFrame
 from protocol.trickle import LocalPublisher, TrickleServer
 
 FPS = 30
@@ -53,12 +53,25 @@ async def run_burst(
     return session
 
 
-async def feed_realtime(source: MemorySource, frames: int, size: int = SIZE) -> None:
-    """A camera: one frame every frame interval, each at its own time."""
+def decoded_frame(i: int, size: int = SIZE) -> VideoFrame:
+    """Frame `i` as a decoder gives it (YUV, no RGB made for it): `noop` passes it on within the
+    loop's own step, with no thread to wait for, so the pipeline is never busy with it."""
+    rgb = av.VideoFrame.from_ndarray(numbered_frame(i, size, size), format="rgb24")
+    return VideoFrame(None, i * STEP, time.monotonic(), i, decoded=rgb.reformat(format="yuv420p"))
+
+
+async def feed_realtime(
+    source: MemorySource, frames: int, size: int = SIZE, decoded: bool = False
+) -> None:
+    """A camera: one frame every frame interval, each at its own time (`decoded`: as a decoder
+    gives them, see `decoded_frame`)."""
     start = time.monotonic()
     for i in range(frames):
         await asyncio.sleep(max(0.0, start + i * FRAME_S - time.monotonic()))
-        source.put_image(numbered_frame(i, size, size), i * STEP)
+        if decoded:
+            source.put(decoded_frame(i, size))
+        else:
+            source.put_image(numbered_frame(i, size, size), i * STEP)
     source.end()
 
 
@@ -93,6 +106,37 @@ async def test_a_burst_of_frames_is_paced_not_dropped() -> None:
     assert session.ended == "input ended"
 
 
+class StallingSink(MemorySink):
+    """A receiver that blocks the whole event loop on every tenth frame, for three frame
+    intervals: what a loaded machine (or a blocking call elsewhere) does to the loop. It is a
+    stall to recover from, not a wait: nothing in the test waits on it."""
+
+    async def send(self, frame: OutputFrame, audio: Sequence[AudioPacket]) -> bool:
+        if len(self.delivered) % 10 == 0:
+            time.sleep(3 * FRAME_S)  # noqa: ASYNC251 -- the stall itself, on purpose
+        return await super().send(frame, audio)
+
+
+async def test_a_late_loop_costs_no_frame_before_a_pipeline_that_is_free() -> None:
+    """After a stall the paced frames are late and go at once, back to back: each must still
+    reach the pipeline (noop takes a decoded frame the moment it gets the loop), not replace
+    the one before it in the slot. Frames may be dropped only where a stage was busy."""
+    sink = StallingSink(primary=True)
+    source = MemorySource()
+    session = session_with(source, [sink])
+    session.start()
+    await asyncio.wait_for(session.wait_ready(), WAIT_S)
+    for i in range(60):
+        source.put(decoded_frame(i))
+    source.end()
+    await asyncio.wait_for(session.wait(), WAIT_S)
+    assert session.stats.frames_in == 60
+    assert session.stats.input_dropped == 0
+    got = indices(sink)
+    assert got == sorted(got) and got[-1] == 59
+    assert session.stats.frames_out + session.stats.frames_dropped == 60
+
+
 async def test_without_pacing_a_burst_keeps_only_what_the_pipeline_can_take() -> None:
     sink = MemorySink(primary=True)
     session = await run_burst(MemorySource(), sink, pace=False)
@@ -110,6 +154,7 @@ class SlowPublisher:
         self.inner = inner
         self.delay_s = delay_s
         self.chunks = 0
+        self.on_write: Callable[[], None] = lambda: None  # called as each chunk goes out
 
     def segment(self):
         publisher = self
@@ -123,6 +168,7 @@ class SlowPublisher:
             async def write(self, chunk: bytes) -> None:
                 await asyncio.sleep(publisher.delay_s)
                 publisher.chunks += 1
+                publisher.on_write()
                 await self.writer.write(chunk)
 
             async def __aexit__(self, *exc):
@@ -147,10 +193,15 @@ async def test_a_slow_sink_drops_frames_without_adding_delay_or_slowing_a_fast_o
     fast = MemorySink(name="fast")
     source = MemorySource()
     session = session_with(source, [slow, fast])
+    stats = session.stats
+    inside: list[int] = []  # frames in the session, not yet out nor dropped, at each chunk sent
+    slow_output.on_write = lambda: inside.append(
+        stats.frames_in - stats.frames_out - stats.frames_dropped
+    )
     session.start()
     await asyncio.wait_for(session.wait_ready(), WAIT_S)
     frames = 10 * FPS
-    await feed_realtime(source, frames)
+    await feed_realtime(source, frames, decoded=True)  # noop is never busy: see decoded_frame
     await asyncio.wait_for(session.wait(), WAIT_S)
 
     # The fast sink kept the camera's frame rate.
@@ -163,12 +214,10 @@ async def test_a_slow_sink_drops_frames_without_adding_delay_or_slowing_a_fast_o
     assert sinks["trickle"].sent + sinks["trickle"].dropped == frames
     assert session.stats.frames_out == sinks["trickle"].sent == slow_output.chunks
     assert session.stats.frames_dropped >= sinks["trickle"].dropped
-    # Its delay did not grow: the last five seconds are no worse than the first five.
-    delays = list(session.stats.latencies)  # in delivery order, all of them
-    per_5s = len(delays) // 2
-    early = statistics.median(delays[:per_5s])
-    late = statistics.median(delays[-per_5s:])
-    assert late <= early + FRAME_S, (early, late)
+    # Its delay did not grow, at any speed: it dropped rather than queued, so whenever it sent
+    # a frame no more were inside than the stages hold one each (paced, in the pipeline's slot,
+    # in its own slot, the one it sends).
+    assert len(inside) == slow_output.chunks and max(inside) <= 4, inside
     # A second sink cost no encode: only the trickle sink encodes.
     assert "encode" in session.stats.stage_percentiles()
 

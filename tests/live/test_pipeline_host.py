@@ -24,7 +24,7 @@ from protocol.clips import make_clip, numbered_frame, read_index
 from protocol.media import SegmentEncoder, VideoFrame
 from runtime.runtime import Runtime, RuntimeConfig
 from tests.live.conftest import PIPELINES
-from tests.live.streams import run_stream
+from tests.live.streams import run_stream, wait_gone
 
 BUFFER_BYTES = 64 * 2**20  # what one loaded instance holds: real, touched memory
 STEP = 3000  # 30 fps on the 90 kHz clock
@@ -68,7 +68,9 @@ async def test_an_out_of_memory_restart_unloads_the_old_pipeline_before_loading(
     pipelines = {**PIPELINES, RoomForOne.name: RoomForOne}
     client = await aiohttp_client(create_app(Settings(status_interval_s=0.5), pipelines))
     body = {"model_id": RoomForOne.name}
-    _, viewer, events = await run_stream(client, make_clip(FRAMES), body=body)
+    info, viewer, events = await run_stream(client, make_clip(FRAMES), body=body)
+    # The final status goes out before the session unloads its pipeline: wait for the release.
+    await wait_gone(client, info["session_id"])
     (restart,) = events.of_type("restart")
     assert "out of memory" in restart["restart_logs"][0]
     assert not [e for e in events.of_type("error") if "failed to load" in e["message"]]

@@ -81,15 +81,19 @@ async def test_slow_pipeline_drops_frames_and_latency_stays_flat(service) -> Non
     client = await service()
     clip = make_clip(30 * 30)  # 30 s at 30 fps
     _, viewer, events = await run_stream(client, clip, body={"model_id": "slow"})
-    final = events.of_type("status")[-1]
-    assert final["frames_dropped"] > 500
-    assert 100 < len(viewer.frames) < 400  # about 6 fps out of 30
-    # Delay = arrival of an output frame minus the time its input was published.
-    start = viewer.frames[0].at - (viewer.frames[0].pts - clip.pts[0]) / 90_000
-    delays = [f.at - start - (f.pts - clip.pts[0]) / 90_000 for f in viewer.frames]
-    early = sorted(delays[5:25])[10]
-    late = sorted(delays[-20:])[10]
-    assert late <= early + 0.15, (early, late)
+    statuses = events.of_type("status")
+    final = statuses[-1]
+    got = [i for i in viewer.indices if i is not None]
+    loading = len(viewer.frames) - len(got)  # stand-ins (no index) while the pipeline loads
+    assert got == sorted(set(got)) and len(got) == final["frames_out"] > 0
+    # The pipeline takes five frame intervals a frame: most frames are dropped, each counted.
+    assert final["frames_out"] + final["frames_dropped"] + loading == final["frames_in"]
+    assert final["frames_dropped"] > final["frames_out"]
+    # Dropped, not queued, so the delay cannot grow: at no time were more frames inside the
+    # session than its stages hold one each (paced, in the pipeline's slot, in the pipeline,
+    # in the output's slot, being encoded), however fast the machine runs.
+    inside = [s["frames_in"] - s["frames_out"] - s["frames_dropped"] - loading for s in statuses]
+    assert max(inside) <= 5, inside
 
 
 async def test_live_param_change_applies_without_reload(service) -> None:

@@ -56,12 +56,24 @@ async def test_session_input_keeps_every_segment_of_a_publisher_that_closes_at_o
                     f"frame {sent} into the session (got {session.stats.frames_in})",
                     within=WAIT_S,
                 )
-            await viewer.wait_frames(sent)
+            # The last frame always goes out (the newest is never dropped); those before it
+            # may not, if the output is slower than the frame rate (a loaded machine).
+            await wait_until(
+                lambda: bool(viewer.frames) and viewer.frames[-1].index == sent - 1,
+                f"frame {sent - 1} out",
+                within=WAIT_S,
+            )
         finally:
             await http.delete(info["publish_url"])
             await asyncio.wait_for(asyncio.gather(*tasks), WAIT_S)
-    assert session.stats.frames_in == 2 * SEGMENTS
-    assert viewer.indices == list(range(2 * SEGMENTS))
+    stats = session.stats
+    assert stats.frames_in == 2 * SEGMENTS
+    # Out in order, each frame once; loading frames (no index) stand in while noop loads; what
+    # did not go out is counted as dropped.
+    got = [i for i in viewer.indices if i is not None]
+    loading = len(viewer.frames) - len(got)
+    assert got == sorted(set(got)) and len(got) == stats.frames_out
+    assert stats.frames_out + stats.frames_dropped + loading == 2 * SEGMENTS
     await wait_gone(client, info["session_id"])
 
 
