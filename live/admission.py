@@ -336,7 +336,7 @@ class Admission:
         sessions_left = max(0, self.settings.max_sessions - len(sessions))
         per_device = []
         for device in self.runtime.known_devices():
-            worker = device.started_worker()
+            live_done, batch_done = items_done(device)
             per_device.append(
                 DeviceCapacity(
                     device=device.label,
@@ -346,8 +346,8 @@ class Admission:
                     model_memory_budget_bytes=device.models.budget_bytes,
                     model_memory_left_bytes=self.memory_left(device),
                     streams_left=self.streams_left(self.on_device(bound, device), sessions_left),
-                    live_items_done=0 if worker is None else worker.done_live,
-                    batch_items_done=0 if worker is None else worker.done_batch,
+                    live_items_done=live_done,
+                    batch_items_done=batch_done,
                 )
             )
         budgets = [d.model_memory_budget_bytes for d in per_device]
@@ -377,3 +377,11 @@ def _total(values: list[int | None]) -> int | None:
             return None
         total += value
     return total
+
+
+def items_done(device: Device) -> tuple[int, int]:
+    """Live and batch calls the device's workers ran: its thread and its worker process
+    (`--worker-process`: live sessions' frames, loads and param changes run there)."""
+    workers = [device.started_worker(), device.started_process_worker()]
+    done = [w for w in workers if w is not None]
+    return sum(w.done_live for w in done), sum(w.done_batch for w in done)
