@@ -5,7 +5,13 @@ words, not with the AttributeError its import would raise there."""
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
+import aiohttp
 import numpy as np
 import pytest
 
@@ -14,7 +20,11 @@ from live.keys import SESSIONS
 from live.pipelines.passthrough import NoopPipeline
 from live.settings import Settings, parse_settings
 from tests.live.conftest import PIPELINES
-from tests.live.streams import EventLog, start_session, wait_gone
+from tests.live.streams import EventLog, free_port, start_session, wait_gone
+from tests.live.test_service import STARTUP_S
+from tests.waiting import wait_until
+
+ROOT = Path(__file__).resolve().parents[2]
 
 HOW_TO_FIX = "--no-worker-process"
 
@@ -64,3 +74,64 @@ async def test_a_pipeline_added_later_that_no_import_reaches_fails_its_session_i
     await client.delete(f"/live-video-to-video/{info['session_id']}")
     await wait_gone(client, info["session_id"])
     await reading
+
+
+SCRIPT = """import sys
+from live.cli import main
+if __name__ == "__main__":
+    sys.exit(main())
+"""
+"""What pip writes as the `live-v2v` command (a script, not `python -m live`)."""
+
+SERVICE_LIBRARIES = ("/aiohttp/", "/av/")
+"""Paths of the service's compiled libraries, as a process's memory map shows them once
+imported (aiohttp's HTTP parser, PyAV's codecs)."""
+
+
+def libraries_of(pid: int) -> list[str]:
+    maps = Path(f"/proc/{pid}/maps").read_text()
+    return [lib for lib in SERVICE_LIBRARIES if lib in maps]
+
+
+async def test_the_live_v2v_script_starts_workers_without_the_service_in_them(tmp_path) -> None:
+    script = tmp_path / "live-v2v"
+    script.write_text(SCRIPT)
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        *(str(script), "serve", "--device", "cpu", "--port", str(port)),
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        cwd=tmp_path,
+    )
+    try:
+        async with aiohttp.ClientSession() as http:
+
+            async def health() -> dict | None:
+                try:
+                    async with http.get(f"{base}/health") as response:
+                        return await response.json()
+                except aiohttp.ClientConnectionError:
+                    return None
+
+            await wait_until(health, "the service to start", within=STARTUP_S, poll=0.1)
+            async with http.post(f"{base}/live-video-to-video", json={"model_id": "cartoon"}) as r:
+                assert r.status == 200, await r.text()
+
+            pids: list[int] = []
+
+            async def worker_ready() -> bool:
+                body = await health()
+                workers = (body or {}).get("workers", [])
+                pids[:] = [w["pid"] for w in workers if w["state"] == "ready"]
+                return bool(pids)
+
+            await wait_until(worker_ready, "the worker process", within=STARTUP_S)
+            in_worker = await asyncio.to_thread(libraries_of, pids[0])
+            assert in_worker == []
+            # What the check looks for is there in the service's own process.
+            assert await asyncio.to_thread(libraries_of, proc.pid) == list(SERVICE_LIBRARIES)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(proc.wait(), 30)
