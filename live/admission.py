@@ -380,8 +380,12 @@ def _total(values: list[int | None]) -> int | None:
 
 
 def items_done(device: Device) -> tuple[int, int]:
-    """Live and batch calls the device's workers ran: its thread and its worker process
-    (`--worker-process`: live sessions' frames, loads and param changes run there)."""
-    workers = [device.started_worker(), device.started_process_worker()]
-    done = [w for w in workers if w is not None]
-    return sum(w.done_live for w in done), sum(w.done_batch for w in done)
+    """Live and batch calls the device's workers ran: its thread's, and the live calls of its
+    worker process (`--worker-process`: live sessions' frames and param changes; their loads
+    run there at batch priority, so its batch count is not batch jobs)."""
+    live = batch = 0
+    thread = device.started_worker()
+    if thread is not None:
+        live, batch = thread.done_live, thread.done_batch
+    process = device.started_process_worker()
+    return live + (0 if process is None else process.done_live), batch
