@@ -60,9 +60,10 @@ def test_a_pipeline_made_in_a_function_is_refused_at_start() -> None:
 async def test_a_pipeline_added_later_that_no_import_reaches_fails_its_session_in_words(
     aiohttp_client,
 ) -> None:
-    client = await aiohttp_client(
-        create_app(Settings(status_interval_s=0.5, trickle_linger_s=0.05), PIPELINES)
-    )
+    # A copy: the app keeps the dict it is given, and the one pipeline added below is this
+    # test's alone.
+    settings = Settings(status_interval_s=0.5, trickle_linger_s=0.05)
+    client = await aiohttp_client(create_app(settings, dict(PIPELINES)))
     cls = pipeline_made_in_a_function()
     client.app[SESSIONS].pipelines[cls.name] = cls  # as an embedding application may
     info = await start_session(client, model_id=cls.name)
