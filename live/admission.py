@@ -349,7 +349,7 @@ class Admission:
         sessions_left = max(0, self.settings.max_sessions - len(sessions))
         per_device = []
         for device in self.runtime.known_devices():
-            worker = device.started_worker()
+            live_done, batch_done = items_done(device)
             # A device whose worker process failed for good takes no more streams.
             left = 0 if device.failure() is not None else sessions_left
             per_device.append(
@@ -361,8 +361,8 @@ class Admission:
                     model_memory_budget_bytes=device.models.budget_bytes,
                     model_memory_left_bytes=self.memory_left(device),
                     streams_left=self.streams_left(self.on_device(bound, device), left),
-                    live_items_done=0 if worker is None else worker.done_live,
-                    batch_items_done=0 if worker is None else worker.done_batch,
+                    live_items_done=live_done,
+                    batch_items_done=batch_done,
                 )
             )
         budgets = [d.model_memory_budget_bytes for d in per_device]
@@ -392,3 +392,15 @@ def _total(values: list[int | None]) -> int | None:
             return None
         total += value
     return total
+
+
+def items_done(device: Device) -> tuple[int, int]:
+    """Live and batch calls the device's workers ran: its thread's, and the live calls of its
+    worker process (`--worker-process`: live sessions' frames and param changes; their loads
+    run there at batch priority, so its batch count is not batch jobs)."""
+    live = batch = 0
+    thread = device.started_worker()
+    if thread is not None:
+        live, batch = thread.done_live, thread.done_batch
+    process = device.started_process_worker()
+    return live + (0 if process is None else process.done_live), batch

@@ -23,6 +23,7 @@ from .metrics import ServiceMetrics, add_metrics_route
 from .openapi import add_openapi_routes
 from .page import add_page_routes
 from .pipelines import LivePipeline, builtin_pipelines
+from .process_calls import class_path
 from .routes import add_live_routes
 from .sessions import Availability, SessionManager
 from .settings import Settings
@@ -44,6 +45,10 @@ def create_app(
     trickle_config = settings.trickle()
     trickle = app[TRICKLE] = TrickleServer(trickle_config)
     available = builtin_pipelines() if pipelines is None else pipelines
+    if settings.worker_process:
+        for cls in available.values():
+            if not cls.passes_through:
+                class_path(cls)  # one the worker process cannot import is refused now
     if settings.default_pipeline not in (*available, "auto"):
         raise ValueError(
             f"--default-pipeline {settings.default_pipeline!r} is not a live pipeline; "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import ipaddress
 import logging
 import signal
@@ -193,7 +194,20 @@ def _one_line(exc: ValidationError) -> str:
     )
 
 
+def _workers_skip_this_script() -> None:
+    """Worker processes start with `spawn`, which first runs the parent's main script again in
+    each child (multiprocessing's `__mp_main__`). For the `live-v2v` script that is `from
+    live.cli import main`: aiohttp, aiortc, PyAV, the whole service, about a second of every
+    worker start and restart and their memory for the worker's life. The script does what
+    `python -m live` does; said so, spawn leaves it out (it never runs a `__main__` module of a
+    package again)."""
+    script = sys.modules.get("__main__")
+    if script is not None and getattr(script, "__spec__", None) is None:
+        script.__spec__ = importlib.util.find_spec("live.__main__")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    _workers_skip_this_script()
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or (argv[0].startswith("--") and argv[0] != "--help"):

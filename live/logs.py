@@ -16,7 +16,8 @@ import logging
 import sys
 from typing import Any, Literal
 
-from protocol.http_errors import quiet_client_errors
+from pydantic import BaseModel
+
 from runtime.library_logs import is_library_record
 
 SESSION_ID: contextvars.ContextVar[str] = contextvars.ContextVar("session_id", default="-")
@@ -25,6 +26,19 @@ STAGE: contextvars.ContextVar[str | None] = contextvars.ContextVar("stage", defa
 """The frame loop's task a line comes from: ingest, inference, or a sink's name."""
 
 LogFormat = Literal["text", "json"]
+
+
+class LogSetup(BaseModel):
+    """How the service logs, and for which session: a worker process writes the lines of a
+    session's pipeline (its model loads, its libraries' warnings) to the stderr it shares with
+    the service, in the service's format and level, naming the session (pipeline_child.py)."""
+
+    level: int
+    format: LogFormat
+    session: str
+    pipeline: str
+
+
 NOISY = ("aiohttp.access", "aioice", "aiortc", "libav")
 """Loggers held at WARNING or above: their INFO lines are per packet or per request."""
 
@@ -99,7 +113,18 @@ def make_handler(log_format: LogFormat = "text", stream: Any = None) -> logging.
     return handler
 
 
+def handler_format() -> LogFormat:
+    """The format the service's handler writes, as `configure_logging` set it (text when it
+    was never called, as under tests): for the worker processes to write alike."""
+    root = logging.getLogger()
+    json_handler = any(isinstance(h.formatter, JsonFormatter) for h in root.handlers)
+    return "json" if json_handler else "text"
+
+
 def configure_logging(level: str, log_format: LogFormat = "text", stream: Any = None) -> None:
+    # Here, not at the top: a worker process uses this module's handler without aiohttp.
+    from protocol.http_errors import quiet_client_errors
+
     root = logging.getLogger()
     root.handlers[:] = [make_handler(log_format, stream)]
     root.setLevel(level.upper())

@@ -33,6 +33,7 @@ from protocol.requests import require_bearer
 from protocol.trickle import TrickleServer
 from runtime.runtime import Runtime
 
+from .admission import items_done
 from .keys import METRICS, SETTINGS
 from .session import LiveSession
 from .sessions import SessionManager
@@ -306,7 +307,7 @@ def _device_families(m: ServiceMetrics) -> Iterator[Metric]:
                 size.add_metric(names, info.size_bytes)
         sessions.add_metric([label], len(device.sessions))
         jobs.add_metric([label], device.jobs)
-        worker = device.started_worker()
-        live_items.add_metric([label], 0 if worker is None else worker.done_live)
-        batch_items.add_metric([label], 0 if worker is None else worker.done_batch)
+        live_done, batch_done = items_done(device)
+        live_items.add_metric([label], live_done)
+        batch_items.add_metric([label], batch_done)
     yield from (load, size, sessions, jobs, live_items, batch_items)

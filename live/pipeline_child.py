@@ -25,8 +25,10 @@ model cache, is shared by every session's pipeline and batch model there.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -34,9 +36,25 @@ import numpy as np
 from runtime.hosted_device import device_here
 from runtime.runtime import RuntimeConfig
 
+from .logs import PIPELINE, SESSION_ID, STAGE, LogFormat, LogSetup, make_handler
 from .pipelines.base import LivePipeline, PipelineContext, PipelineParams
 
 logger = logging.getLogger(__name__)
+
+
+_log_setup: list[tuple[int, LogFormat]] = []
+"""The level and format this process's handler was set up with (once: module state, as the
+process itself owns it)."""
+
+
+def _log_like_the_service(setup: LogSetup) -> None:
+    wanted = (setup.level, setup.format)
+    if _log_setup == [wanted]:
+        return
+    root = logging.getLogger()
+    root.handlers[:] = [make_handler(setup.format)]
+    root.setLevel(setup.level)
+    _log_setup[:] = [wanted]
 
 
 def pipeline_class(path: str) -> type[LivePipeline]:
@@ -59,31 +77,58 @@ class HostedPipeline:
         params: PipelineParams,
         device: tuple[str, str, str],
         config: RuntimeConfig,
+        log: LogSetup | None = None,
     ) -> None:
-        cls = pipeline_class(pipeline_path)
-        self.pipeline = cls(params, PipelineContext(device_here(*device, config)))
-        try:
-            self.pipeline.load()
-        except BaseException:
+        self.log = log
+        if log is not None:
+            _log_like_the_service(log)
+        with self._session():
+            cls = pipeline_class(pipeline_path)
+            self.pipeline = cls(params, PipelineContext(device_here(*device, config)))
             try:
-                self.pipeline.unload()
-            except Exception:
-                logger.warning("unloading a pipeline that failed to load failed", exc_info=True)
-            raise
+                self.pipeline.load()
+            except BaseException:
+                try:
+                    self.pipeline.unload()
+                except Exception:
+                    logger.warning("unloading a pipeline that failed to load failed", exc_info=True)
+                raise
+
+    @contextlib.contextmanager
+    def _session(self, stage: str | None = None) -> Iterator[None]:
+        """This session's context on the lines written meanwhile, as in the service's process
+        (set and reset per call: the calls of several sessions take turns on this thread)."""
+        if self.log is None:
+            yield
+            return
+        tokens = (
+            (SESSION_ID, SESSION_ID.set(self.log.session)),
+            (PIPELINE, PIPELINE.set(self.log.pipeline)),
+            (STAGE, STAGE.set(stage)),
+        )
+        try:
+            yield
+        finally:
+            for var, token in reversed(tokens):
+                var.reset(token)  # type: ignore[attr-defined]
 
     def process(self, frame: np.ndarray) -> np.ndarray | None:
         """The output frame, or None when it is the input itself (a pass-through pipeline):
         the service then keeps its own input frame, and its decoded form, as the output."""
         # The slot is the service's and read-only: a pipeline may keep or change its input.
         image = frame.copy()
-        out = self.pipeline.process(image)
+        with self._session("inference"):
+            out = self.pipeline.process(image)
         return None if out is image else out
 
     def apply(self, params: PipelineParams) -> None:
-        self.pipeline.apply(params)
+        with self._session():
+            self.pipeline.apply(params)
 
     def keeps_serving(self, new: PipelineParams) -> bool:
-        return self.pipeline.keeps_serving_during_reload(new)
+        with self._session():
+            return self.pipeline.keeps_serving_during_reload(new)
 
     def unload(self) -> None:
-        self.pipeline.unload()
+        with self._session():
+            self.pipeline.unload()

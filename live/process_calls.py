@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import math
+import re
 from collections.abc import Callable
 
 import numpy as np
@@ -40,6 +42,7 @@ from runtime.worker_errors import (
 )
 from runtime.worker_process import ObjectRef, ProcessWorker
 
+from .logs import PIPELINE, SESSION_ID, LogSetup, handler_format
 from .pipeline_host import Log, PipelineCalls, PipelineLost
 from .pipelines.base import LivePipeline, PipelineParams
 
@@ -50,10 +53,18 @@ CALL_TIMEOUT_S = 60.0
 """Params, unload and other small calls: far more than they take."""
 CLOSE_TIMEOUT_S = 5.0
 OUT_OF_MEMORY = ("MemoryError", "OutOfMemoryError")
+_WORDS = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
 
 
 def class_path(cls: type) -> str:
-    """`module:QualName`, which the worker process imports the class by."""
+    """`module:QualName`, which the worker process imports the class by. ValueError for a
+    class made inside a function: no import reaches it."""
+    if "<locals>" in cls.__qualname__:
+        raise ValueError(
+            f"{cls.__module__}.{cls.__qualname__} is defined inside a function, and a worker "
+            "process imports a pipeline by its module and name: define it at a module's top "
+            "level, or run the pipelines in the service's process (--no-worker-process)"
+        )
     return f"{cls.__module__}:{cls.__qualname__}"
 
 
@@ -83,6 +94,7 @@ class ProcessCalls(PipelineCalls[ObjectRef]):
         return PipelineLost(reason, final=final)
 
     async def load(self, params: PipelineParams) -> ObjectRef:
+        path = class_path(self.pipeline_cls)
         try:
             worker = self._worker = await self.device.process_worker()
         except WorkerUnavailable as exc:
@@ -91,10 +103,11 @@ class ProcessCalls(PipelineCalls[ObjectRef]):
         task = asyncio.ensure_future(
             worker.create(
                 HOSTED,
-                class_path(self.pipeline_cls),
+                path,
                 params,
                 (device.label, device.name, device.setting),
                 device.config,
+                self._log_setup(),
                 timeout_s=LOAD_TIMEOUT_S,
                 loader=True,
             )
@@ -121,6 +134,15 @@ class ProcessCalls(PipelineCalls[ObjectRef]):
                 except WorkerUnavailable as final:
                     raise self._lost(final) from exc
             raise lost from exc
+
+    def _log_setup(self) -> LogSetup:
+        """The service's level and format, and this session (the loader task's context)."""
+        return LogSetup(
+            level=logging.getLogger().getEffectiveLevel(),
+            format=handler_format(),
+            session=SESSION_ID.get(),
+            pipeline=PIPELINE.get() or self.pipeline_cls.name,
+        )
 
     def _release_late(self, task: asyncio.Task[ObjectRef]) -> None:
         if self._worker is not None and not task.cancelled() and task.exception() is None:
@@ -187,8 +209,14 @@ class ProcessCalls(PipelineCalls[ObjectRef]):
         return await worker.call(pipeline.method(method), *args, timeout_s=CALL_TIMEOUT_S)
 
 
+class PipelineFailed(Exception):
+    """The pipeline's own exception, raised in the worker process: its message alone, so that
+    the session words it as it words one raised in the service's process ("boom", not
+    "RuntimeError: boom"); its kind in words when it has no message."""
+
+
 def _own_error(exc: OperationFailed) -> Exception:
     """The pipeline's own exception as the host reads it: out of memory stays one."""
     if exc.type_name in OUT_OF_MEMORY:
         return MemoryError(exc.message or exc.type_name)
-    return exc
+    return PipelineFailed(exc.message or _WORDS.sub(" ", exc.type_name).lower())

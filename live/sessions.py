@@ -27,6 +27,7 @@ from runtime.runtime import Device, Runtime
 
 from .admission import Admission
 from .edges import FrameSink, FrameSource
+from .pipeline_host import Log, PipelineCalls, ThreadCalls
 from .pipelines.base import LivePipeline, PipelineContext, PipelineParams
 from .process_calls import ProcessCalls
 from .recording import SessionRecording
@@ -201,15 +202,24 @@ class SessionManager:
     def session_config(self, device: Device | None = None) -> SessionConfig:
         home = device or self.runtime.usable_devices()[0]
         in_worker = self.runtime.config.worker_process
+        context = self.device_context(device)
+
+        def calls(cls: type[LivePipeline], log: Log) -> PipelineCalls[Any]:
+            if cls.passes_through:
+                # No model, and its frames skip it: nothing for a worker to isolate, and
+                # waiting for one to start would only put loading frames before its first.
+                return ThreadCalls(cls, context, log)
+            # A pipeline that needs no device runs in the first device's worker.
+            return ProcessCalls(cls, home, log)
+
         config = SessionConfig(
             input_timeout_s=self.settings.input_timeout_s,
             status_interval_s=self.settings.status_interval_s,
             frame_timeout_s=self.settings.frame_timeout_s,
-            context=self.device_context(device),
+            context=context,
             device_worker=None if in_worker else home.worker(),
-            # --worker-process: every session's pipeline runs in its device's worker process
-            # (a pipeline that needs no device runs in the first device's).
-            calls=(lambda cls, log: ProcessCalls(cls, home, log)) if in_worker else None,
+            # --worker-process (the default): pipelines run in their device's worker process.
+            calls=calls if in_worker else None,
         )
         config.encoder.segment_s = self.settings.segment_s
         return config

@@ -74,9 +74,10 @@ class Settings(BaseModel):
     )
     compile: bool = Field(False, description="torch.compile the UNet and decoder on GPU")
     worker_process: bool = Field(
-        False,
+        True,
         description="run live sessions' pipelines in each device's supervised worker process "
-        "(restarted on a crash or hang; batch jobs still run in the service's process)",
+        "(restarted on a crash or hang; batch jobs still run in the service's process); "
+        "--no-worker-process runs them on threads of the service's own process",
     )
     model_memory_gb: float | None = Field(
         None,

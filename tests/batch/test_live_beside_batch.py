@@ -12,7 +12,9 @@ STEPS = 40
 
 
 async def test_live_frames_wait_at_most_one_step_of_a_batch_job(batch_service) -> None:
-    client = await batch_service(warm=("text-to-image",), device="cpu")
+    # In process on purpose: live frames and the batch job share this process's device worker
+    # (batch jobs run in process until they move to the worker process).
+    client = await batch_service(warm=("text-to-image",), device="cpu", worker_process=False)
     worker = client.app[RUNTIME].worker()
     async with live_pair(client, frames=600) as live:  # 20 s: outlasts the batch job
         before = live.counts()

@@ -551,7 +551,9 @@ STREAMED_TOKENS = 24
 
 
 async def test_live_output_flows_while_an_llm_streams(batch_service) -> None:
-    client = await batch_service(warm=("llm",), device="cpu")
+    # In process on purpose: live frames and the batch job share this process's device worker
+    # (batch jobs run in process until they move to the worker process).
+    client = await batch_service(warm=("llm",), device="cpu", worker_process=False)
     worker = client.app[RUNTIME].worker()
     pace = Pace()
     hook = served_model(client.app).model.register_forward_pre_hook(pace)

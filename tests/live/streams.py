@@ -22,6 +22,9 @@ from protocol.media import AudioPacket, StreamDecoder
 from protocol.trickle import TricklePublisher, TrickleSubscriber
 
 WAIT_S = 30.0  # generous: only a hung test ever reaches it
+LOAD_S = 90.0
+"""A first load in a fresh worker process imports torch and reads the model: seconds on a busy
+CPU."""
 
 
 def free_port() -> int:
@@ -173,9 +176,32 @@ def watch(info: dict) -> tuple[Viewer, EventLog, list[asyncio.Task[None]]]:
     return viewer, events, [asyncio.create_task(viewer.run()), asyncio.create_task(events.run())]
 
 
-async def run_stream(client, clip, *, body=None, during=None, realtime=True, **publish):
+async def wait_loaded(client, session_id: str, within: float = LOAD_S) -> None:
+    """Until the session's pipeline has loaded for the first time, or the session ended (a load
+    that fails). Its frames before that are loading frames: in a worker process (the default),
+    even `noop`-like test pipelines wait for the process to start."""
+    session = client.app[SESSIONS].sessions.get(session_id)
+    if session is None:
+        return
+    waits = [asyncio.ensure_future(session.wait_ready()), asyncio.ensure_future(session.wait())]
+    try:
+        done, _ = await asyncio.wait(waits, timeout=within, return_when=asyncio.FIRST_COMPLETED)
+        assert done, f"the session's pipeline did not load within {within:g} s"
+    finally:
+        for wait in waits:
+            wait.cancel()
+        await asyncio.gather(*waits, return_exceptions=True)
+
+
+async def run_stream(
+    client, clip, *, body=None, during=None, realtime=True, loaded_first=True, **publish
+):
+    """A session fed `clip` to its end, watched all along. `loaded_first`: publishing starts
+    once the pipeline has loaded, so every frame of the clip reaches it."""
     info = await start_session(client, **(body or {}))
     viewer, events, tasks = watch(info)
+    if loaded_first:
+        await wait_loaded(client, info["session_id"])
     publishing = asyncio.create_task(publish_clip(info["publish_url"], clip, realtime, **publish))
     if during is not None:
         await during(info, viewer, events)

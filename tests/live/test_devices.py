@@ -16,7 +16,7 @@ from live.settings import Settings
 from protocol.clips import make_clip
 from runtime.device import device_labels, device_list
 from tests.live.conftest import PIPELINES
-from tests.live.streams import publish_clip, start_session, wait_gone
+from tests.live.streams import publish_clip, start_session, wait_gone, wait_loaded
 from tests.live.test_metrics import scrape, value
 from tests.waiting import wait_until
 
@@ -60,6 +60,8 @@ async def test_two_sessions_run_on_two_workers(two_cpus) -> None:
     assert [s["device"] for s in status] == ["cpu:0", "cpu:1", None]
 
     clip = make_clip(60)
+    for info in (first, second):  # each in its device's worker process, started just now
+        await wait_loaded(client, info["session_id"])
     publishing = [
         asyncio.create_task(publish_clip(info["publish_url"], clip)) for info in (first, second)
     ]

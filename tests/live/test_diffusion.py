@@ -14,7 +14,7 @@ from live.pipelines.base import PipelineContext
 from live.pipelines.diffusion import StreamDiffusionParams, StreamDiffusionPipeline
 from live.settings import Settings
 from protocol.clips import make_clip, numbered_frame
-from tests.live.streams import publish_clip, watch
+from tests.live.streams import publish_clip, wait_loaded, watch
 
 
 def tiny_params(**overrides) -> StreamDiffusionParams:
@@ -122,6 +122,7 @@ async def test_streamdiffusion_session_end_to_end(diffusion_service, tiny_models
     assert response.status == 200, await response.text()
     info = await response.json()
     viewer, events, tasks = watch(info)
+    await wait_loaded(client, info["session_id"])  # the clip is for the model, not its load
 
     async def steer() -> None:
         url = f"/live-video-to-video/{info['session_id']}/params"
@@ -175,10 +176,14 @@ async def test_no_gpu_gives_503_unless_cpu_is_asked_for(aiohttp_client, tiny_mod
     assert "--device cpu" in (await response.json())["detail"]["msg"]
 
 
-async def test_two_sessions_of_one_model_share_its_weights(diffusion_service) -> None:
+async def test_two_sessions_of_one_model_share_its_weights(aiohttp_client, tiny_models_dir) -> None:
     """The runtime loads a model once: both sessions' UNets, text encoders and autoencoders
     are the same tensors; each session keeps its own scheduler and stream state."""
-    client = diffusion_service
+    # In process on purpose: it compares the pipelines' tensors, which a worker process keeps.
+    settings = Settings(
+        models_dir=tiny_models_dir, device="cpu", status_interval_s=0.5, worker_process=False
+    )
+    client = await aiohttp_client(create_app(settings))
     runtime, sessions = client.app[RUNTIME], client.app[SESSIONS]
     params = {"width": 64, "height": 64, "t_index_list": [10, 30]}
     started = []

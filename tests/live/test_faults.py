@@ -202,7 +202,9 @@ async def test_a_pipeline_failing_on_every_frame_restarts_a_bounded_number_of_ti
 async def test_a_hanging_pipeline_ends_its_session_with_error(faulty_service) -> None:
     release = threading.Event()
     cls = hanging_pipeline(release)
-    client = await faulty_service({cls.name: cls}, frame_timeout_s=0.5)
+    # In process on purpose: the pipeline is made here, released by this process's event (a
+    # hang in a worker process: test_worker_sessions).
+    client = await faulty_service({cls.name: cls}, frame_timeout_s=0.5, worker_process=False)
     try:
         info = await start_session(client, model_id="hanging")
         session = client.app[SESSIONS].get(info["session_id"])

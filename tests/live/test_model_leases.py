@@ -35,7 +35,10 @@ async def test_a_load_that_fails_after_leasing_gives_the_model_back(
     aiohttp_client, tiny_models_dir, one_torch_thread
 ) -> None:
     pipelines = {**builtin_pipelines(), WarmUpOutOfMemory.name: WarmUpOutOfMemory}
-    settings = Settings(models_dir=tiny_models_dir, device="cpu", status_interval_s=0.5)
+    # In process on purpose: it reads the leases of this process's model cache.
+    settings = Settings(
+        models_dir=tiny_models_dir, device="cpu", status_interval_s=0.5, worker_process=False
+    )
     client = await aiohttp_client(create_app(settings, pipelines))
     info = await start_session(client, model_id=WarmUpOutOfMemory.name, params=TINY)
     session = client.app[SESSIONS].get(info["session_id"])

@@ -66,7 +66,9 @@ async def test_an_out_of_memory_restart_unloads_the_old_pipeline_before_loading(
 ) -> None:
     RoomForOne.alive, RoomForOne.loads, RoomForOne.alive_at_load = 0, 0, []
     pipelines = {**PIPELINES, RoomForOne.name: RoomForOne}
-    client = await aiohttp_client(create_app(Settings(status_interval_s=0.5), pipelines))
+    # In process on purpose: the counts it checks are class attributes of this process.
+    settings = Settings(status_interval_s=0.5, worker_process=False)
+    client = await aiohttp_client(create_app(settings, pipelines))
     body = {"model_id": RoomForOne.name}
     info, viewer, events = await run_stream(client, make_clip(FRAMES), body=body)
     # The final status goes out before the session unloads its pipeline: wait for the release.

@@ -239,7 +239,9 @@ class LoggingPipeline(NoopPipeline):
 
 
 async def test_every_log_line_of_a_session_names_it_threads_included(service) -> None:
-    client = await service()
+    # In process on purpose: the pipeline's lines from this process's inference threads (a
+    # worker process's lines reach the service's stderr: test_service_log).
+    client = await service(worker_process=False)
     client.app[SESSIONS].pipelines["logging"] = LoggingPipeline
     records: list[logging.LogRecord] = []
     handler = logging.Handler()

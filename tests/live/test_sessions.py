@@ -178,7 +178,9 @@ async def test_pipeline_failures_are_reported_and_the_pipeline_restarts(service)
 
 async def test_out_of_memory_restarts_the_pipeline_at_once(service) -> None:
     OutOfMemoryOnce.loads = 0
-    client = await service()
+    # In process on purpose: it counts loads in a class attribute of this process (the worker
+    # process's out-of-memory restart: test_worker_sessions).
+    client = await service(worker_process=False)
     _, viewer, events = await run_stream(client, make_clip(60), body={"model_id": "oom-once"})
     # One failure is enough: a restart (a fresh load at the same params), not three errors.
     (restart,) = events.of_type("restart")

@@ -193,12 +193,19 @@ async def both_go_on_after_a_restart(client, streams: list[Stream]) -> None:
 
 async def test_a_worker_killed_from_outside_restarts_and_both_sessions_go_on(service) -> None:
     client = await service()
-    streams = [Stream(await start_session(client, model_id=m)) for m in ("noop", "cartoon")]
-    for stream in streams:
+    # identity, not noop: a pass-through pipeline stays in the service's process.
+    streams = [Stream(await start_session(client, model_id=m)) for m in ("identity", "cartoon")]
+    noop = Stream(await start_session(client, model_id="noop"))  # no worker: never notices
+    for stream in (*streams, noop):
         await stream.processed(10)
     pid = await worker_pid(client)
     os.kill(pid, signal.SIGKILL)
     await both_go_on_after_a_restart(client, streams)
+    await noop.viewer.wait_frames(len(noop.viewer.frames) + 10)
+    assert not restarts(noop.events) and not noop.events.of_type("error")
+    await client.delete(f"/live-video-to-video/{noop.info['session_id']}")
+    await wait_gone(client, noop.info["session_id"])
+    await noop.close()
     for stream in streams:
         (event,) = restarts(stream.events)
         assert "SIGKILL" in event["restart_logs"][0], event
@@ -212,7 +219,7 @@ async def test_an_abort_in_one_pipeline_restarts_both_sessions(service, tmp_path
     flag.touch()
     monkeypatch.setenv(ABORT_FLAG, str(flag))  # before the worker starts: it inherits it
     client = await service()
-    streams = [Stream(await start_session(client, model_id=m)) for m in ("noop", "aborting")]
+    streams = [Stream(await start_session(client, model_id=m)) for m in ("identity", "aborting")]
     await both_go_on_after_a_restart(client, streams)
     assert not flag.exists()
     assert "SIGABRT" in restarts(streams[1].events)[0]["restart_logs"][0]
@@ -220,7 +227,7 @@ async def test_an_abort_in_one_pipeline_restarts_both_sessions(service, tmp_path
 
 async def test_a_hung_session_ends_and_the_other_goes_on_in_a_fresh_worker(service) -> None:
     client = await service(frame_timeout_s=1.0)
-    other = Stream(await start_session(client, model_id="noop"))
+    other = Stream(await start_session(client, model_id="identity"))
     await other.processed(5)
     pid = await worker_pid(client)
     hung = Stream(await start_session(client, model_id="hanging"))
@@ -233,7 +240,7 @@ async def test_a_hung_session_ends_and_the_other_goes_on_in_a_fresh_worker(servi
 
 async def test_repeated_crashes_end_in_error_on_health_and_the_session_ends(service) -> None:
     client = await service()
-    stream = Stream(await start_session(client, model_id="noop"))
+    stream = Stream(await start_session(client, model_id="identity"))
     await stream.processed(5)
     device = client.app[SESSIONS].runtime.device()
     worker = device.started_process_worker()
@@ -337,7 +344,7 @@ def test_the_service_process_does_not_import_diffusers(tiny_models_dir) -> None:
 
 async def test_a_pipelines_own_errors_stay_its_sessions_problem(service) -> None:
     client = await service()
-    names = ("noop", "oom-first")
+    names = ("identity", "oom-first")
     streams = [Stream(await start_session(client, model_id=m)) for m in names]
     noop, oom = streams
     # Out of memory in the worker comes back as such: that pipeline restarts (unloaded, then
