@@ -853,10 +853,22 @@ what a restart after a crash waits for. torch is imported, never initialised (no
 no thread pool), so a fork of it is clean."""
 
 
+WORKER_ENVIRONMENT = {"OMP_WAIT_POLICY": "PASSIVE"}
+"""Set for the fork server (so for every worker) unless the operator set them. OpenMP's threads
+spin for a while after each parallel region by default: with the service's and the workers'
+thread pools on the same cores, a worker's CPU inference took 52 ms to 2.8 s a frame where it
+took 15-44 ms with passive waits (tiny streamdiffusion, 2 CPUs at load 5-8). OpenMP reads it
+once, when torch loads it: in the fork server, so it is set before that starts."""
+
+
 def _context() -> Any:
     """The fork server context. Its server is started from a clean interpreter on first use
     (never forked from the service's process, whose threads, event loop and perhaps CUDA would
     not survive a fork), and forks each worker from its own single-threaded state."""
+    # The fork server takes this process's environment when it starts; this process's own
+    # OpenMP, if torch is loaded here, read its settings already and keeps them.
+    for name, value in WORKER_ENVIRONMENT.items():
+        os.environ.setdefault(name, value)
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(list(PRELOAD))
     return context

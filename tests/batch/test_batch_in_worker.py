@@ -33,7 +33,10 @@ from runtime.models import folder_size, resolve_model
 from runtime.tiny_llm import LLAMA_31_8B_INSTRUCT
 from runtime.worker_errors import WorkerError
 from runtime.worker_process import ProcessWorker
-from tests.batch.test_image_routes import api, pixels
+from tests.batch.audio_clips import WAV, tone
+from tests.batch.conftest import png
+from tests.batch.test_audio_routes import audio_form
+from tests.batch.test_image_routes import api, form, pixels
 from tests.batch.test_llm import GREEDY
 from tests.waiting import wait_until
 
@@ -393,3 +396,36 @@ async def test_a_model_left_from_a_replaced_worker_is_loaded_again(batch_service
     assert pixels(image.url).shape == (64, 64, 3)
     (fresh,) = remote_models(client)
     assert fresh.worker_generation == 2
+
+
+async def test_every_route_runs_in_the_worker(batch_service) -> None:
+    """Each route's arguments (images, audio samples, prompts, params) and results (images,
+    frames, text, speech, masks) cross to the worker process and back."""
+    client = await batch_service(warm=(), worker_process=True)
+    steps = {"num_inference_steps": 2}
+    requests = {
+        "/text-to-image": {"json": {"prompt": "a cat", "width": 64, "height": 64, **steps}},
+        "/image-to-image": {"data": form(png(64, 64), prompt="a cat", **steps)},
+        "/image-to-video": {"data": form(png(80, 48), width=64, height=64, **steps)},
+        "/upscale": {"data": form(png(24, 16), prompt="sharp", **steps)},
+        "/audio-to-text": {"data": audio_form(tone(WAV, 3.0, 16_000))},
+        "/text-to-speech": {"json": {"text": "hello there"}},
+        "/image-to-text": {"data": form(png(16, 16))},
+        "/segment-anything-2": {
+            "data": form(png(96, 64), point_coords="[[30, 20]]", point_labels="[1]")
+        },
+    }
+    answers = {}
+    for path, body in requests.items():
+        response = await client.post(path, **body)
+        assert response.status == 200, (path, await response.text())
+        answers[path] = await response.json()
+    assert len(answers["/text-to-image"]["images"]) == 1
+    assert answers["/image-to-video"]["frames"][0]
+    assert answers["/audio-to-text"]["text"] is not None
+    assert answers["/text-to-speech"]["audio"]["url"].startswith("data:audio/wav;base64,")
+    assert answers["/segment-anything-2"]["masks"].startswith("[")
+    # Every model lives in the worker, none in the service's process.
+    held = remote_models(client)
+    assert len(held) == len(requests)
+    assert worker_of(client).status().restarts == 0

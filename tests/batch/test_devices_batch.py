@@ -52,7 +52,8 @@ async def test_a_batch_job_goes_where_its_model_is_loaded(batch_service) -> None
 
 
 async def test_a_cold_batch_job_goes_to_the_least_busy_device(batch_service) -> None:
-    client = await batch_service(warm=(), devices="cpu,cpu")
+    # In process: the test reads the devices' in-process worker counters.
+    client = await batch_service(warm=(), devices="cpu,cpu", worker_process=False)
     # A live session on cpu:0 (the first of equals) makes cpu:1 the less busy device.
     session = await start_session(client, model_id="streamdiffusion")
     try:

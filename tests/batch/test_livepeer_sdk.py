@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import io
 import json
 import re
 import threading
 import wave
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +64,17 @@ def decode_png(url: str) -> Image.Image:
 def decode_video(data: bytes) -> list[np.ndarray]:
     with av.open(io.BytesIO(data)) as container:
         return [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+
+
+@pytest.fixture(autouse=True)
+def _sdks_closed_here() -> Iterator[None]:
+    """The SDK closes its HTTP clients in a finalizer, when an SDK object (in a reference cycle)
+    is garbage-collected. Collected on the event loop's thread, inside a thread pool's `submit`
+    (which holds concurrent.futures' global lock), the finalizer starts a pool of its own to
+    close the async client and deadlocked on that lock: the whole run hung. Collected here,
+    after the test and off any loop, it closes them with `asyncio.run`, as it means to."""
+    yield
+    gc.collect()
 
 
 @pytest.fixture

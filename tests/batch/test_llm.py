@@ -46,7 +46,8 @@ GREEDY = {"messages": HELLO, "temperature": 0}
 
 
 def served_model(app: web.Application) -> llm.ChatModel:
-    """The service's own loaded model (warm, so `acquire` loads nothing)."""
+    """The service's own loaded model (warm, so `acquire` loads nothing): tests that hook it
+    run the service in process (`worker_process=False`)."""
     runtime = app[RUNTIME]
     with runtime.models.acquire(runtime.key("llm", MODEL), lambda: None) as chat:
         assert isinstance(chat, llm.ChatModel)
@@ -91,7 +92,7 @@ def events(body: str) -> list[str]:
 
 
 async def test_a_completion_reports_its_tokens(batch_service) -> None:
-    client = await batch_service(warm=("llm",))
+    client = await batch_service(warm=("llm",), worker_process=False)
     service = api(client)
     body = await service.llm(**GREEDY, max_tokens=12)
     assert body.model == MODEL
@@ -173,7 +174,7 @@ def end_turn_at(call: int, chat: llm.ChatModel) -> Any:
 
 
 async def test_the_end_of_the_turn_stops_the_answer(batch_service) -> None:
-    client = await batch_service(warm=("llm",))
+    client = await batch_service(warm=("llm",), worker_process=False)
     service = api(client)
     chat = served_model(client.app)
     hook = end_turn_at(4, chat)
@@ -211,7 +212,7 @@ async def own_server(tiny_models_dir: Path) -> AsyncIterator[Any]:
     runners: list[web.AppRunner] = []
 
     async def start(handler_cancellation: bool) -> tuple[web.AppRunner, str]:
-        app = create_app(Settings(models_dir=tiny_models_dir, warm="llm"))
+        app = create_app(Settings(models_dir=tiny_models_dir, warm="llm", worker_process=False))
         runner = web.AppRunner(app, handler_cancellation=handler_cancellation)
         runners.append(runner)
         await runner.setup()
@@ -290,7 +291,7 @@ async def test_a_client_that_goes_away_stops_the_generation(
 
 
 async def test_an_error_during_a_stream_is_its_last_event(batch_service) -> None:
-    client = await batch_service(warm=("llm",))
+    client = await batch_service(warm=("llm",), worker_process=False)
     jobs = client.app[BATCH].jobs
     calls = 0
 
