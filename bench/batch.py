@@ -227,11 +227,16 @@ async def audio_bench(base: str, models: Path, seconds: float = 60.0, runs: int 
     )
 
 
-async def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+def request_arguments(parser: argparse.ArgumentParser) -> None:
+    """The text-to-image requests a batch bench sends: how many, their size and steps."""
     parser.add_argument("--requests", type=int, default=24)
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--steps", type=int, default=4)
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    request_arguments(parser)
     parser.add_argument("--live-steps", type=int, default=40)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:

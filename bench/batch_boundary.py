@@ -24,7 +24,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from bench.batch import SDXL, in_process, load_run, summary
+from bench.batch import SDXL, in_process, load_run, request_arguments, summary
 from live.app import create_app
 from live.keys import RUNTIME
 from live.settings import Settings
@@ -62,9 +62,7 @@ def overhead(name: str, latencies: list[float], baseline: float) -> str:
 
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--requests", type=int, default=24)
-    parser.add_argument("--size", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=4)
+    request_arguments(parser)
     parser.add_argument(
         "--threads",
         type=int,
