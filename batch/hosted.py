@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from live.logs import LogFormat, log_like_the_service
 from protocol.errors import ServiceError
 from runtime import worker_child
 from runtime.hosted_device import device_here
@@ -74,7 +75,10 @@ class HostedModel:
         path: str,
         device: tuple[str, str, str],
         config: RuntimeConfig,
+        log: tuple[int, LogFormat] | None = None,
     ) -> None:
+        if log is not None:
+            log_like_the_service(*log)
         self.device = device_here(*device, config)
         self.value: Any = resolve(loader)(Path(path), self.device.spec)
 

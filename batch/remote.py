@@ -23,11 +23,13 @@ import asyncio
 import concurrent.futures
 import contextlib
 import inspect
+import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from live.logs import handler_format
 from protocol import errors
 from protocol.errors import ServiceError, Unavailable
 from runtime.runtime import Device
@@ -141,8 +143,17 @@ async def _load(device: Device, load: str, path: Path) -> RemoteModel:
         worker = await device.process_worker()
         where = (device.label, device.name, device.setting)
         # On the worker's loader lane: live frames go on during the load.
+        # The worker writes its lines (the load's, its libraries' warnings) as the service does.
+        log = (logging.getLogger().getEffectiveLevel(), handler_format())
         ref = await worker.create(
-            HOSTED, load, str(path), where, device.config, timeout_s=LOAD_TIMEOUT_S, loader=True
+            HOSTED,
+            load,
+            str(path),
+            where,
+            device.config,
+            log,
+            timeout_s=LOAD_TIMEOUT_S,
+            loader=True,
         )
         try:
             size = await worker.call(

@@ -113,6 +113,23 @@ def make_handler(log_format: LogFormat = "text", stream: Any = None) -> logging.
     return handler
 
 
+_worker_setup: list[tuple[int, LogFormat]] = []
+"""The level and format a worker process's handler was set up with (module state, as the
+process itself owns it; empty in the service's process)."""
+
+
+def log_like_the_service(level: int, log_format: LogFormat) -> None:
+    """In a worker process: write lines to the stderr it shares with the service, at the
+    service's level and in its format (else a library's warning came out bare, through
+    logging's last-resort handler)."""
+    if _worker_setup == [(level, log_format)]:
+        return
+    root = logging.getLogger()
+    root.handlers[:] = [make_handler(log_format)]
+    root.setLevel(level)
+    _worker_setup[:] = [(level, log_format)]
+
+
 def handler_format() -> LogFormat:
     """The format the service's handler writes, as `configure_logging` set it (text when it
     was never called, as under tests): for the worker processes to write alike."""

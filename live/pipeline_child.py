@@ -36,25 +36,10 @@ import numpy as np
 from runtime.hosted_device import device_here
 from runtime.runtime import RuntimeConfig
 
-from .logs import PIPELINE, SESSION_ID, STAGE, LogFormat, LogSetup, make_handler
+from .logs import PIPELINE, SESSION_ID, STAGE, LogSetup, log_like_the_service
 from .pipelines.base import LivePipeline, PipelineContext, PipelineParams
 
 logger = logging.getLogger(__name__)
-
-
-_log_setup: list[tuple[int, LogFormat]] = []
-"""The level and format this process's handler was set up with (once: module state, as the
-process itself owns it)."""
-
-
-def _log_like_the_service(setup: LogSetup) -> None:
-    wanted = (setup.level, setup.format)
-    if _log_setup == [wanted]:
-        return
-    root = logging.getLogger()
-    root.handlers[:] = [make_handler(setup.format)]
-    root.setLevel(setup.level)
-    _log_setup[:] = [wanted]
 
 
 def pipeline_class(path: str) -> type[LivePipeline]:
@@ -81,7 +66,7 @@ class HostedPipeline:
     ) -> None:
         self.log = log
         if log is not None:
-            _log_like_the_service(log)
+            log_like_the_service(log.level, log.format)
         with self._session():
             cls = pipeline_class(pipeline_path)
             self.pipeline = cls(params, PipelineContext(device_here(*device, config)))
