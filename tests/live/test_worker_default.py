@@ -22,6 +22,7 @@ from live.settings import Settings, parse_settings
 from tests.live.conftest import PIPELINES
 from tests.live.streams import EventLog, free_port, start_session, wait_gone
 from tests.live.test_service import STARTUP_S
+from tests.live.test_worker_sessions import health_of, service_up
 from tests.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -108,22 +109,14 @@ async def test_the_live_v2v_script_starts_workers_without_the_service_in_them(tm
     )
     try:
         async with aiohttp.ClientSession() as http:
-
-            async def health() -> dict | None:
-                try:
-                    async with http.get(f"{base}/health") as response:
-                        return await response.json()
-                except aiohttp.ClientConnectionError:
-                    return None
-
-            await wait_until(health, "the service to start", within=STARTUP_S, poll=0.1)
+            await service_up(http, base)
             async with http.post(f"{base}/live-video-to-video", json={"model_id": "cartoon"}) as r:
                 assert r.status == 200, await r.text()
 
             pids: list[int] = []
 
             async def worker_ready() -> bool:
-                body = await health()
+                body = await health_of(http, base)
                 workers = (body or {}).get("workers", [])
                 pids[:] = [w["pid"] for w in workers if w["state"] == "ready"]
                 return bool(pids)

@@ -261,6 +261,22 @@ async def test_repeated_crashes_end_in_error_on_health_and_the_session_ends(serv
     await stream.close()
 
 
+async def health_of(http: aiohttp.ClientSession, base: str) -> dict | None:
+    """/health of a service started as its own process; None while it does not answer."""
+    try:
+        async with http.get(f"{base}/health") as response:
+            return await response.json()  # type: ignore[no-any-return]
+    except aiohttp.ClientConnectionError:
+        return None
+
+
+async def service_up(http: aiohttp.ClientSession, base: str) -> None:
+    """Until a service started as its own process answers /health."""
+    await wait_until(
+        lambda: health_of(http, base), "the service to start", within=STARTUP_S, poll=0.1
+    )
+
+
 async def test_sigterm_ends_the_cli_within_10_s_with_a_hung_worker() -> None:
     port = free_port()
     base = f"http://127.0.0.1:{port}"
@@ -273,15 +289,7 @@ async def test_sigterm_ends_the_cli_within_10_s_with_a_hung_worker() -> None:
     publishing = None
     try:
         async with aiohttp.ClientSession() as http:
-
-            async def health() -> dict | None:
-                try:
-                    async with http.get(f"{base}/health") as response:
-                        return await response.json()
-                except aiohttp.ClientConnectionError:
-                    return None
-
-            await wait_until(health, "the service to start", within=STARTUP_S, poll=0.1)
+            await service_up(http, base)
             # cartoon: its frames go to the worker (noop's pass through without it).
             body = {"model_id": "cartoon"}
             async with http.post(f"{base}/live-video-to-video", json=body) as r:
@@ -292,7 +300,7 @@ async def test_sigterm_ends_the_cli_within_10_s_with_a_hung_worker() -> None:
             await viewer.wait_frames(5)
 
             async def worker() -> dict | None:
-                body = await health()
+                body = await health_of(http, base)
                 workers = (body or {}).get("workers") or [{}]
                 return workers[0] if workers[0].get("state") == "ready" else None
 
@@ -302,7 +310,7 @@ async def test_sigterm_ends_the_cli_within_10_s_with_a_hung_worker() -> None:
             os.kill(pid, signal.SIGSTOP)
 
             async def frame_held() -> bool:
-                body = await health()
+                body = await health_of(http, base)
                 return bool(body and body["workers"][0]["in_flight"])
 
             await wait_until(frame_held, "a frame held by the hung worker")
